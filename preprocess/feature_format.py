@@ -1,0 +1,199 @@
+"""The feature-shard format: what ``preprocess extract`` writes and every later stage reads.
+
+A feature shard is a plain webdataset tar. Each sample ``KEY`` holds these members
+(all readable by ``webdataset`` with its default decoders, no project code needed):
+
+==========================  ==========================================================
+member                      content
+==========================  ==========================================================
+``KEY.txt``                 caption, UTF-8
+``KEY.json``                the raw sample's metadata JSON, passed through unchanged
+``KEY.info.json``           ``{"image_width", "image_height", "num_boxes"}``
+``KEY.features.npy``        float16 ``[num_boxes, feature_dim]`` pooled ROI features
+``KEY.boxes.npy``           float32 ``[num_boxes, 4]`` x1, y1, x2, y2 in original-image pixels
+``KEY.geometry.npy``        float32 ``[num_boxes, 5]`` x1/W, y1/H, x2/W, y2/H, area/(W*H)
+``KEY.cls_prob.npy``        float16 ``[num_boxes, num_classes]`` detector class distribution
+                            (``label_format: distribution``), or
+``KEY.labels.npy`` +        int32 ``[num_boxes, topk]`` class ids and float16 scores
+``KEY.label_scores.npy``    (``label_format: topk``)
+==========================  ==========================================================
+
+Regions are sorted by detector confidence, highest first. ``feature_spec.json`` beside the
+shards (``FeatureSpec``) names the detector, feature dimension, class count and box limits;
+later stages refuse shards whose spec does not match their model.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FORMAT_VERSION = 1
+FEATURE_SPEC_FILE = "feature_spec.json"
+MANIFEST_FILE = "manifest.parquet"
+SKIPPED_FILE = "skipped.parquet"
+LABEL_FORMATS = ("distribution", "topk")
+
+
+@dataclass
+class FeatureSpec:
+    """Contents of ``feature_spec.json``: what produced the features and their shapes."""
+
+    detector: str  # e.g. "torchvision:fasterrcnn_resnet50_fpn" or "detectron2:<config>" or "given_boxes:..."
+    weights: str  # weights file, "torchvision-cache:<name>" or "random"
+    feature_dim: int
+    num_classes: int
+    label_format: str  # "distribution" or "topk"
+    topk: int  # labels kept per region when label_format == "topk" (0 otherwise)
+    min_boxes: int
+    max_boxes: int
+    class_names: list[str] = field(default_factory=list)
+    feature_dtype: str = "float16"
+    geometry: str = "x1/W,y1/H,x2/W,y2/H,area/(W*H)"
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        if self.label_format not in LABEL_FORMATS:
+            raise ValueError(f"label_format must be one of {LABEL_FORMATS}, got {self.label_format!r}")
+        if self.feature_dim < 1 or self.num_classes < 1:
+            raise ValueError("feature_dim and num_classes must be positive")
+        if not 1 <= self.min_boxes <= self.max_boxes:
+            raise ValueError(f"need 1 <= min_boxes <= max_boxes, got {self.min_boxes}, {self.max_boxes}")
+
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory) / FEATURE_SPEC_FILE
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2) + "\n", encoding="utf-8")
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "FeatureSpec":
+        """Load from a ``feature_spec.json`` file or the directory holding it."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / FEATURE_SPEC_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no {FEATURE_SPEC_FILE} (was this directory written by preprocess extract?)")
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if data.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{path}: format_version {data.get('format_version')} is not {FORMAT_VERSION}")
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def model_fields(self) -> dict[str, Any]:
+        """The fields a model depends on; two specs are compatible when these agree."""
+        return {"feature_dim": self.feature_dim, "num_classes": self.num_classes, "detector": self.detector}
+
+    def check_compatible(self, other: "FeatureSpec", this_name: str, other_name: str) -> None:
+        """Raise ``ValueError`` naming both sides if ``other`` cannot feed a model built for ``self``."""
+        mine, theirs = self.model_fields(), other.model_fields()
+        diffs = [f"{k}: {mine[k]!r} vs {theirs[k]!r}" for k in mine if mine[k] != theirs[k]]
+        if diffs:
+            raise ValueError(f"feature spec of {this_name} does not match {other_name} ({'; '.join(diffs)})")
+
+
+def region_geometry(boxes: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Normalised 5-d geometry (x1/W, y1/H, x2/W, y2/H, area/(W*H)) of ``[N, 4]`` pixel boxes."""
+    boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+    w, h = float(width), float(height)
+    area = (boxes[:, 2] - boxes[:, 0]).clip(min=0) * (boxes[:, 3] - boxes[:, 1]).clip(min=0)
+    geom = np.stack(
+        [boxes[:, 0] / w, boxes[:, 1] / h, boxes[:, 2] / w, boxes[:, 3] / h, area / (w * h)], axis=1
+    )
+    return geom.astype(np.float32)
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def encode_feature_sample(
+    key: str,
+    caption: str,
+    metadata_json: bytes,
+    image_width: int,
+    image_height: int,
+    features: np.ndarray,
+    boxes: np.ndarray,
+    labels: dict[str, np.ndarray],
+) -> dict[str, Any]:
+    """A webdataset sample dict (member name -> bytes) for ``webdataset.TarWriter``.
+
+    ``labels`` holds ``{"cls_prob": [N, C]}`` or ``{"labels": [N, k], "label_scores": [N, k]}``.
+    """
+    n = int(features.shape[0])
+    if boxes.shape != (n, 4):
+        raise ValueError(f"sample {key}: boxes shape {boxes.shape} does not match {n} features")
+    sample = {
+        "__key__": key,
+        "txt": caption.encode("utf-8"),
+        "json": metadata_json,
+        "info.json": json.dumps(
+            {"image_width": int(image_width), "image_height": int(image_height), "num_boxes": n}
+        ).encode("utf-8"),
+        "features.npy": _npy(np.ascontiguousarray(features, dtype=np.float16)),
+        "boxes.npy": _npy(np.ascontiguousarray(boxes, dtype=np.float32)),
+        "geometry.npy": _npy(region_geometry(boxes, image_width, image_height)),
+    }
+    if "cls_prob" in labels:
+        sample["cls_prob.npy"] = _npy(np.ascontiguousarray(labels["cls_prob"], dtype=np.float16))
+    else:
+        sample["labels.npy"] = _npy(np.ascontiguousarray(labels["labels"], dtype=np.int32))
+        sample["label_scores.npy"] = _npy(np.ascontiguousarray(labels["label_scores"], dtype=np.float16))
+    return sample
+
+
+@dataclass
+class FeatureSample:
+    """One decoded feature sample, as later stages use it."""
+
+    key: str
+    caption: str
+    metadata: dict
+    image_width: int
+    image_height: int
+    features: np.ndarray  # float16 [N, D]
+    boxes: np.ndarray  # float32 [N, 4]
+    geometry: np.ndarray  # float32 [N, 5]
+    cls_prob: np.ndarray  # float32 [N, C], a distribution per region (top-k scattered and renormalised)
+
+
+def decode_feature_sample(sample: dict[str, Any], num_classes: int) -> FeatureSample:
+    """Decode a raw webdataset sample (member name -> bytes) into a ``FeatureSample``."""
+    key = sample.get("__key__", "?")
+
+    def member(name: str) -> bytes:
+        if name not in sample:
+            raise ValueError(f"sample {key} in {sample.get('__url__', '?')}: missing member {name}")
+        return sample[name]
+
+    def array(name: str) -> np.ndarray:
+        return np.load(io.BytesIO(member(name)), allow_pickle=False)
+
+    info = json.loads(member("info.json"))
+    if "cls_prob.npy" in sample:
+        cls_prob = array("cls_prob.npy").astype(np.float32)
+    else:
+        ids, scores = array("labels.npy"), array("label_scores.npy").astype(np.float32)
+        cls_prob = np.zeros((ids.shape[0], num_classes), dtype=np.float32)
+        np.put_along_axis(cls_prob, ids.astype(np.int64), scores, axis=1)
+        cls_prob /= np.maximum(cls_prob.sum(axis=1, keepdims=True), 1e-6)
+    return FeatureSample(
+        key=key,
+        caption=member("txt").decode("utf-8"),
+        metadata=json.loads(sample["json"]) if sample.get("json") else {},
+        image_width=int(info["image_width"]),
+        image_height=int(info["image_height"]),
+        features=array("features.npy"),
+        boxes=array("boxes.npy"),
+        geometry=array("geometry.npy"),
+        cls_prob=cls_prob,
+    )

@@ -1,0 +1,112 @@
+"""Where this process sits in a job: read from torchrun, the deepspeed launcher or SLURM.
+
+This is the one place that reads launcher environment variables. Everything else takes a
+``LaunchEnv`` (distributed training) or a ``WorkShare`` (embarrassingly parallel work such as
+feature extraction) as an argument.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from typing import Mapping
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    """A rank of a distributed job."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    source: str  # "torchrun", "slurm" or "single"
+
+
+@dataclass(frozen=True)
+class WorkShare:
+    """This worker's share of an embarrassingly parallel job: items ``index::count``."""
+
+    index: int
+    count: int
+    source: str  # "RANK", "SLURM_ARRAY_TASK_ID", "SLURM_PROCID" or "single"
+
+    def take(self, items: list) -> list:
+        """Round-robin share of ``items`` (stable for a given order)."""
+        return items[self.index :: self.count]
+
+
+def first_host(nodelist: str) -> str:
+    """First host of a SLURM nodelist such as ``gpu[03-05,07],cpu1`` -> ``gpu03``."""
+    match = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
+    if not match:
+        raise ValueError(f"cannot parse SLURM nodelist {nodelist!r}")
+    prefix, _, ranges = match.groups()
+    if not ranges:
+        return prefix
+    first = ranges.split(",")[0].split("-")[0]
+    return prefix + first
+
+
+def _int(env: Mapping[str, str], name: str) -> int:
+    try:
+        return int(env[name])
+    except ValueError:
+        raise ValueError(f"environment variable {name}={env[name]!r} is not an integer") from None
+
+
+def read_launch_env(env: Mapping[str, str] | None = None) -> LaunchEnv:
+    """Rank and rendezvous of this process.
+
+    torchrun / the deepspeed launcher set ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and
+    ``MASTER_ADDR``/``MASTER_PORT``; under ``srun`` with one task per GPU we read
+    ``SLURM_PROCID``, ``SLURM_NTASKS``, ``SLURM_LOCALID`` and the first host of
+    ``SLURM_JOB_NODELIST`` instead. The master port defaults to 29500, or
+    ``MASTER_PORT`` when set.
+    """
+    env = os.environ if env is None else env
+    port = _int(env, "MASTER_PORT") if "MASTER_PORT" in env else 29500
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return LaunchEnv(
+            rank=_int(env, "RANK"),
+            world_size=_int(env, "WORLD_SIZE"),
+            local_rank=_int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else 0,
+            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=port,
+            source="torchrun",
+        )
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "127.0.0.1"
+        return LaunchEnv(
+            rank=_int(env, "SLURM_PROCID"),
+            world_size=_int(env, "SLURM_NTASKS"),
+            local_rank=_int(env, "SLURM_LOCALID") if "SLURM_LOCALID" in env else 0,
+            master_addr=env.get("MASTER_ADDR") or first_host(nodelist),
+            master_port=port,
+            source="slurm",
+        )
+    return LaunchEnv(rank=0, world_size=1, local_rank=0, master_addr="127.0.0.1", master_port=port, source="single")
+
+
+def read_work_share(env: Mapping[str, str] | None = None) -> WorkShare:
+    """This worker's share of the input shards.
+
+    Precedence: ``RANK``/``WORLD_SIZE`` (torchrun or set by hand), then a SLURM job array
+    (``SLURM_ARRAY_TASK_ID``/``SLURM_ARRAY_TASK_COUNT``; the array must be 0-based and
+    contiguous), then SLURM tasks (``SLURM_PROCID``/``SLURM_NTASKS``), else the whole job.
+    """
+    env = os.environ if env is None else env
+    pairs = [
+        ("RANK", "WORLD_SIZE"),
+        ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT"),
+        ("SLURM_PROCID", "SLURM_NTASKS"),
+    ]
+    for index_var, count_var in pairs:
+        if index_var in env and count_var in env:
+            index, count = _int(env, index_var), _int(env, count_var)
+            if count < 1 or not 0 <= index < count:
+                raise ValueError(f"{index_var}={index} is outside 0..{count_var}-1 (={count - 1})")
+            return WorkShare(index=index, count=count, source=index_var)
+    return WorkShare(index=0, count=1, source="single")
