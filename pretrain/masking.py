@@ -1,0 +1,79 @@
+"""Masking for the pretraining objectives (ImageBERT section 3.2; UNITER where it is silent).
+
+Text: 15% of the real (non-special) tokens are chosen; of those 80% become [MASK], 10% a
+random token, 10% stay unchanged (BERT). Regions: 15% of the real regions are chosen; of
+those 90% have their feature zeroed and 10% stay unchanged. The labels mark every chosen
+position, changed or not. With ``conditional`` (UNITER) each sample masks one modality only,
+so the other is seen whole.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pretrain.model import IGNORE_INDEX
+
+
+@dataclass
+class MaskingConfig:
+    text_rate: float = 0.15
+    text_mask_token: float = 0.8  # share of chosen tokens replaced by [MASK]
+    text_random_token: float = 0.1  # share replaced by a random token (the rest stay unchanged)
+    region_rate: float = 0.15
+    region_zero: float = 0.9  # share of chosen regions whose feature is zeroed (the rest stay unchanged)
+    conditional: bool = False  # UNITER: mask either text or regions in a sample, never both
+
+    def __post_init__(self) -> None:
+        for name in ("text_rate", "text_mask_token", "text_random_token", "region_rate", "region_zero"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"masking.{name} must be in [0, 1], got {value}")
+        if self.text_mask_token + self.text_random_token > 1.0:
+            raise ValueError("masking.text_mask_token + masking.text_random_token must be <= 1")
+
+
+def mask_text(
+    input_ids: torch.Tensor,
+    maskable: torch.Tensor,
+    config: MaskingConfig,
+    mask_token_id: int,
+    vocab_size: int,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (masked input ids, MLM labels with ``IGNORE_INDEX`` where not chosen).
+
+    ``maskable`` is True at real, non-special tokens.
+    """
+    chosen = (torch.rand(input_ids.shape, generator=generator) < config.text_rate) & maskable.bool()
+    labels = torch.where(chosen, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
+    action = torch.rand(input_ids.shape, generator=generator)
+    to_mask = chosen & (action < config.text_mask_token)
+    to_random = chosen & (action >= config.text_mask_token) & (action < config.text_mask_token + config.text_random_token)
+    masked = input_ids.clone()
+    masked[to_mask] = mask_token_id
+    random_ids = torch.randint(vocab_size, input_ids.shape, generator=generator, dtype=input_ids.dtype)
+    masked[to_random] = random_ids[to_random]
+    return masked, labels
+
+
+def mask_regions(
+    region_features: torch.Tensor, region_mask: torch.Tensor, config: MaskingConfig, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (features with chosen regions zeroed, boolean ``region_masked`` of chosen regions)."""
+    shape = region_mask.shape
+    chosen = (torch.rand(shape, generator=generator) < config.region_rate) & region_mask.bool()
+    zero = chosen & (torch.rand(shape, generator=generator) < config.region_zero)
+    masked = region_features.clone()
+    masked[zero] = 0
+    return masked, chosen
+
+
+def choose_modality(batch_size: int, config: MaskingConfig, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample (mask_text, mask_regions) flags: both True unless ``conditional``."""
+    if not config.conditional:
+        ones = torch.ones(batch_size, dtype=torch.bool)
+        return ones, ones
+    text = torch.rand(batch_size, generator=generator) < 0.5
+    return text, ~text
