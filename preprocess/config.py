@@ -91,7 +91,7 @@ def from_dict(cls: type[T], data: dict[str, Any], source: str = "<dict>", prefix
     if unknown:
         where = f"{prefix}." if prefix else ""
         raise ConfigError(
-            f"{source}: unknown key {where}{unknown[0]!r}; known keys here: {', '.join(sorted(fields))}"
+            f"{source}: unknown key '{where}{unknown[0]}'; known keys here: {', '.join(sorted(fields))}"
         )
     kwargs = {}
     for name, value in data.items():
