@@ -67,6 +67,7 @@ __all__ = [
     "render",
     "sample_scene",
     "scene_metadata",
+    "shard_name",
     "write_raw_shards",
     "write_shard",
 ]
