@@ -1,0 +1,373 @@
+"""The pretraining data pipeline: feature shards -> masked ImageBERT batches.
+
+Training reads an endless stream: shards are drawn with replacement from one seeded
+sequence that every rank and DataLoader worker shares, and each (rank, worker) keeps its
+own slice of the draws, so the split is disjoint and a run is reproducible for a given
+(seed, rank, num_workers). Samples are shuffled in a buffer, decoded and tokenised in the
+workers, then batched there too: the collate pads text and regions, draws ITM negatives from
+other samples of the batch and applies the masking of ``pretrain.masking``.
+
+Evaluation reads the validation shards once, in order, with a fixed masking seed, so every
+rank sees the same batches (ZeRO-3 needs every rank in each forward).
+
+A sample that cannot be read (truncated tar, missing member, wrong shapes, empty caption) is
+logged, rate-limited, and counted; it never stops training.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, get_worker_info
+
+from preprocess.feature_format import FeatureSpec, decode_feature_sample
+from pretrain.masking import MaskingConfig, choose_modality, mask_regions, mask_text
+
+log = logging.getLogger(__name__)
+
+# Stream ids mixed into seeds so the shuffle and the collate of one worker draw independent
+# numbers. Integers, not strings: make_seed hashes its arguments and str hashes vary per process.
+_SHUFFLE_STREAM = 1
+_COLLATE_STREAM = 2
+
+
+@dataclass
+class DataConfig:
+    """The ``data:`` section of the pretraining config."""
+
+    batch_size: int = 32  # per rank, per micro-step
+    max_text_length: int = 40  # tokens incl. [CLS]/[SEP]; longer captions are truncated
+    max_regions: int = 100  # regions kept per image (highest detector confidence first)
+    num_workers: int = 2
+    shuffle_buffer: int = 1000
+    itm_negative_rate: float = 0.5  # share of pairs whose caption is replaced by another sample's
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 2:
+            raise ValueError(f"data.batch_size must be >= 2 (ITM negatives come from the batch), got {self.batch_size}")
+        if self.max_text_length < 3:
+            raise ValueError(f"data.max_text_length must be >= 3 ([CLS], a token, [SEP]), got {self.max_text_length}")
+        if self.max_regions < 1:
+            raise ValueError(f"data.max_regions must be >= 1, got {self.max_regions}")
+        if self.num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        if self.shuffle_buffer < 1:
+            raise ValueError(f"data.shuffle_buffer must be >= 1 (1 disables shuffling), got {self.shuffle_buffer}")
+        if not 0.0 <= self.itm_negative_rate < 1.0:
+            raise ValueError(f"data.itm_negative_rate must be in [0, 1), got {self.itm_negative_rate}")
+
+
+def feature_spec_of(shards: str) -> FeatureSpec:
+    """The ``feature_spec.json`` beside the first shard of a brace pattern or ``::`` list."""
+    first = wds.shardlists.expand_urls(shards)[0]
+    return FeatureSpec.load(Path(first).parent)
+
+
+def check_spec_matches_model(spec: FeatureSpec, model_config: Any, shards_name: str) -> None:
+    """Raise ``ValueError`` if shards described by ``spec`` cannot feed a model built with ``model_config``."""
+    diffs = []
+    if spec.feature_dim != model_config.feature_dim:
+        diffs.append(f"feature_dim {spec.feature_dim} vs model {model_config.feature_dim}")
+    if spec.num_classes != model_config.num_region_classes:
+        diffs.append(f"num_classes {spec.num_classes} vs model num_region_classes {model_config.num_region_classes}")
+    if diffs:
+        raise ValueError(
+            f"feature_spec.json of {shards_name} does not match the model ({'; '.join(diffs)}): "
+            "use shards extracted with the model's detector or build the model from these shards' spec"
+        )
+
+
+# ---------------------------------------------------------------- bad samples
+
+
+class BadSampleHandler:
+    """webdataset exception handler: log (rate-limited) and count, then go on with the next sample."""
+
+    def __init__(self, what: str, first: int = 5):
+        self.what = what
+        self.first = first  # log the first few, then only at powers of two
+        self.count = 0
+
+    def __call__(self, exn: BaseException) -> bool:
+        self.count += 1
+        if self.count <= self.first or (self.count & (self.count - 1)) == 0:
+            worker = get_worker_info()
+            where = f"worker {worker.id}" if worker is not None else "main process"
+            log.warning("%s: skipped bad sample #%d in %s: %s", self.what, self.count, where, exn)
+        return True
+
+
+# ---------------------------------------------------------------- per-sample work (in the workers)
+
+
+class SampleDecoder:
+    """Raw webdataset sample -> decoded, truncated, tokenised sample dict (raises on bad input)."""
+
+    def __init__(self, tokenizer, spec: FeatureSpec, data: DataConfig):
+        self.tokenizer = tokenizer  # forked (or pickled) into each worker: one tokenizer per worker
+        self.spec = spec
+        self.data = data
+
+    def __call__(self, raw: dict[str, Any]) -> dict[str, Any]:
+        sample = decode_feature_sample(raw, self.spec.num_classes)
+        where = f"sample {sample.key} in {raw.get('__url__', '?')}"
+        n = sample.features.shape[0]
+        if sample.features.ndim != 2 or sample.features.shape[1] != self.spec.feature_dim:
+            raise ValueError(f"{where}: features shape {sample.features.shape}, spec feature_dim {self.spec.feature_dim}")
+        if n == 0:
+            raise ValueError(f"{where}: no regions")
+        if sample.geometry.shape != (n, 5) or sample.cls_prob.shape != (n, self.spec.num_classes):
+            raise ValueError(
+                f"{where}: geometry {sample.geometry.shape} / cls_prob {sample.cls_prob.shape} do not match "
+                f"{n} regions and {self.spec.num_classes} classes"
+            )
+        caption = sample.caption.strip()
+        if not caption:
+            raise ValueError(f"{where}: empty caption")
+        tokens = self.tokenizer(
+            caption, truncation=True, max_length=self.data.max_text_length, return_special_tokens_mask=True
+        )
+        keep = min(n, self.data.max_regions)  # regions come sorted by confidence
+        return {
+            "key": sample.key,
+            "caption": caption,
+            "input_ids": np.asarray(tokens["input_ids"], dtype=np.int64),
+            "special_tokens_mask": np.asarray(tokens["special_tokens_mask"], dtype=bool),
+            # Kept float16 until the collate: the shuffle buffer holds thousands of these.
+            "features": np.ascontiguousarray(sample.features[:keep], dtype=np.float16),
+            "geometry": np.ascontiguousarray(sample.geometry[:keep], dtype=np.float32),
+            "cls_prob": np.ascontiguousarray(sample.cls_prob[:keep], dtype=np.float16),
+        }
+
+
+def _normalised_text(caption: str) -> str:
+    return re.sub(r"\s+", " ", caption.lower()).strip()
+
+
+# ---------------------------------------------------------------- the collate (in the workers)
+
+
+class PretrainCollate:
+    """Samples -> one masked batch: ITM negatives, padding, masks.
+
+    The random generator is created on first use inside each worker, seeded from
+    (seed, rank, worker id), so workers never repeat each other's masks and a run is reproducible.
+    """
+
+    def __init__(self, tokenizer, data: DataConfig, masking: MaskingConfig, seed: int, rank: int = 0):
+        self.pad_token_id = tokenizer.pad_token_id
+        self.mask_token_id = tokenizer.mask_token_id
+        self.vocab_size = tokenizer.vocab_size
+        if self.pad_token_id is None or self.mask_token_id is None:
+            raise ValueError("the tokenizer needs [PAD] and [MASK] tokens for pretraining")
+        self.data = data
+        self.masking = masking
+        self.seed = seed
+        self.rank = rank
+        self.generator: torch.Generator | None = None
+
+    def _generator(self) -> torch.Generator:
+        if self.generator is None:
+            worker = get_worker_info()
+            worker_id = worker.id if worker is not None else 0
+            self.generator = torch.Generator().manual_seed(wds.utils.make_seed(self.seed, self.rank, worker_id, _COLLATE_STREAM))
+        return self.generator
+
+    def draw_negatives(self, samples: list[dict[str, Any]], generator: torch.Generator) -> tuple[list[int], torch.Tensor]:
+        """For each sample, the index whose caption it gets, and ITM labels (1 matched, 0 negative).
+
+        A negative caption comes from another sample with a different key and different text
+        (the same sample can appear twice when shards are resampled); with no such sample in the
+        batch the pair stays matched.
+        """
+        n = len(samples)
+        texts = [_normalised_text(s["caption"]) for s in samples]
+        want_negative = torch.rand(n, generator=generator) < self.data.itm_negative_rate
+        caption_of = list(range(n))
+        labels = torch.ones(n, dtype=torch.long)
+        for i in range(n):
+            if not want_negative[i]:
+                continue
+            candidates = [j for j in range(n) if samples[j]["key"] != samples[i]["key"] and texts[j] != texts[i]]
+            if candidates:
+                caption_of[i] = candidates[int(torch.randint(len(candidates), (1,), generator=generator))]
+                labels[i] = 0
+        return caption_of, labels
+
+    def __call__(self, samples: list[dict[str, Any]], generator: torch.Generator | None = None) -> dict[str, Any]:
+        generator = generator or self._generator()
+        caption_of, itm_labels = self.draw_negatives(samples, generator)
+        batch = pad_samples(samples, caption_of, self.pad_token_id)
+        mask_text_rows, mask_region_rows = choose_modality(len(samples), self.masking, generator)
+        maskable = batch.pop("maskable") & mask_text_rows[:, None]
+        batch["input_ids"], batch["mlm_labels"] = mask_text(
+            batch["input_ids"], maskable, self.masking, self.mask_token_id, self.vocab_size, generator
+        )
+        region_maskable = batch["region_mask"].bool() & mask_region_rows[:, None]
+        batch["region_features"], batch["region_masked"] = mask_regions(
+            batch["region_target_features"], region_maskable, self.masking, generator
+        )
+        batch["itm_labels"] = itm_labels
+        return batch
+
+
+def pad_samples(samples: list[dict[str, Any]], caption_of: list[int], pad_token_id: int) -> dict[str, Any]:
+    """Unmasked padded tensors: sample i's regions with sample ``caption_of[i]``'s caption.
+
+    Text is padded to the longest caption of the batch and regions to the most regions of the
+    batch (not to the maxima of the config), so short batches cost less.
+    """
+    n = len(samples)
+    captions = [samples[j] for j in caption_of]
+    text_length = max(len(c["input_ids"]) for c in captions)
+    num_regions = max(len(s["features"]) for s in samples)
+    feature_dim = samples[0]["features"].shape[1]
+    num_classes = samples[0]["cls_prob"].shape[1]
+
+    input_ids = torch.full((n, text_length), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((n, text_length), dtype=torch.long)
+    maskable = torch.zeros((n, text_length), dtype=torch.bool)
+    features = torch.zeros((n, num_regions, feature_dim), dtype=torch.float32)
+    geometry = torch.zeros((n, num_regions, 5), dtype=torch.float32)
+    region_mask = torch.zeros((n, num_regions), dtype=torch.long)
+    cls_prob = torch.zeros((n, num_regions, num_classes), dtype=torch.float32)
+    for i, (sample, caption) in enumerate(zip(samples, captions)):
+        t, r = len(caption["input_ids"]), len(sample["features"])
+        input_ids[i, :t] = torch.from_numpy(caption["input_ids"])
+        attention_mask[i, :t] = 1
+        maskable[i, :t] = torch.from_numpy(~caption["special_tokens_mask"])
+        features[i, :r] = torch.from_numpy(sample["features"])
+        geometry[i, :r] = torch.from_numpy(sample["geometry"])
+        region_mask[i, :r] = 1
+        cls_prob[i, :r] = torch.from_numpy(sample["cls_prob"])
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "maskable": maskable,
+        "region_target_features": features,
+        "region_geometry": geometry,
+        "region_mask": region_mask,
+        "region_cls_prob": cls_prob,
+        "keys": [s["key"] for s in samples],
+    }
+
+
+# ---------------------------------------------------------------- pipelines
+
+
+def _one_stream_for_everyone() -> int:
+    # ResampledShards' worker seed: the same for every rank and worker, so they all draw from
+    # one sequence and the two split stages below hand each consumer a disjoint slice of it.
+    return 0
+
+
+def split_by_rank(rank: int, world_size: int):
+    """Keep every ``world_size``-th item starting at ``rank``.
+
+    webdataset's ``split_by_node`` reads the rank from the environment or torch.distributed,
+    which a spawned DataLoader worker may not see; the trainer knows the rank, so pass it.
+    """
+
+    def stage(src: Iterable) -> Iterator:
+        return itertools.islice(src, rank, None, world_size)
+
+    return stage
+
+
+def shuffle_per_worker(bufsize: int, seed: int, rank: int):
+    """webdataset's shuffle with a generator seeded from (seed, rank, worker id) inside the worker."""
+
+    def stage(src: Iterable) -> Iterator:
+        worker = get_worker_info()
+        rng = random.Random(wds.utils.make_seed(seed, rank, worker.id if worker is not None else 0, _SHUFFLE_STREAM))
+        return wds.shuffle(bufsize, initial=max(1, bufsize // 2), rng=rng)(src)
+
+    return stage
+
+
+def build_train_pipeline(
+    shards: str, tokenizer, spec: FeatureSpec, data: DataConfig, masking: MaskingConfig,
+    seed: int, rank: int, world_size: int,
+) -> wds.DataPipeline:
+    """The endless training pipeline of one rank, yielding collated batches (run it in DataLoader workers)."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+    bad = BadSampleHandler(f"training shards {shards}")
+    return wds.DataPipeline(
+        wds.ResampledShards(shards, seed=seed, worker_seed=_one_stream_for_everyone, deterministic=True),
+        # at this point we have an endless stream of {"url": shard}, identical on every rank and worker
+        split_by_rank(rank, world_size),
+        wds.split_by_worker,
+        # at this point each (rank, worker) holds its own disjoint share of the shard draws
+        wds.tarfile_to_samples(handler=bad),
+        # at this point we have raw samples {"__key__", "txt", "features.npy", ...} as bytes
+        shuffle_per_worker(data.shuffle_buffer, seed, rank),
+        wds.map(SampleDecoder(tokenizer, spec, data), handler=bad),
+        # at this point we have tokenised samples with float16 region arrays
+        wds.batched(data.batch_size, collation_fn=PretrainCollate(tokenizer, data, masking, seed, rank), partial=False),
+        # at this point we have masked, padded batches with ITM negatives
+    )
+
+
+def build_train_loader(
+    shards: str, tokenizer, spec: FeatureSpec, data: DataConfig, masking: MaskingConfig,
+    seed: int, rank: int, world_size: int,
+) -> Iterable[dict[str, torch.Tensor]]:
+    """Endless loader of training batches for one rank (see the module docstring)."""
+    pipeline = build_train_pipeline(shards, tokenizer, spec, data, masking, seed, rank, world_size)
+    return DataLoader(
+        pipeline,
+        batch_size=None,  # the pipeline batches in the workers
+        num_workers=data.num_workers,
+        persistent_workers=data.num_workers > 0,
+        prefetch_factor=4 if data.num_workers > 0 else None,
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
+def read_eval_samples(shards: str, tokenizer, spec: FeatureSpec, data: DataConfig, max_samples: int) -> list[dict]:
+    """The first ``max_samples`` decoded samples of the shards, in shard order."""
+    bad = BadSampleHandler(f"validation shards {shards}")
+    pipeline = wds.DataPipeline(
+        wds.SimpleShardList(shards),
+        # at this point we have each shard once, in the order given
+        wds.tarfile_to_samples(handler=bad),
+        wds.map(SampleDecoder(tokenizer, spec, data), handler=bad),
+        # at this point we have tokenised samples
+    )
+    samples = list(itertools.islice(pipeline, max_samples))
+    if not samples:
+        raise ValueError(f"validation shards {shards}: no readable sample")
+    return samples
+
+
+def collate_eval_batches(
+    samples: list[dict], tokenizer, data: DataConfig, masking: MaskingConfig, seed: int
+) -> list[dict]:
+    """Masked batches with ITM negatives from a fixed seed: the same on every rank and every call."""
+    collate = PretrainCollate(tokenizer, data, masking, seed)
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    for start in range(0, len(samples), data.batch_size):
+        chunk = samples[start : start + data.batch_size]
+        if len(chunk) >= 2:  # a lone sample has no other caption to pair with
+            batches.append(collate(chunk, generator))
+    return batches
+
+
+def build_eval_batches(
+    shards: str, tokenizer, spec: FeatureSpec, data: DataConfig, masking: MaskingConfig, seed: int, max_samples: int
+) -> list[dict]:
+    """Finite, deterministic validation batches (fixed masking seed), the same on every rank."""
+    samples = read_eval_samples(shards, tokenizer, spec, data, max_samples)
+    return collate_eval_batches(samples, tokenizer, data, masking, seed)

