@@ -1,0 +1,401 @@
+"""``python -m preprocess extract``: raw image-caption shards -> region-feature shards.
+
+    python -m preprocess extract --input 'raw/{00000..00099}.tar' --output features/ \\
+        --config configs/preprocess/quickstart.yaml detector.max_boxes=36
+
+One output shard per input shard (same name), so the work divides by shard across ranks
+(RANK/WORLD_SIZE, a SLURM array or SLURM tasks), a finished shard is never redone, and the
+final tables do not depend on how the job was split or interrupted. The order of events:
+
+1. validate everything cheap (config, inputs, output dir, earlier runs into the same dir),
+2. start the decode workers, then load the detector while they fill their queues,
+3. main thread: detector on per-shard batches; writer thread: encode and append to the tar,
+4. each finished shard: tar renamed into place, then its table parts (the manifest part last),
+5. whoever finds every shard complete assembles manifest.parquet, skipped.parquet, summary.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from preprocess.config import ConfigError, load_config, to_dict
+from preprocess.detector import DetectorConfig, RegionDetector, Regions, build_detector
+from preprocess.feature_format import FEATURE_SPEC_FILE, MANIFEST_FILE, SKIPPED_FILE, FeatureSpec
+from preprocess.feature_writer import DetectedBatch, FeatureWriter
+from preprocess.launch_env import WorkShare, read_work_share
+from preprocess.raw_input import (
+    InputError,
+    InputShard,
+    SampleRules,
+    ShardBatch,
+    ShardBatches,
+    ShardEnd,
+    pass_through,
+    plan_input_shards,
+)
+from preprocess.shard_output import (
+    PARTS_DIR,
+    SUMMARY_FILE,
+    assemble_tables,
+    incomplete_tar,
+    is_complete,
+    prepare_output_dir,
+    write_bytes_atomic,
+    write_json_atomic,
+)
+
+log = logging.getLogger("preprocess.extract")
+
+CONFIG_FILE = "extract_config.yaml"
+# Keys that only change speed, not what is written: a rerun may change them freely. Everything
+# else must match the run that started the directory. (batch_size is here because the detector
+# pads every batch to a fixed canvas, detector.fixed_canvas, so features do not depend on it.)
+SPEED_ONLY_KEYS = {
+    "batch_size",
+    "num_workers",
+    "prefetch_batches",
+    "write_queue_batches",
+    "torch_threads",
+    "progress",
+    "detector.device",
+}
+
+
+class ExtractError(ValueError):
+    """A problem that stops the job before it starts; one line naming the file, key or shard."""
+
+
+@dataclass
+class ExtractConfig:
+    """The whole extract job (``configs/preprocess/*.yaml``); see docs/preprocess.md for every key."""
+
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
+    batch_size: int = 8  # images per detector forward pass (batches never span two shards)
+    num_workers: int = 2  # decode processes (DataLoader workers); 0 decodes in the main process
+    prefetch_batches: int = 2  # batches each worker decodes ahead
+    write_queue_batches: int = 4  # detected batches waiting for the writer thread
+    torch_threads: int = 0  # intra-op threads of the detector process; 0 keeps torch's default
+    max_image_pixels: int = 100_000_000  # larger images are skipped (image_too_large); 10000x10000 passes
+    downscale_in_workers: bool = True  # shrink images to the detector's input size while decoding
+    caption_min_chars: int = 1  # shorter captions (after stripping whitespace) are skipped (empty_caption)
+    caption_max_chars: int = 1000  # longer captions are cut to this many characters
+    boxes_field: str = "boxes"  # given_boxes: JSON field with [[x1, y1, x2, y2], ...] in pixels
+    labels_field: str = "labels"  # given_boxes: JSON field with one class id or name per box
+    progress: bool = True  # tqdm bar on rank 0
+    # Seeds torch before the detector is built: without weights the network is randomly
+    # initialised, and every worker and every rerun must build the SAME random network.
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "prefetch_batches", "write_queue_batches", "max_image_pixels", "caption_max_chars"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("num_workers", "torch_threads", "caption_min_chars"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.caption_min_chars > self.caption_max_chars:
+            raise ValueError(
+                f"caption_min_chars ({self.caption_min_chars}) must not exceed caption_max_chars ({self.caption_max_chars})"
+            )
+        if not self.boxes_field or not self.labels_field:
+            raise ValueError("boxes_field and labels_field must be non-empty JSON field names")
+
+    def sample_rules(self) -> SampleRules:
+        d = self.detector
+        return SampleRules(
+            max_image_pixels=self.max_image_pixels,
+            min_size=d.min_size,
+            max_size=d.max_size,
+            downscale=self.downscale_in_workers,
+            caption_min_chars=self.caption_min_chars,
+            caption_max_chars=self.caption_max_chars,
+            given_boxes=d.backend == "given_boxes",
+            max_boxes=d.max_boxes,
+            boxes_field=self.boxes_field,
+            labels_field=self.labels_field,
+            class_names=list(d.class_names),
+        )
+
+
+@dataclass
+class ExtractJob:
+    """A validated job: what this worker must do. Building one loads no model."""
+
+    cfg: ExtractConfig
+    input_spec: str
+    output_dir: Path
+    shards: list[InputShard]  # every input shard, in --input order
+    todo: list[InputShard]  # this worker's share, minus shards already complete
+    share: WorkShare
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def check_saved_config(output_dir: Path, cfg: ExtractConfig) -> None:
+    """Refuse to continue a directory started with settings that change the output."""
+    path = output_dir / CONFIG_FILE
+    if not path.is_file():
+        return
+    saved = _flatten(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
+    now = _flatten(to_dict(cfg))
+    for key in sorted(set(saved) | set(now)):
+        if key in SPEED_ONLY_KEYS:
+            continue
+        if saved.get(key) != now.get(key):
+            raise ExtractError(
+                f"{path}: this directory was written with {key}={saved.get(key)!r} but this run has "
+                f"{key}={now.get(key)!r}; use the same setting or a fresh --output"
+            )
+
+
+def plan_job(input_spec: str, output_dir: str | Path, cfg: ExtractConfig, share: WorkShare | None = None) -> ExtractJob:
+    """Validate inputs, output dir and earlier runs (no model is loaded); save the config."""
+    share = share or read_work_share()
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ExtractError(f"--output {output_dir} exists and is not a directory")
+    try:
+        shards = plan_input_shards(input_spec)
+    except InputError as err:
+        raise ExtractError(str(err)) from None
+    try:
+        prepare_output_dir(output_dir)
+    except OSError as err:
+        raise ExtractError(str(err)) from None
+    check_saved_config(output_dir, cfg)
+    write_bytes_atomic(output_dir / CONFIG_FILE, yaml.safe_dump(to_dict(cfg), sort_keys=False).encode("utf-8"))
+    mine = share.take(shards)
+    todo = [s for s in mine if not is_complete(output_dir, s.name)]
+    return ExtractJob(cfg=cfg, input_spec=input_spec, output_dir=output_dir, shards=shards, todo=todo, share=share)
+
+
+def feature_spec_for(detector: RegionDetector, cfg: ExtractConfig) -> FeatureSpec:
+    d = cfg.detector
+    given = d.backend == "given_boxes"
+    return FeatureSpec(
+        detector=detector.name,
+        weights=detector.weights,
+        feature_dim=detector.feature_dim,
+        num_classes=detector.num_classes,
+        label_format=d.label_format,
+        topk=min(d.topk, detector.num_classes) if d.label_format == "topk" else 0,
+        min_boxes=1 if given else d.min_boxes,  # given boxes: as many as the data has, 1..max_boxes
+        max_boxes=d.max_boxes,
+        class_names=list(detector.class_names),
+    )
+
+
+def write_or_check_spec(output_dir: Path, spec: FeatureSpec) -> None:
+    path = output_dir / FEATURE_SPEC_FILE
+    if path.is_file():
+        existing = FeatureSpec.load(path)
+        if asdict(existing) != asdict(spec):
+            diffs = [f"{k}: {v!r} vs {asdict(spec)[k]!r}" for k, v in asdict(existing).items() if asdict(spec)[k] != v]
+            raise ExtractError(
+                f"{path} does not match this run's detector ({'; '.join(diffs)[:300]}); use a fresh --output"
+            )
+        return
+    write_json_atomic(path, asdict(spec))
+
+
+def _detector_inputs(samples) -> tuple[list, list | None, list | None]:
+    images = [s.image.pixels for s in samples]
+    if samples[0].given_boxes is None:
+        return images, None, None
+    boxes = []
+    for s in samples:
+        # Given boxes are in original pixels; the decoded image may have been shrunk.
+        sx, sy = s.image.scale_xy
+        b = s.given_boxes / torch.tensor([sx, sy, sx, sy])
+        h, w = s.image.pixels.shape[1:]
+        boxes.append(torch.stack([b[:, 0].clamp(0, w), b[:, 1].clamp(0, h), b[:, 2].clamp(0, w), b[:, 3].clamp(0, h)], 1))
+    return images, boxes, [s.given_labels for s in samples]
+
+
+def _to_original_pixels(regions: Regions, sample) -> Regions:
+    sx, sy = sample.image.scale_xy
+    if sx == 1.0 and sy == 1.0:
+        return regions
+    boxes = regions.boxes * torch.tensor([sx, sy, sx, sy])
+    w, h = sample.image.width, sample.image.height
+    boxes = torch.stack([boxes[:, 0].clamp(0, w), boxes[:, 1].clamp(0, h), boxes[:, 2].clamp(0, w), boxes[:, 3].clamp(0, h)], 1)
+    return Regions(boxes=boxes, features=regions.features, cls_prob=regions.cls_prob, scores=regions.scores)
+
+
+def detect_batch(detector: RegionDetector, batch: ShardBatch) -> DetectedBatch:
+    """Run the detector on one batch; if the batch fails, retry image by image so one bad image
+    costs only itself (recorded as detector_error)."""
+    samples = batch.samples
+    if not samples:
+        return DetectedBatch(batch, [], [])
+    try:
+        found = detector.detect(*_detector_inputs(samples))
+        return DetectedBatch(batch, [_to_original_pixels(r, s) for r, s in zip(found, samples)], [""] * len(samples))
+    except (RuntimeError, ValueError) as err:
+        log.warning("detector failed on a batch of %s (%s); retrying image by image", batch.shard.name, err)
+    regions: list[Regions | None] = []
+    errors: list[str] = []
+    for sample in samples:
+        try:
+            (found,) = detector.detect(*_detector_inputs([sample]))
+            regions.append(_to_original_pixels(found, sample))
+            errors.append("")
+        except (RuntimeError, ValueError) as err:
+            regions.append(None)
+            errors.append(f"{err.__class__.__name__}: {err}"[:500])
+    return DetectedBatch(batch, regions, errors)
+
+
+def make_loader(job: ExtractJob) -> DataLoader:
+    cfg = job.cfg
+    workers = min(cfg.num_workers, len(job.todo))
+    return DataLoader(
+        ShardBatches(job.todo, cfg.sample_rules(), cfg.batch_size),
+        batch_size=None,
+        collate_fn=pass_through,
+        num_workers=workers,
+        prefetch_factor=cfg.prefetch_batches if workers else None,
+    )
+
+
+def run_extract(job: ExtractJob, detector: RegionDetector | None = None) -> dict[str, Any]:
+    """Process this worker's shards, then assemble the final tables if every shard is complete.
+
+    Returns this worker's summary (also logged and saved under DIR/.parts/). ``detector``
+    lets a caller reuse a loaded model (the benchmark); by default it is built here.
+    """
+    cfg, out = job.cfg, job.output_dir
+    started = time.time()
+    rank0 = job.share.index == 0
+    if cfg.torch_threads:
+        torch.set_num_threads(cfg.torch_threads)
+    summary: dict[str, Any] = {
+        "worker": f"{job.share.index}/{job.share.count} ({job.share.source})",
+        "input": job.input_spec,
+        "shards_in_share": len(job.share.take(job.shards)),
+        "shards_already_complete": len(job.share.take(job.shards)) - len(job.todo),
+    }
+    if job.todo:
+        if not all(is_complete(out, s.name) for s in job.shards):
+            for name in (MANIFEST_FILE, SKIPPED_FILE, SUMMARY_FILE):  # stale until every shard is done
+                (out / name).unlink(missing_ok=True)
+        for shard in job.todo:  # a killed run's partial shard: this worker redoes it from scratch
+            incomplete_tar(out, shard.name).unlink(missing_ok=True)
+        # Workers start (fork) before the model loads: they decode while it loads, and they do
+        # not inherit the model's memory.
+        batches = iter(make_loader(job))
+        if detector is None:
+            torch.manual_seed(cfg.seed)
+            detector = build_detector(cfg.detector)
+        spec = feature_spec_for(detector, cfg)
+        write_or_check_spec(out, spec)
+        writer = FeatureWriter(out, spec.label_format, spec.topk, cfg.write_queue_batches)
+        writer.start()
+        images = 0
+        bar = tqdm(
+            unit="img", desc=f"extract {len(job.todo)} shards", disable=not (cfg.progress and rank0),
+            mininterval=1.0 if sys.stderr.isatty() else 30.0, dynamic_ncols=True,
+        )
+        compute_started = time.time()
+        try:
+            for item in batches:
+                if isinstance(item, ShardEnd):
+                    writer.put(item)
+                    bar.set_postfix(shards=f"{len(writer.stats.shards_done)}/{len(job.todo)}", refresh=False)
+                    continue
+                writer.put(detect_batch(detector, item))
+                images += len(item.samples)
+                bar.update(len(item.samples))
+            stats = writer.finish()
+        finally:
+            bar.close()
+        seconds = time.time() - compute_started
+        summary.update(
+            {
+                "shards_done": len(stats.shards_done),
+                "shards_failed": stats.shards_failed,
+                "written": stats.written,
+                "skipped": sum(stats.skipped.values()),
+                "skipped_by_reason": dict(sorted(stats.skipped.items())),
+                "images_through_detector": images,
+                "seconds": round(seconds, 3),
+                "images_per_second": round(images / seconds, 3) if seconds > 0 else None,
+            }
+        )
+    summary["seconds_total"] = round(time.time() - started, 3)
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(started))
+    write_json_atomic(out / PARTS_DIR / f"run-{stamp}-w{job.share.index}of{job.share.count}-{os.getpid()}.json", summary)
+    log.info("worker summary: %s", summary)
+    final = assemble_tables(out, job.shards)
+    if final is not None:
+        log.info(
+            "all %d shards complete: %d samples written, %d skipped %s -> %s",
+            final["shards"], final["written"], final["skipped"], final["skipped_by_reason"], out / MANIFEST_FILE,
+        )
+    else:
+        done = sum(is_complete(out, s.name) for s in job.shards)
+        log.info("%d/%d shards complete; the final tables are assembled by the worker that completes the last one "
+                 "(or by rerunning this command)", done, len(job.shards))
+    summary["final"] = final
+    return summary
+
+
+def setup_logging(rank0: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO if rank0 else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def cli(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m preprocess extract",
+        description="Extract region features from raw image-caption shards (see docs/preprocess.md).",
+    )
+    parser.add_argument("--input", required=True, help="shard URLs: brace patterns, pipe:, s3:// ...; join several with ::")
+    parser.add_argument("--output", required=True, help="output directory (created; reruns resume)")
+    parser.add_argument("--config", help="YAML config (ExtractConfig); defaults if omitted")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. detector.max_boxes=36")
+    args = parser.parse_args(argv)
+    try:
+        share = read_work_share()
+    except ValueError as err:
+        print(f"extract: error: {err}", file=sys.stderr)
+        return 2
+    try:
+        setup_logging(share.index == 0)
+        cfg = load_config(ExtractConfig, args.config, args.overrides)
+        job = plan_job(args.input, args.output, cfg, share)
+        summary = run_extract(job)
+    except (ConfigError, ExtractError) as err:
+        print(f"extract: error: {err}", file=sys.stderr)
+        return 2
+    if summary.get("shards_failed"):
+        print(
+            f"extract: error: {len(summary['shards_failed'])} shard(s) could not be read and stay incomplete "
+            f"(rerun to retry): {', '.join(summary['shards_failed'])}",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
