@@ -1,0 +1,116 @@
+"""MI2P (Liang et al., CVPR 2022): inject a foreign modality into every layer of a host stream.
+
+Two models share the pretrained layers: text as host with the image injected, and the image as
+host with the text injected. After each host layer an injection plug-in lets the host tokens
+(queries) attend to the foreign features (keys and values) and adds the result to the host
+states. The plug-in's output projection starts at zero, so at initialisation the host runs its
+pretrained unimodal path exactly; fine-tuning opens the injection gradually.
+
+The foreign features are the other modality's own unimodal encoding (the whole encoder, alone),
+computed without gradient by default: the paper keeps the foreign extractor frozen. The paper
+derives keys for CNN channels from a per-channel convolution with global pooling because a
+feature map's channels are not tokens; our regions already are tokens in the hidden space, so
+keys and values are plain linear projections for both directions.
+
+The two hosts' pooled outputs are combined by attention-weighted fusion (the paper's best
+variant): a learned score per summary, softmax over the two, weighted sum.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from finetune.fusion.config import FusionConfig
+from finetune.fusion.routing import FusedOutput, FusionEncoder, Stream, run_layer
+from pretrain.model import ImageBertModel, init_new_modules
+
+
+class InjectionPlugin(nn.Module):
+    """host + out(attention(query=host, key/value=foreign)); ``out`` zero-initialised."""
+
+    def __init__(self, hidden: int, heads: int):
+        super().__init__()
+        if hidden % heads:
+            raise ValueError(f"fusion.mi2p_heads={heads} does not divide hidden_size={hidden}; pick a divisor")
+        self.heads = heads
+        self.query = nn.Linear(hidden, hidden)
+        self.key = nn.Linear(hidden, hidden)
+        self.value = nn.Linear(hidden, hidden)
+        self.out = nn.Linear(hidden, hidden)
+
+    def reset_output(self) -> None:
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, host: torch.Tensor, foreign: Stream) -> torch.Tensor:
+        batch, host_length, hidden = host.shape
+        head_dim = hidden // self.heads
+
+        def split(x: torch.Tensor) -> torch.Tensor:
+            return x.view(batch, -1, self.heads, head_dim).transpose(1, 2)
+
+        query, key, value = split(self.query(host)), split(self.key(foreign.states)), split(self.value(foreign.states))
+        # Every foreign stream starts with a real [CLS], so no query row is fully masked.
+        injected = F.scaled_dot_product_attention(query, key, value, attn_mask=foreign.mask[:, None, None, :])
+        return host + self.out(injected.transpose(1, 2).reshape(batch, host_length, hidden))
+
+
+class AttentionWeightedCombination(nn.Module):
+    """sum_k softmax_k(w . tanh(W p_k)) p_k over the hosts' pooled summaries."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.project = nn.Linear(hidden, hidden)
+        self.score = nn.Linear(hidden, 1)
+
+    def forward(self, summaries: torch.Tensor) -> torch.Tensor:  # [B, K, H] -> [B, H]
+        weights = self.score(torch.tanh(self.project(summaries))).softmax(dim=1)
+        return (weights * summaries).sum(1)
+
+
+class InjectionFusion(FusionEncoder):
+    """``pooled = [attention-weighted combination of text-host and image-host summaries]``."""
+
+    def __init__(self, encoder: ImageBertModel, cfg: FusionConfig):
+        hidden = encoder.config.hidden_size
+        super().__init__(encoder, pooled_dims=[hidden])
+        layers = encoder.config.num_hidden_layers
+        self.image_into_text = nn.ModuleList(InjectionPlugin(hidden, cfg.mi2p_heads) for _ in range(layers))
+        self.text_into_image = nn.ModuleList(InjectionPlugin(hidden, cfg.mi2p_heads) for _ in range(layers))
+        self.combine = AttentionWeightedCombination(hidden)
+        init_new_modules(self.image_into_text, encoder.config)
+        init_new_modules(self.text_into_image, encoder.config)
+        init_new_modules(self.combine, encoder.config)
+        for plugin in (*self.image_into_text, *self.text_into_image):
+            plugin.reset_output()
+        self.freeze_foreign = cfg.mi2p_freeze_foreign
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        region_features: torch.Tensor,
+        region_geometry: torch.Tensor,
+        region_mask: torch.Tensor,
+        caption_labels: torch.Tensor | None = None,
+    ) -> FusedOutput:
+        self.check_features(region_features)
+        text = self.embed_text(input_ids, attention_mask)
+        image = self.embed_image(input_ids[:, :1], region_features, region_geometry, region_mask)
+        with torch.no_grad() if self.freeze_foreign else contextlib.nullcontext():
+            foreign_text, foreign_image = text, image
+            for layer in self.layers:
+                foreign_text, foreign_image = run_layer(layer, foreign_text), run_layer(layer, foreign_image)
+        for index, layer in enumerate(self.layers):
+            text_host, image_host = run_layer(layer, text), run_layer(layer, image)
+            text = Stream(self.image_into_text[index](text_host.states, foreign_image), text.mask)
+            image = Stream(self.text_into_image[index](image_host.states, foreign_text), image.mask)
+            self.record(index, text=text.states, image=image.states)
+        summaries = torch.stack([self.pool(text.states), self.pool(image.states)], dim=1)
+        return FusedOutput(
+            text_states=text.states, region_states=image.states[:, 1:], pooled=[self.combine(summaries)]
+        )

@@ -1,0 +1,157 @@
+"""The one mechanism every fusion strategy is built from: pretrained BERT layers run over token sets.
+
+A strategy is a choice of which tokens share an attention call in which layer. Streams that must
+not see each other are simply run as separate calls of the same layer (same weights, no mask
+tricks needed); tokens that may see each other are concatenated and share one call under a key
+mask. Everything here reuses the release's own modules: word/segment/position embeddings, region
+embeddings, each ``BertLayer`` and the ``BertPooler``. Strategies add only the parameters their
+paper adds (bottleneck tokens, plug-ins, decoders).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import apply_chunking_to_forward
+
+from pretrain.model import ImageBertModel
+
+
+@dataclass
+class Stream:
+    """Tokens that attend to each other: states [B, N, H] and which of them are real (bool [B, N])."""
+
+    states: torch.Tensor
+    mask: torch.Tensor
+
+
+@dataclass
+class FusedOutput:
+    text_states: torch.Tensor  # [B, T, H] final text token states (MNER tags them)
+    region_states: torch.Tensor  # [B, R, H] final region states (no image [CLS])
+    # One or more [B, D_i] summaries: a head applies one linear per entry and averages the logits.
+    pooled: list[torch.Tensor]
+    aux_loss: torch.Tensor | None = None  # already weighted (MuSE's alpha/beta); None when the strategy has none
+
+
+def sdpa_mask(key_mask: torch.Tensor, query_length: int) -> torch.Tensor | None:
+    """4-D boolean mask for SDPA (True = may attend), or None when every key is real.
+
+    None mirrors what ``BertModel`` passes for an unpadded batch, so SDPA takes the same kernel
+    and a strategy that routes like ImageBERT reproduces its numbers bit for bit.
+    """
+    if bool(key_mask.all()):
+        return None
+    return key_mask[:, None, None, :].expand(-1, 1, query_length, -1)
+
+
+def run_layer(layer: nn.Module, stream: Stream) -> Stream:
+    """One whole pretrained BertLayer over the stream's tokens."""
+    states = layer(stream.states, attention_mask=sdpa_mask(stream.mask, stream.states.shape[1]))
+    return Stream(states, stream.mask)
+
+
+def run_attention_block(layer: nn.Module, stream: Stream) -> torch.Tensor:
+    """The layer's self-attention sub-block (attention, output projection, residual, LayerNorm)."""
+    states, _ = layer.attention(stream.states, sdpa_mask(stream.mask, stream.states.shape[1]))
+    return states
+
+
+def run_feed_forward_block(layer: nn.Module, states: torch.Tensor) -> torch.Tensor:
+    """The layer's feed-forward sub-block (intermediate, output, residual, LayerNorm)."""
+    return apply_chunking_to_forward(
+        layer.feed_forward_chunk, layer.chunk_size_feed_forward, layer.seq_len_dim, states
+    )
+
+
+def cls_attention(layer: nn.Module, stream: Stream) -> torch.Tensor:
+    """How much [CLS] (token 0) attends to each token in this layer, averaged over heads: [B, N].
+
+    SDPA does not return attention weights, so this recomputes only what the [CLS] row needs
+    from the layer's own projections: the query of one token and the keys of all tokens (one
+    H x H projection per token, about a twelfth of a BERT layer's FLOPs).
+    """
+    attention = layer.attention.self
+    batch, length, _ = stream.states.shape
+    heads, head_dim = attention.num_attention_heads, attention.attention_head_size
+    query = attention.query(stream.states[:, :1]).view(batch, heads, head_dim)
+    key = attention.key(stream.states).view(batch, length, heads, head_dim)
+    scores = torch.einsum("bhd,bnhd->bhn", query, key) * attention.scaling
+    scores = scores.masked_fill(~stream.mask[:, None, :], float("-inf"))
+    return scores.softmax(-1).mean(1)
+
+
+class FusionEncoder(nn.Module):
+    """Base of every strategy: the pretrained encoder, stream embedding, pooling and a layer trace.
+
+    Subclasses implement ``forward(input_ids, attention_mask, region_features, region_geometry,
+    region_mask, caption_labels=None) -> FusedOutput`` and set ``pooled_dims``.
+    """
+
+    def __init__(self, encoder: ImageBertModel, pooled_dims: list[int]):
+        super().__init__()
+        self.encoder = encoder
+        self.hidden_size = encoder.config.hidden_size
+        self.pooled_dims = pooled_dims
+        # Tests and the benchmark set this to a list to record per-layer states (see ``record``).
+        self.trace: list[dict[str, torch.Tensor]] | None = None
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.encoder.bert.encoder.layer
+
+    def start_trace(self) -> None:
+        self.trace = []
+
+    def record(self, layer_index: int, **tensors: torch.Tensor) -> None:
+        """Keep detached copies of this layer's outputs when tracing is on; free otherwise."""
+        if self.trace is not None:
+            self.trace.append({"layer": layer_index, **{k: v.detach().clone() for k, v in tensors.items()}})
+
+    def check_features(self, region_features: torch.Tensor) -> None:
+        expected = self.encoder.config.feature_dim
+        if region_features.shape[-1] != expected:
+            raise ValueError(
+                f"region features have dim {region_features.shape[-1]} but the release expects {expected} "
+                "(feature_spec.json of the task shards vs the release)"
+            )
+
+    def embed_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Stream:
+        """``[CLS] text [SEP]`` with segment 0 and sequential positions, as ImageBERT embeds it."""
+        positions = self.encoder.text_positions(input_ids.shape[1], input_ids.device)
+        states = self.encoder.finish_embeddings(self.encoder.embed_text(input_ids), 0, positions)
+        return Stream(states, attention_mask.bool())
+
+    def embed_regions(
+        self, region_features: torch.Tensor, region_geometry: torch.Tensor, region_mask: torch.Tensor, dtype
+    ) -> Stream:
+        """Regions with segment 1 and the one shared region position, as ImageBERT embeds them."""
+        positions = self.encoder.region_positions(region_features.shape[1], region_features.device)
+        inputs = self.encoder.embed_regions(region_features, region_geometry).to(dtype)
+        return Stream(self.encoder.finish_embeddings(inputs, 1, positions), region_mask.bool())
+
+    def embed_image(
+        self,
+        cls_ids: torch.Tensor,
+        region_features: torch.Tensor,
+        region_geometry: torch.Tensor,
+        region_mask: torch.Tensor,
+    ) -> Stream:
+        """An image stream of its own: an image [CLS] followed by the regions.
+
+        Two-stream strategies need a summary token per modality. The image [CLS] is the text's
+        [CLS] word embedding (``cls_ids``, the tokenizer's first token) with the image segment
+        and position 0, so it starts from pretrained weights and differs from every region
+        (those share the region position).
+        """
+        cls_positions = self.encoder.text_positions(1, cls_ids.device)
+        cls = self.encoder.finish_embeddings(self.encoder.embed_text(cls_ids), 1, cls_positions)
+        regions = self.embed_regions(region_features, region_geometry, region_mask, cls.dtype)
+        cls_mask = torch.ones_like(regions.mask[:, :1])
+        return Stream(torch.cat([cls, regions.states], 1), torch.cat([cls_mask, regions.mask], 1))
+
+    def pool(self, states: torch.Tensor) -> torch.Tensor:
+        """The pretrained BERT pooler (dense + tanh) on token 0 of ``states``."""
+        return self.encoder.bert.pooler(states)

@@ -1,0 +1,343 @@
+"""Fusion strategies over a tiny random ImageBERT: routing properties, exact reproductions, gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import BertConfig
+
+from finetune.fusion import STRATEGY_NAMES, FusionConfig, build_fusion
+from finetune.fusion.muse import exchange_counts
+from pretrain.model import ImageBertModel, imagebert_config
+
+HIDDEN, FEATURE_DIM, NUM_CLASSES, VOCAB = 32, 16, 5, 30522
+CLS_ID, SEP_ID = 101, 102
+
+
+def tiny_encoder(layers: int = 3, seed: int = 0) -> ImageBertModel:
+    torch.manual_seed(seed)
+    bert = BertConfig(
+        hidden_size=HIDDEN,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        intermediate_size=64,
+        vocab_size=VOCAB,
+        max_position_embeddings=64,
+    )
+    return ImageBertModel(imagebert_config(bert, FEATURE_DIM, NUM_CLASSES)).eval()
+
+
+def make_batch(seed: int = 1, padded: bool = True) -> dict[str, torch.Tensor]:
+    """Two samples: 10 text tokens and 6 regions; the second sample padded to 7 tokens / 4 regions."""
+    g = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(1000, 2000, (2, 10), generator=g)
+    input_ids[:, 0] = CLS_ID
+    attention_mask = torch.ones(2, 10, dtype=torch.long)
+    region_mask = torch.ones(2, 6, dtype=torch.long)
+    input_ids[0, -1] = SEP_ID
+    if padded:
+        input_ids[1, 6], input_ids[1, 7:], attention_mask[1, 7:] = SEP_ID, 0, 0
+        region_mask[1, 4:] = 0
+    else:
+        input_ids[1, -1] = SEP_ID
+    corners = torch.rand(2, 6, 2, 2, generator=g).sort(dim=2).values  # x1 <= x2, y1 <= y2
+    x1, x2, y1, y2 = corners[..., 0, 0], corners[..., 1, 0], corners[..., 0, 1], corners[..., 1, 1]
+    geometry = torch.stack([x1, y1, x2, y2, (x2 - x1) * (y2 - y1)], -1)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "region_features": torch.randn(2, 6, FEATURE_DIM, generator=g).abs(),
+        "region_geometry": geometry,
+        "region_mask": region_mask,
+    }
+
+
+def with_other_image(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    changed = dict(batch)
+    changed["region_features"] = batch["region_features"].flip(0) * 3 + 1
+    changed["region_geometry"] = batch["region_geometry"].flip(1)
+    return changed
+
+
+def traced(fusion, batch):
+    fusion.start_trace()
+    with torch.no_grad():
+        out = fusion(**batch)
+    return out, fusion.trace
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_single_stream_reproduces_imagebert(padded):
+    encoder = tiny_encoder()
+    batch = make_batch(padded=padded)
+    fusion = build_fusion(FusionConfig(name="single_stream"), encoder).eval()
+    with torch.no_grad():
+        expected = encoder(**batch)
+        out = fusion(**batch)
+    assert torch.equal(out.text_states, expected.sequence_output[:, :10])
+    assert torch.equal(out.region_states, expected.sequence_output[:, 10:])
+    assert torch.equal(out.pooled[0], expected.pooled_output)
+
+
+@pytest.mark.parametrize("name", STRATEGY_NAMES)
+def test_output_shapes_and_pooled_dims(name):
+    fusion = build_fusion(FusionConfig(name=name), tiny_encoder()).eval()
+    with torch.no_grad():
+        out = fusion(**make_batch())
+    assert out.text_states.shape == (2, 10, HIDDEN)
+    assert out.region_states.shape == (2, 6, HIDDEN)
+    expected_dims = {
+        "single_stream": [HIDDEN],
+        "mbt": [HIDDEN, HIDDEN],
+        "muse": [2 * HIDDEN],
+        "mi2p": [HIDDEN],
+        "late": [2 * HIDDEN],
+    }[name]
+    assert fusion.pooled_dims == expected_dims
+    assert [p.shape for p in out.pooled] == [(2, d) for d in expected_dims]
+    assert all(torch.isfinite(p).all() for p in out.pooled)
+    assert (out.aux_loss is not None) == (name == "muse")
+    assert fusion.hidden_size == HIDDEN
+
+
+def test_mbt_without_bottlenecks_lets_nothing_cross():
+    fusion = build_fusion(FusionConfig(name="mbt", mbt_bottlenecks=0, mbt_fusion_layer=1), tiny_encoder()).eval()
+    batch = make_batch()
+    out_a, trace_a = traced(fusion, batch)
+    out_b, trace_b = traced(fusion, with_other_image(batch))
+    assert len(trace_a) == 3
+    for layer_a, layer_b in zip(trace_a, trace_b):
+        assert torch.equal(layer_a["text"], layer_b["text"]), f"text moved in layer {layer_a['layer']}"
+        assert not torch.allclose(layer_a["image"], layer_b["image"])  # the change did reach the image stream
+    assert torch.equal(out_a.text_states, out_b.text_states)
+    assert torch.equal(out_a.pooled[0], out_b.pooled[0])
+    assert not torch.allclose(out_a.pooled[1], out_b.pooled[1])
+
+
+def test_mbt_bottlenecks_carry_image_into_text_only_after_fusion_layer():
+    fusion_layer = 1
+    encoder = tiny_encoder(layers=4)
+    fusion = build_fusion(FusionConfig(name="mbt", mbt_bottlenecks=4, mbt_fusion_layer=fusion_layer), encoder).eval()
+    batch = make_batch()
+    _, trace_a = traced(fusion, batch)
+    _, trace_b = traced(fusion, with_other_image(batch))
+    for layer_a, layer_b in zip(trace_a, trace_b):
+        same = torch.equal(layer_a["text"], layer_b["text"])
+        # In layer L_f the bottlenecks are still the learned initial tokens; image content reaches them there
+        # and the text from layer L_f + 1 on.
+        assert same == (layer_a["layer"] <= fusion_layer), f"layer {layer_a['layer']}"
+    assert "bottlenecks" not in trace_a[0] and trace_a[fusion_layer]["bottlenecks"].shape == (2, 4, HIDDEN)
+
+
+def test_mbt_default_fusion_layer_is_two_thirds_of_depth():
+    assert build_fusion(FusionConfig(name="mbt"), tiny_encoder(layers=6)).fusion_layer == 4
+    assert build_fusion(FusionConfig(name="mbt"), tiny_encoder(layers=3)).fusion_layer == 2
+
+
+def test_muse_exchanges_exact_fraction_in_exact_layers():
+    theta, start, end = 0.3, 1, 2
+    encoder = tiny_encoder(layers=4)
+    cfg = FusionConfig(
+        name="muse", muse_exchange_start=start, muse_exchange_end=end, muse_exchange_fraction=theta
+    )
+    fusion = build_fusion(cfg, encoder).eval()
+    batch = make_batch()
+    text_real = batch["attention_mask"].bool()
+    image_real = torch.cat([torch.ones(2, 1, dtype=torch.bool), batch["region_mask"].bool()], 1)
+
+    # Observe the real sub-blocks: what leaves self-attention and what enters the feed-forward block.
+    attention_out, ffn_in = {}, {}
+    hooks = []
+    for index, layer in enumerate(encoder.bert.encoder.layer):
+        hooks.append(layer.attention.register_forward_hook(
+            lambda m, a, out, i=index: attention_out.setdefault(i, []).append(out[0].detach())))
+        hooks.append(layer.intermediate.register_forward_pre_hook(
+            lambda m, a, i=index: ffn_in.setdefault(i, []).append(a[0].detach())))
+    _, trace = traced(fusion, batch)
+    for hook in hooks:
+        hook.remove()
+
+    for index in range(4):
+        (text_att, image_att), (text_ffn, image_ffn) = attention_out[index], ffn_in[index]
+        text_changed = (text_att != text_ffn).any(-1)
+        image_changed = (image_att != image_ffn).any(-1)
+        if not start <= index <= end:
+            assert not text_changed.any() and not image_changed.any(), f"exchange outside mu..eta in layer {index}"
+            continue
+        for sample in range(2):
+            n_text = int(text_real[sample].sum()) - 1  # real tokens other than [CLS]
+            n_regions = int(image_real[sample].sum()) - 1
+            assert int(text_changed[sample].sum()) == round(theta * n_text)
+            assert int(image_changed[sample].sum()) == round(theta * n_regions)
+        # Never [CLS], never padding.
+        assert not text_changed[:, 0].any() and not (text_changed & ~text_real).any()
+        assert not image_changed[:, 0].any() and not (image_changed & ~image_real).any()
+        # The rule: exchanged token = itself + the other modality's mean (over its real tokens) after attention.
+        image_mean = (image_att * image_real[..., None]).sum(1) / image_real.sum(1, keepdim=True)
+        text_mean = (text_att * text_real[..., None]).sum(1) / text_real.sum(1, keepdim=True)
+        expected_text = text_att + image_mean[:, None]
+        expected_image = image_att + text_mean[:, None]
+        assert torch.allclose(text_ffn[text_changed], expected_text[text_changed], atol=1e-6)
+        assert torch.allclose(image_ffn[image_changed], expected_image[image_changed], atol=1e-6)
+        # The recorded trace agrees with what the hooks saw.
+        record = trace[index]
+        assert torch.equal(record["text_exchanged"], text_changed)
+        assert torch.equal(record["image_exchanged"], image_changed)
+    assert [r["layer"] for r in trace if "text_exchanged" in r] == [1, 2]
+
+
+def test_exchange_counts_round_half_to_even_like_python():
+    mask = torch.zeros(5, 12, dtype=torch.bool)
+    for row, real in enumerate([1, 2, 4, 6, 12]):
+        mask[row, :real] = True
+    for theta in (0.0, 0.2, 0.25, 0.5, 1.0):
+        assert exchange_counts(mask, theta).tolist() == [round(theta * (n - 1)) for n in [1, 2, 4, 6, 12]]
+
+
+def test_muse_auxiliary_losses_follow_their_weights():
+    encoder = tiny_encoder()
+    batch = make_batch()
+    off = build_fusion(FusionConfig(name="muse", muse_caption_weight=0, muse_generation_weight=0), encoder)
+    assert off.caption_decoder is None and off.region_generator is None
+    assert off(**batch).aux_loss is None
+    caption_only = build_fusion(FusionConfig(name="muse", muse_caption_weight=1, muse_generation_weight=0), encoder)
+    both = build_fusion(FusionConfig(name="muse", muse_caption_weight=1, muse_generation_weight=1), encoder)
+    torch.manual_seed(0)
+    caption_loss = caption_only.eval()(**batch).aux_loss
+    # An untrained caption decoder is near-uniform over the vocabulary: cross-entropy close to log(V).
+    assert abs(caption_loss.item() - torch.log(torch.tensor(float(VOCAB))).item()) < 1.0
+    both.caption_decoder.load_state_dict(caption_only.caption_decoder.state_dict())
+    total = both.eval()(**batch).aux_loss
+    generation = total - caption_loss
+    assert generation.item() > 0
+    # Weights scale linearly.
+    half = build_fusion(FusionConfig(name="muse", muse_caption_weight=0.5, muse_generation_weight=0.5), encoder)
+    half.caption_decoder.load_state_dict(both.caption_decoder.state_dict())
+    half.region_generator.load_state_dict(both.region_generator.state_dict())
+    assert torch.allclose(half.eval()(**batch).aux_loss, total / 2, rtol=1e-5)
+
+
+def image_stream_reference(encoder: ImageBertModel, batch) -> torch.Tensor:
+    """The image alone through the plain BertModel: image [CLS] (segment 1, position 0), then regions."""
+    cls = encoder.embed_text(batch["input_ids"][:, :1])
+    regions = encoder.embed_regions(batch["region_features"], batch["region_geometry"])
+    length = regions.shape[1] + 1
+    positions = torch.full((1, length), encoder.config.region_position_id)
+    positions[0, 0] = 0
+    mask = torch.cat([torch.ones(2, 1, dtype=torch.long), batch["region_mask"]], 1)
+    out = encoder.bert(
+        inputs_embeds=torch.cat([cls, regions], 1),
+        attention_mask=mask,
+        token_type_ids=torch.ones(2, length, dtype=torch.long),
+        position_ids=positions.expand(2, -1),
+    )
+    return out.last_hidden_state
+
+
+def test_mi2p_with_zero_plugins_reproduces_the_host_streams():
+    encoder = tiny_encoder()
+    batch = make_batch()
+    fusion = build_fusion(FusionConfig(name="mi2p"), encoder).eval()
+    with torch.no_grad():
+        out = fusion(**batch)
+        text_alone = encoder.bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        image_alone = image_stream_reference(encoder, batch)
+    assert torch.equal(out.text_states, text_alone.last_hidden_state)
+    assert torch.equal(out.region_states, image_alone[:, 1:])
+    # So at initialisation the text host ignores the image entirely...
+    with torch.no_grad():
+        other = fusion(**with_other_image(batch))
+    assert torch.equal(other.text_states, out.text_states)
+    # ...and once a plug-in's output projection is non-zero, the image reaches the text.
+    with torch.no_grad():
+        fusion.image_into_text[0].out.weight.normal_(std=0.5)
+        injected_a, injected_b = fusion(**batch), fusion(**with_other_image(batch))
+    assert not torch.allclose(injected_a.text_states, injected_b.text_states)
+
+
+def test_late_fusion_streams_never_meet():
+    fusion = build_fusion(FusionConfig(name="late"), tiny_encoder()).eval()
+    batch = make_batch()
+    out_a, out_b = traced(fusion, batch)[0], traced(fusion, with_other_image(batch))[0]
+    assert torch.equal(out_a.text_states, out_b.text_states)
+    assert torch.equal(out_a.pooled[0][:, :HIDDEN], out_b.pooled[0][:, :HIDDEN])
+    assert not torch.allclose(out_a.pooled[0][:, HIDDEN:], out_b.pooled[0][:, HIDDEN:])
+
+
+def _objective(out, heads) -> torch.Tensor:
+    logits = torch.stack([head(p) for head, p in zip(heads, out.pooled)]).mean(0)
+    loss = torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1])) + out.text_states.pow(2).mean()
+    return loss + (out.aux_loss if out.aux_loss is not None else 0)
+
+
+@pytest.mark.parametrize("name", STRATEGY_NAMES)
+def test_gradients_reach_new_and_pretrained_parameters(name):
+    encoder = tiny_encoder()
+    fusion = build_fusion(FusionConfig(name=name, mbt_fusion_layer=1), encoder).train()
+    heads = torch.nn.ModuleList(torch.nn.Linear(d, 2) for d in fusion.pooled_dims)
+    optimizer = torch.optim.SGD([*fusion.parameters(), *heads.parameters()], lr=0.5)
+    batch = make_batch()
+    # Zero-initialised outputs (MI2P) pass no gradient to what feeds them until after one step.
+    for _ in range(2):
+        optimizer.zero_grad()
+        _objective(fusion(**batch), heads).backward()
+        optimizer.step()
+    new = {n: p for n, p in fusion.named_parameters() if not n.startswith("encoder.")}
+    if name in ("single_stream", "late"):
+        assert not new
+    for param_name, param in new.items():
+        assert param.grad is not None and param.grad.abs().sum() > 0, f"no gradient reaches {param_name}"
+    last_layer = encoder.bert.encoder.layer[-1].output.dense.weight
+    assert last_layer.grad is not None and last_layer.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", STRATEGY_NAMES)
+def test_a_few_steps_fit_a_label_that_needs_both_modalities(name):
+    torch.manual_seed(0)
+    encoder = tiny_encoder()
+    # Dropout off (eval) so that a dozen steps on one batch show the fit, not the noise.
+    fusion = build_fusion(FusionConfig(name=name, mbt_fusion_layer=1), encoder).eval()
+    heads = torch.nn.ModuleList(torch.nn.Linear(d, 2) for d in fusion.pooled_dims)
+    optimizer = torch.optim.AdamW([*fusion.parameters(), *heads.parameters()], lr=3e-3)
+    batch = make_batch(padded=False)
+    batch = {k: torch.cat([v, v]) for k, v in batch.items()}
+    batch["input_ids"][2:, 1:5] = 1500  # a text change and an image change flip the label
+    batch["region_features"][[1, 2]] += 2.0
+    labels = torch.tensor([0, 1, 1, 0])  # label = (text changed) xor (image changed)
+    losses = []
+    for _ in range(20):
+        optimizer.zero_grad()
+        out = fusion(**batch)
+        logits = torch.stack([head(p) for head, p in zip(heads, out.pooled)]).mean(0)
+        loss = torch.nn.functional.cross_entropy(logits, labels)
+        losses.append(loss.item())
+        (loss + (out.aux_loss if out.aux_loss is not None else 0)).backward()
+        optimizer.step()
+    assert losses[-1] < losses[0] * 0.6, losses
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"name": "cross"}, "fusion.name"),
+        ({"mbt_bottlenecks": -1}, "fusion.mbt_bottlenecks"),
+        ({"muse_exchange_fraction": 1.5}, "fusion.muse_exchange_fraction"),
+        ({"muse_caption_weight": -0.1}, "fusion.muse_caption_weight"),
+        ({"mbt_fusion_layer": -2}, "fusion.mbt_fusion_layer"),
+    ],
+)
+def test_config_rejects_bad_values_naming_the_key(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        FusionConfig(**overrides)
+
+
+def test_depth_dependent_values_are_checked_against_the_release():
+    encoder = tiny_encoder()
+    with pytest.raises(ValueError, match="mbt_fusion_layer is 5 but the encoder has 3 layers"):
+        build_fusion(FusionConfig(name="mbt", mbt_fusion_layer=5), encoder)
+    with pytest.raises(ValueError, match="muse_exchange_start=2, muse_exchange_end=1"):
+        build_fusion(FusionConfig(name="muse", muse_exchange_start=2, muse_exchange_end=1), encoder)
+    with pytest.raises(ValueError, match="mi2p_heads=3 does not divide hidden_size=32"):
+        build_fusion(FusionConfig(name="mi2p", mi2p_heads=3), encoder)
+    resolved = FusionConfig(name="muse").resolved(6)
+    assert (resolved.muse_exchange_start, resolved.muse_exchange_end) == (1, 3)
