@@ -234,30 +234,32 @@ def pad_samples(samples: list[dict[str, Any]], caption_of: list[int], pad_token_
     feature_dim = samples[0]["features"].shape[1]
     num_classes = samples[0]["cls_prob"].shape[1]
 
-    input_ids = torch.full((n, text_length), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((n, text_length), dtype=torch.long)
-    maskable = torch.zeros((n, text_length), dtype=torch.bool)
-    features = torch.zeros((n, num_regions, feature_dim), dtype=torch.float32)
-    geometry = torch.zeros((n, num_regions, 5), dtype=torch.float32)
-    region_mask = torch.zeros((n, num_regions), dtype=torch.long)
-    cls_prob = torch.zeros((n, num_regions, num_classes), dtype=torch.float32)
+    # Filled in numpy, then wrapped: numpy converts float16 rows to float32 some 20x faster
+    # than torch's CPU copy does, and this loop is most of the collate's time.
+    input_ids = np.full((n, text_length), pad_token_id, dtype=np.int64)
+    attention_mask = np.zeros((n, text_length), dtype=np.int64)
+    maskable = np.zeros((n, text_length), dtype=bool)
+    features = np.zeros((n, num_regions, feature_dim), dtype=np.float32)
+    geometry = np.zeros((n, num_regions, 5), dtype=np.float32)
+    region_mask = np.zeros((n, num_regions), dtype=np.int64)
+    cls_prob = np.zeros((n, num_regions, num_classes), dtype=np.float32)
     for i, (sample, caption) in enumerate(zip(samples, captions)):
         t, r = len(caption["input_ids"]), len(sample["features"])
-        input_ids[i, :t] = torch.from_numpy(caption["input_ids"])
+        input_ids[i, :t] = caption["input_ids"]
         attention_mask[i, :t] = 1
-        maskable[i, :t] = torch.from_numpy(~caption["special_tokens_mask"])
-        features[i, :r] = torch.from_numpy(sample["features"])
-        geometry[i, :r] = torch.from_numpy(sample["geometry"])
+        maskable[i, :t] = ~caption["special_tokens_mask"]
+        features[i, :r] = sample["features"]
+        geometry[i, :r] = sample["geometry"]
         region_mask[i, :r] = 1
-        cls_prob[i, :r] = torch.from_numpy(sample["cls_prob"])
+        cls_prob[i, :r] = sample["cls_prob"]
     return {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "maskable": maskable,
-        "region_target_features": features,
-        "region_geometry": geometry,
-        "region_mask": region_mask,
-        "region_cls_prob": cls_prob,
+        "input_ids": torch.from_numpy(input_ids),
+        "attention_mask": torch.from_numpy(attention_mask),
+        "maskable": torch.from_numpy(maskable),
+        "region_target_features": torch.from_numpy(features),
+        "region_geometry": torch.from_numpy(geometry),
+        "region_mask": torch.from_numpy(region_mask),
+        "region_cls_prob": torch.from_numpy(cls_prob),
         "keys": [s["key"] for s in samples],
     }
 
