@@ -1,0 +1,47 @@
+"""``python -m pretrain --config FILE --run-dir DIR [--resume] [key=value ...]``
+
+Start it once per rank: ``torchrun --nproc_per_node N``, the ``deepspeed`` launcher, or
+``srun`` (one task per GPU; ranks come from SLURM's variables). Without a GPU it trains on
+the CPU with gloo. Exit status 0 also after SIGTERM/SIGUSR1 (a checkpoint was saved; rerun
+with ``--resume``); ``RUN_DIR/done.json`` tells a finished run from a stopped one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pretrain", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="job YAML, e.g. configs/pretrain/quickstart.yaml")
+    parser.add_argument("--run-dir", required=True, help="checkpoints, metrics.jsonl, TensorBoard events go here")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint if there is one")
+    parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. data.batch_size=16")
+    args = parser.parse_args(argv)
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not torch.cuda.is_available():
+        # DeepSpeed picks its accelerator on first use; without CUDA it must be told.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+    from preprocess.config import ConfigError, load_config
+    from pretrain.config import PretrainConfig
+
+    try:
+        cfg = load_config(PretrainConfig, args.config, args.overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    from pretrain.trainer import run
+
+    run(cfg, args.run_dir, resume=args.resume)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

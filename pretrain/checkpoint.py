@@ -1,0 +1,209 @@
+"""Training checkpoints: DeepSpeed save/load, the trainer's own state, pruning, world-size changes, signals.
+
+Layout under ``RUN_DIR/checkpoints`` (DeepSpeed's, plus one JSON per tag)::
+
+    latest                          tag of the newest complete checkpoint, replaced last
+    global_step<N>/                 DeepSpeed files (model states, ZeRO shards)
+    global_step<N>/trainer_state.json   global step, stage, step within stage, world size, ZeRO stage
+    global_step<N>_universal/       made on demand when resuming on a different number of ranks
+
+A checkpoint counts only once ``latest`` names it: a save killed halfway leaves ``latest`` on the
+previous tag, which pruning never deletes (at least two are kept).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+LATEST_FILE = "latest"
+TRAINER_STATE_FILE = "trainer_state.json"
+TAG_PREFIX = "global_step"
+UNIVERSAL_SUFFIX = "_universal"
+CLIENT_STATE_KEY = "vlpretrain"
+_TAG_RE = re.compile(rf"^{TAG_PREFIX}(\d+)$")
+
+
+@dataclass
+class TrainerState:
+    """Where training stood when a checkpoint was written."""
+
+    global_step: int  # optimizer steps over all stages
+    stage: int  # index into the config's stages
+    step_in_stage: int  # optimizer steps done in that stage (== its steps when the stage finished)
+    world_size: int  # ranks that wrote the checkpoint
+    zero_stage: int
+
+    @property
+    def tag(self) -> str:
+        return tag_for(self.global_step)
+
+
+def tag_for(global_step: int) -> str:
+    return f"{TAG_PREFIX}{global_step}"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def latest_state(ckpt_dir: str | Path) -> TrainerState | None:
+    """The state of the checkpoint ``latest`` points to, or None when there is none."""
+    ckpt_dir = Path(ckpt_dir)
+    latest = ckpt_dir / LATEST_FILE
+    if not latest.is_file():
+        return None
+    tag = latest.read_text(encoding="utf-8").strip()
+    state_file = ckpt_dir / tag / TRAINER_STATE_FILE
+    if not state_file.is_file():
+        raise FileNotFoundError(f"{latest} names {tag!r} but {state_file} is missing (checkpoint damaged?)")
+    return TrainerState(**json.loads(state_file.read_text(encoding="utf-8")))
+
+
+def mark_universal(module: torch.nn.Module) -> None:
+    """Tell DeepSpeed to record what ``ds_to_universal`` needs (a plain data-parallel model: no TP patterns)."""
+    from deepspeed.checkpoint.constants import (
+        UNIVERSAL_CHECKPOINT_INFO,
+        UNIVERSAL_CHECKPOINT_VERSION_KEY,
+        UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+    )
+
+    setattr(module, UNIVERSAL_CHECKPOINT_INFO, {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE})
+
+
+def save(engine, ckpt_dir: str | Path, state: TrainerState, keep: int) -> None:
+    """Save on every rank; rank 0 then writes the state file, moves ``latest`` and prunes."""
+    ckpt_dir = Path(ckpt_dir)
+    engine.save_checkpoint(
+        str(ckpt_dir), tag=state.tag, client_state={CLIENT_STATE_KEY: asdict(state)}, save_latest=False
+    )
+    # Every rank's shard must be on disk before `latest` may name the tag.
+    dist.barrier()
+    if dist.get_rank() == 0:
+        write_atomic(ckpt_dir / state.tag / TRAINER_STATE_FILE, json.dumps(asdict(state), indent=2) + "\n")
+        write_atomic(ckpt_dir / LATEST_FILE, state.tag + "\n")
+        prune(ckpt_dir, keep, state.global_step)
+    dist.barrier()
+
+
+def prune(ckpt_dir: Path, keep: int, latest_step: int) -> list[Path]:
+    """Delete all but the newest ``keep`` tags up to ``latest_step`` (and their universal copies).
+
+    Tags above ``latest_step`` are leftovers of a save cut short before a restart from an
+    older checkpoint; they are stale and go too.
+    """
+    steps = []
+    for path in ckpt_dir.iterdir():
+        match = _TAG_RE.match(path.name)
+        if match and path.is_dir():
+            steps.append(int(match.group(1)))
+    kept = sorted(s for s in steps if s <= latest_step)[-keep:]
+    removed = []
+    for step in steps:
+        if step in kept:
+            continue
+        for path in (ckpt_dir / tag_for(step), ckpt_dir / (tag_for(step) + UNIVERSAL_SUFFIX)):
+            if path.exists():
+                shutil.rmtree(path)
+                removed.append(path)
+    return removed
+
+
+def has_zero_shards(tag_dir: Path) -> bool:
+    """True when optimizer state is partitioned over ranks (ZeRO 1-3, or DeepSpeed's bf16 optimizer)."""
+    return any(tag_dir.glob("*_optim_states.pt"))
+
+
+def needs_universal(ckpt_dir: str | Path, state: TrainerState, world_size: int) -> bool:
+    """Partitioned state saved by a different number of ranks must go through a universal checkpoint."""
+    return state.world_size != world_size and has_zero_shards(Path(ckpt_dir) / state.tag)
+
+
+def convert_to_universal(ckpt_dir: str | Path, tag: str) -> str:
+    """Convert ``tag`` to DeepSpeed's universal format (rank 0 works, the others wait); returns the new tag.
+
+    Same as running by hand::
+
+        python -m deepspeed.checkpoint.ds_to_universal \\
+            --input_folder RUN_DIR/checkpoints/global_stepN --output_folder RUN_DIR/checkpoints/global_stepN_universal
+    """
+    ckpt_dir = Path(ckpt_dir)
+    universal_tag = tag + UNIVERSAL_SUFFIX
+    out = ckpt_dir / universal_tag
+    if dist.get_rank() == 0 and not out.is_dir():
+        tmp = ckpt_dir / (universal_tag + ".tmp")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        log.info("converting %s to a universal checkpoint for a new world size", tag)
+        cmd = [
+            sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+            "--input_folder", str(ckpt_dir / tag), "--output_folder", str(tmp), "--num_extract_workers", "1",
+            "--num_merge_workers", "1",
+        ]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"ds_to_universal failed on {ckpt_dir / tag}:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
+        os.replace(tmp, out)
+    dist.barrier()
+    return universal_tag
+
+
+def consolidated_weights(ckpt_dir: str | Path, tag: str) -> dict[str, torch.Tensor]:
+    """Full fp32 weights of a checkpoint, whatever its ZeRO stage and number of ranks."""
+    tag_dir = Path(ckpt_dir) / tag
+    if not tag_dir.is_dir():
+        raise FileNotFoundError(f"checkpoint {tag_dir} does not exist")
+    if has_zero_shards(tag_dir):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    # Without ZeRO the module's full weights sit in the model-states file. It is a pickle that
+    # DeepSpeed wrote for this run (it holds the DeepSpeed config), hence weights_only=False.
+    states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    return {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
+
+
+class PreemptionFlag:
+    """SIGTERM / SIGUSR1 (SLURM's warning before preemption) ask for a checkpoint and a clean exit.
+
+    The handler only sets a flag; ``agreed()`` is called at a step boundary on every rank and
+    takes the max over ranks, because the signal may reach the ranks at different times and all
+    of them must take part in the save.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.received: int = 0  # signal number, 0 for none
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+
+    def agreed(self, device: torch.device) -> str | None:
+        """Name of a signal any rank received (None when none did); the same answer on every rank."""
+        flag = torch.tensor([self.received], dtype=torch.int32, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return signal.Signals(int(flag.item())).name if flag.item() else None
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)

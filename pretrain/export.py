@@ -1,0 +1,74 @@
+"""``python -m pretrain.export --run RUN_DIR --out RELEASE_DIR [--tag global_stepN]``
+
+Turns a run's checkpoint (the latest one unless ``--tag``) into a release directory
+(``pretrain.release``): the fp32 weights consolidated from however many ranks and whatever
+ZeRO stage wrote them, the model config, the tokenizer and the feature spec. DeepSpeed is
+needed here, to read its checkpoint; loading the release needs neither DeepSpeed nor the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+log = logging.getLogger("pretrain.export")
+
+
+def export(run_dir: str | Path, out_dir: str | Path, tag: str | None = None) -> Path:
+    """Write the release of ``run_dir``'s checkpoint ``tag`` (default: latest) to ``out_dir``."""
+    from transformers import AutoTokenizer, BertConfig
+
+    from preprocess.feature_format import FeatureSpec
+    from pretrain import checkpoint
+    from pretrain.model import ImageBertForPretraining, check_region_config
+    from pretrain.release import TIED_KEY, save_release
+    from pretrain.trainer import RunPaths
+
+    paths = RunPaths(Path(run_dir))
+    model_dir = paths.model
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{run_dir} is not a pretraining run directory: {model_dir / 'config.json'} is missing")
+    if tag is None:
+        state = checkpoint.latest_state(paths.checkpoints)
+        if state is None:
+            raise FileNotFoundError(f"{paths.checkpoints} has no checkpoint ({checkpoint.LATEST_FILE} is missing)")
+        tag = state.tag
+    config = BertConfig.from_pretrained(model_dir)
+    check_region_config(config)
+    config._attn_implementation = "sdpa"
+    model = ImageBertForPretraining(config)
+    weights = checkpoint.consolidated_weights(paths.checkpoints, tag)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    missing = [k for k in missing if k != TIED_KEY]
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {tag} of {run_dir} does not fit {model_dir / 'config.json'}: "
+                         f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    spec = FeatureSpec.load(paths.root)
+    out = save_release(model, tokenizer, spec, out_dir)
+    log.info("exported %s of %s to %s", tag, run_dir, out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pretrain.export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", required=True, help="the pretraining run directory")
+    parser.add_argument("--out", required=True, help="release directory to write (replaced atomically)")
+    parser.add_argument("--tag", default=None, help="checkpoint tag, e.g. global_step1000 (default: latest)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # reading a checkpoint needs no GPU
+    try:
+        out = export(args.run, args.out, args.tag)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

