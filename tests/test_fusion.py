@@ -14,9 +14,11 @@ HIDDEN, FEATURE_DIM, NUM_CLASSES, VOCAB = 32, 16, 5, 30522
 CLS_ID, SEP_ID = 101, 102
 
 
-def tiny_encoder(layers: int = 3, seed: int = 0) -> ImageBertModel:
+def tiny_encoder(layers: int = 3, seed: int = 0, dropout: float = 0.1) -> ImageBertModel:
     torch.manual_seed(seed)
     bert = BertConfig(
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
         hidden_size=HIDDEN,
         num_hidden_layers=layers,
         num_attention_heads=2,
@@ -96,7 +98,10 @@ def test_output_shapes_and_pooled_dims(name):
     assert fusion.pooled_dims == expected_dims
     assert [p.shape for p in out.pooled] == [(2, d) for d in expected_dims]
     assert all(torch.isfinite(p).all() for p in out.pooled)
-    assert (out.aux_loss is not None) == (name == "muse")
+    assert out.aux_loss is None  # MuSE's auxiliary losses are for training only
+    if name == "muse":
+        fusion.train()
+        assert fusion(**make_batch()).aux_loss.item() > 0
     assert fusion.hidden_size == HIDDEN
 
 
@@ -195,26 +200,26 @@ def test_exchange_counts_round_half_to_even_like_python():
 
 
 def test_muse_auxiliary_losses_follow_their_weights():
-    encoder = tiny_encoder()
+    encoder = tiny_encoder(dropout=0.0)  # training mode (aux losses on) yet deterministic
     batch = make_batch()
-    off = build_fusion(FusionConfig(name="muse", muse_caption_weight=0, muse_generation_weight=0), encoder)
+
+    def muse(alpha, beta):
+        cfg = FusionConfig(name="muse", muse_caption_weight=alpha, muse_generation_weight=beta, muse_aux_noise=0)
+        return build_fusion(cfg, encoder).train()
+
+    off = muse(0, 0)
     assert off.caption_decoder is None and off.region_generator is None
     assert off(**batch).aux_loss is None
-    caption_only = build_fusion(FusionConfig(name="muse", muse_caption_weight=1, muse_generation_weight=0), encoder)
-    both = build_fusion(FusionConfig(name="muse", muse_caption_weight=1, muse_generation_weight=1), encoder)
-    torch.manual_seed(0)
-    caption_loss = caption_only.eval()(**batch).aux_loss
+    caption_only, both, half = muse(1, 0), muse(1, 1), muse(0.5, 0.5)
+    both.caption_decoder.load_state_dict(caption_only.caption_decoder.state_dict())
+    half.caption_decoder.load_state_dict(caption_only.caption_decoder.state_dict())
+    half.region_generator.load_state_dict(both.region_generator.state_dict())
+    caption_loss = caption_only(**batch).aux_loss
     # An untrained caption decoder is near-uniform over the vocabulary: cross-entropy close to log(V).
     assert abs(caption_loss.item() - torch.log(torch.tensor(float(VOCAB))).item()) < 1.0
-    both.caption_decoder.load_state_dict(caption_only.caption_decoder.state_dict())
-    total = both.eval()(**batch).aux_loss
-    generation = total - caption_loss
-    assert generation.item() > 0
-    # Weights scale linearly.
-    half = build_fusion(FusionConfig(name="muse", muse_caption_weight=0.5, muse_generation_weight=0.5), encoder)
-    half.caption_decoder.load_state_dict(both.caption_decoder.state_dict())
-    half.region_generator.load_state_dict(both.region_generator.state_dict())
-    assert torch.allclose(half.eval()(**batch).aux_loss, total / 2, rtol=1e-5)
+    total = both(**batch).aux_loss
+    assert (total - caption_loss).item() > 0  # the generation loss
+    assert torch.allclose(half(**batch).aux_loss, total / 2, rtol=1e-5)
 
 
 def image_stream_reference(encoder: ImageBertModel, batch) -> torch.Tensor:

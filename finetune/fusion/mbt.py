@@ -24,10 +24,10 @@ class BottleneckFusion(FusionEncoder):
         hidden = encoder.config.hidden_size
         super().__init__(encoder, pooled_dims=[hidden, hidden])
         self.fusion_layer = cfg.mbt_fusion_layer
-        self.num_bottlenecks = cfg.mbt_bottlenecks
-        # New tokens, initialised small like BERT's own embeddings (MBT: normal, std 0.02).
+        # New tokens, initialised small like BERT's own embeddings (MBT: normal, std 0.02). None for
+        # B = 0: an empty parameter would be one more thing for ZeRO to partition for nothing.
         init = torch.randn(1, cfg.mbt_bottlenecks, hidden) * encoder.config.initializer_range
-        self.bottlenecks = nn.Parameter(init)
+        self.bottlenecks = nn.Parameter(init) if cfg.mbt_bottlenecks else None
 
     def forward(
         self,
@@ -42,10 +42,11 @@ class BottleneckFusion(FusionEncoder):
         text = self.embed_text(input_ids, attention_mask)
         image = self.embed_image(input_ids[:, :1], region_features, region_geometry, region_mask)
         batch, text_length, image_length = text.states.shape[0], text.states.shape[1], image.states.shape[1]
-        bottlenecks = self.bottlenecks.to(text.states.dtype).expand(batch, -1, -1)
-        bottleneck_mask = torch.ones(bottlenecks.shape[:2], dtype=torch.bool, device=bottlenecks.device)
+        if self.bottlenecks is not None:
+            bottlenecks = self.bottlenecks.to(text.states.dtype).expand(batch, -1, -1)
+            bottleneck_mask = torch.ones(bottlenecks.shape[:2], dtype=torch.bool, device=bottlenecks.device)
         for index, layer in enumerate(self.layers):
-            if index < self.fusion_layer or self.num_bottlenecks == 0:
+            if index < self.fusion_layer or self.bottlenecks is None:
                 text, image = run_layer(layer, text), run_layer(layer, image)
                 self.record(index, text=text.states, image=image.states)
                 continue

@@ -14,7 +14,7 @@ discrete, so it is computed without gradient.
 
 MuSE's two auxiliary losses (``muse_decoders``) regularise the embeddings the streams start
 from: captioning from the image stream's embeddings (weight alpha) and region-feature generation
-from the text stream's embeddings (weight beta).
+from the text stream's embeddings (weight beta). They are computed in training mode only.
 """
 
 from __future__ import annotations
@@ -46,7 +46,11 @@ class ExchangeFusion(FusionEncoder):
         self.exchange_fraction = cfg.muse_exchange_fraction
         self.caption_weight = cfg.muse_caption_weight
         self.generation_weight = cfg.muse_generation_weight
-        self.caption_decoder = CaptionDecoder(encoder.config, cfg.muse_aux_noise) if cfg.muse_caption_weight else None
+        self.caption_decoder = (
+            CaptionDecoder(encoder.config, cfg.muse_aux_noise, encoder.bert.embeddings.word_embeddings)
+            if cfg.muse_caption_weight
+            else None
+        )
         self.region_generator = (
             RegionFeatureGenerator(encoder.config, cfg.muse_aux_noise) if cfg.muse_generation_weight else None
         )
@@ -63,7 +67,9 @@ class ExchangeFusion(FusionEncoder):
         self.check_features(region_features)
         text = self.embed_text(input_ids, attention_mask)
         image = self.embed_image(input_ids[:, :1], region_features, region_geometry, region_mask)
-        aux_loss = self.auxiliary_loss(text, image, input_ids, region_features, region_geometry, caption_labels)
+        aux_loss = None
+        if self.training:  # the decoders regularise training; inference does not pay for them
+            aux_loss = self.auxiliary_loss(text, image, input_ids, region_features, region_geometry, caption_labels)
         for index, layer in enumerate(self.layers):
             if not self.exchange_start <= index <= self.exchange_end:
                 text, image = run_layer(layer, text), run_layer(layer, image)

@@ -40,7 +40,7 @@ class CaptionDecoder(nn.Module):
     tied to the word embeddings, so the only new parameters are the decoder layer and the MLP.
     """
 
-    def __init__(self, config: BertConfig, noise_std: float):
+    def __init__(self, config: BertConfig, noise_std: float, word_embeddings: nn.Embedding):
         super().__init__()
         self.project = NoisyProjection(config.hidden_size, noise_std)
         self.layer = nn.TransformerDecoderLayer(
@@ -52,6 +52,10 @@ class CaptionDecoder(nn.Module):
             batch_first=True,
         )
         init_new_modules(self, config)
+        # Tied like the MLM decoder: registering the shared Parameter here (not reading it from
+        # another module in forward) lets ZeRO-3 gather it when this projection runs.
+        self.vocab = nn.Linear(config.hidden_size, config.vocab_size, bias=False, device="meta")
+        self.vocab.weight = word_embeddings.weight
 
     def forward(self, image: Stream, caption_labels: torch.Tensor, encoder: ImageBertModel) -> torch.Tensor:
         """Mean cross-entropy of predicting caption token t+1 from tokens <= t and the image."""
@@ -64,7 +68,7 @@ class CaptionDecoder(nn.Module):
         # Padding sits after the caption, so the causal mask alone keeps it out of every target's context.
         decoded = self.layer(embedded, memory, tgt_mask=causal, memory_key_padding_mask=~image.mask)
         selected = targets != IGNORE_INDEX
-        logits = decoded[selected] @ encoder.bert.embeddings.word_embeddings.weight.T
+        logits = self.vocab(decoded[selected])
         return _mean_or_zero(F.cross_entropy(logits.float(), targets[selected], reduction="sum"), logits)
 
 
