@@ -1,0 +1,513 @@
+"""The region detector behind one small interface: images in, top-K regions with features out.
+
+``build_detector(DetectorConfig)`` loads a detector once; ``RegionDetector.detect`` runs one
+batched forward pass over a list of uint8 RGB images and returns, per image, ``Regions``:
+boxes in ORIGINAL image pixels, the box head's pooled feature at each box, the class
+distribution and a confidence.
+
+Backends:
+
+* ``torchvision``: a torchvision Faster R-CNN (``model`` names the builder). Region
+  selection follows bottom-up attention (Anderson et al. 2018): per-class NMS over the
+  class-specific regressed boxes of every proposal, each proposal keeps its best surviving
+  class, regions whose confidence reaches ``conf_threshold`` are kept (at most
+  ``max_boxes``), and if fewer than ``min_boxes`` pass the list is filled with the next best
+  proposals. A detector that yields too few usable proposals (random weights, a 1x1 or a
+  uniform image) is filled up with the whole-image box and then the cells of ever finer
+  grids (2x2, 3x3, ...), so ``min_boxes`` always holds and no box has zero area.
+  Features, class distributions and scores are then computed by a second box-head pass AT
+  THE FINAL BOXES, so all four describe the same region.
+* ``given_boxes``: the same torchvision model, but the boxes come with the data (no
+  detection). They are returned exactly as given, in the given order; ``min_boxes`` does
+  not apply. With ``class_names`` set, ``cls_prob`` is the one-hot of the given labels.
+* ``detectron2``: see ``preprocess/detectron2_backend.py`` (imported only when asked for).
+
+``cls_prob`` EXCLUDES background: the detector's softmax over all classes with the
+background column removed and the rest renormalised to sum to 1 (a proper MOC target).
+``scores`` is the best non-background probability BEFORE renormalising (so background
+mass lowers it): that is the confidence regions are ranked by.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+from torchvision.ops import batched_nms
+from torchvision.ops import boxes as box_ops
+
+from preprocess.feature_format import LABEL_FORMATS
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("torchvision", "detectron2", "given_boxes")
+# A detected box narrower or lower than this many DETECTOR-INPUT pixels (after the resize) is
+# degenerate and never chosen. Measured after the resize so that selection does not depend on
+# the original resolution (the same picture at 2x gives the same regions).
+MIN_BOX_SIDE = 1.0
+# Class scores below this never take part in per-class NMS unless they are a proposal's best
+# class: bounds the work at (proposals x 100) pairs even for 1600-class detectors.
+PAIR_SCORE_FLOOR = 0.01
+
+_warned_random: set[str] = set()
+
+
+@dataclass
+class DetectorConfig:
+    """The ``detector:`` section of a preprocess config."""
+
+    backend: str = "torchvision"  # "torchvision" | "detectron2" | "given_boxes"
+    model: str = "fasterrcnn_resnet50_fpn"  # torchvision builder name
+    weights: str | None = None  # local .pth state_dict; None -> torchvision cache, else random init
+    min_size: int = 600  # detector resize: shorter side to min_size unless the longer exceeds max_size
+    max_size: int = 1000
+    min_boxes: int = 10  # bottom-up attention's 10..100 rule
+    max_boxes: int = 100
+    conf_threshold: float = 0.2
+    nms_threshold: float = 0.3
+    label_format: str = "distribution"  # or "topk"
+    topk: int = 5
+    device: str = "auto"  # "auto" -> cuda if available else cpu
+    # Pad every batch to a max_size square so features do not depend on batch composition
+    # (resume-safe, batch-size independent). false: pad to the batch's largest image, faster
+    # on same-orientation batches, but features near borders then vary with the batch.
+    fixed_canvas: bool = True
+    detectron2_config: str | None = None  # config file or model-zoo name (e.g. COCO-Detection/faster_rcnn_R_50_FPN_1x.yaml)
+    detectron2_weights: str | None = None  # checkpoint for detectron2; None -> random init
+    class_names: list[str] = field(default_factory=list)  # given_boxes: class list of the JSON labels
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"detector.backend must be one of {list(BACKENDS)}, got {self.backend!r}")
+        if self.backend in ("torchvision", "given_boxes"):
+            models = torchvision_faster_rcnn_models()
+            if self.model not in models:
+                raise ValueError(f"detector.model {self.model!r} is not a torchvision Faster R-CNN; use one of {models}")
+        if self.weights is not None:
+            if self.backend == "detectron2":
+                raise ValueError("detector.weights is for torchvision models; set detector.detectron2_weights instead")
+            if not os.path.isfile(self.weights):
+                raise ValueError(f"detector.weights: file {self.weights} does not exist; give a local .pth state_dict or null")
+        if self.min_size < 1 or self.max_size < self.min_size:
+            raise ValueError(
+                f"detector.min_size/max_size must satisfy 1 <= min_size <= max_size, got {self.min_size}, {self.max_size}"
+            )
+        if not 1 <= self.min_boxes <= self.max_boxes:
+            raise ValueError(
+                f"detector.min_boxes/max_boxes must satisfy 1 <= min_boxes <= max_boxes, got {self.min_boxes}, {self.max_boxes}"
+            )
+        if not 0.0 <= self.conf_threshold <= 1.0:
+            raise ValueError(f"detector.conf_threshold must be in [0, 1], got {self.conf_threshold}")
+        if not 0.0 < self.nms_threshold <= 1.0:
+            raise ValueError(f"detector.nms_threshold must be in (0, 1], got {self.nms_threshold}")
+        if self.label_format not in LABEL_FORMATS:
+            raise ValueError(f"detector.label_format must be one of {list(LABEL_FORMATS)}, got {self.label_format!r}")
+        if self.topk < 1:
+            raise ValueError(f"detector.topk must be >= 1, got {self.topk}")
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except RuntimeError:
+                raise ValueError(f"detector.device {self.device!r} is not a torch device; use auto, cpu, cuda or cuda:N") from None
+        if self.backend == "detectron2" and not self.detectron2_config:
+            raise ValueError("detector.detectron2_config is required with backend detectron2 (a config file or model-zoo name)")
+        if self.detectron2_weights is not None and not os.path.isfile(self.detectron2_weights):
+            raise ValueError(f"detector.detectron2_weights: file {self.detectron2_weights} does not exist")
+        if self.class_names:
+            if self.backend != "given_boxes":
+                raise ValueError("detector.class_names only applies to backend given_boxes; remove it or set backend: given_boxes")
+            if len(set(self.class_names)) != len(self.class_names) or not all(self.class_names):
+                raise ValueError("detector.class_names must be non-empty and unique")
+
+
+def torchvision_faster_rcnn_models() -> list[str]:
+    import torchvision
+
+    return [m for m in torchvision.models.list_models(module=torchvision.models.detection) if m.startswith("fasterrcnn_")]
+
+
+@dataclass
+class Regions:
+    """One image's regions. Detected regions are sorted by ``scores``, highest first; given
+    boxes keep the given order."""
+
+    boxes: torch.Tensor  # float32 [N, 4] x1, y1, x2, y2 in original-image pixels
+    features: torch.Tensor  # float32 [N, D] the box head's pooled representation at each box
+    cls_prob: torch.Tensor  # float32 [N, C] class distribution, background excluded, rows sum to 1
+    scores: torch.Tensor  # float32 [N] best non-background probability (background included in the softmax)
+
+    def __len__(self) -> int:
+        return int(self.boxes.shape[0])
+
+    def topk(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``k`` most likely classes per region: (int64 ids [N, k], float32 probs [N, k])."""
+        probs, ids = self.cls_prob.topk(min(k, self.cls_prob.shape[1]), dim=1)
+        return ids, probs
+
+
+class RegionDetector:
+    """A loaded detector. Subclasses set the attributes and implement ``detect``."""
+
+    name: str  # e.g. "torchvision:fasterrcnn_resnet50_fpn"; goes in feature_spec.json
+    weights: str  # weights path, "torchvision-cache:<weights>" or "random"
+    feature_dim: int
+    num_classes: int  # without background
+    class_names: list[str]
+
+    def detect(
+        self,
+        images: list[torch.Tensor],
+        given_boxes: list[torch.Tensor | None] | None = None,
+        given_labels: list[torch.Tensor | None] | None = None,
+    ) -> list[Regions]:
+        """Regions for each image (uint8 [3, H, W] RGB, any sizes), in one batched forward pass.
+
+        ``given_boxes[i]`` (float [K, 4], original pixels) replaces detection for image ``i``.
+        """
+        raise NotImplementedError
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def warn_random_once(what: str) -> None:
+    """Random weights make meaningless features; say so loudly, but once per process and model."""
+    if what not in _warned_random:
+        _warned_random.add(what)
+        logger.warning(
+            "%s: NO pretrained weights found, using RANDOM initialisation; features will be meaningless "
+            "(fine for tests, wrong for real data: set detector.weights)",
+            what,
+        )
+
+
+# --- input checks shared by the backends ------------------------------------------------------
+
+
+def check_detect_inputs(
+    images: list[torch.Tensor],
+    given_boxes: list[torch.Tensor | None] | None,
+    given_labels: list[torch.Tensor | None] | None,
+    *,
+    require_given: bool,
+    label_classes: int,
+    max_boxes: int,
+) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None]]:
+    """Validate a ``detect`` call; returns per-image given boxes (float32 CPU) and labels (int64).
+
+    ``label_classes`` > 0 means given labels are required and must lie in ``[0, label_classes)``.
+    """
+    if not images:
+        raise ValueError("detect: empty image list")
+    n = len(images)
+    for i, image in enumerate(images):
+        if not isinstance(image, torch.Tensor) or image.dtype != torch.uint8 or image.dim() != 3 or image.shape[0] != 3:
+            desc = f"{image.dtype} {tuple(image.shape)}" if isinstance(image, torch.Tensor) else type(image).__name__
+            raise ValueError(f"detect: image {i} must be a uint8 [3, H, W] RGB tensor, got {desc}")
+        if image.shape[1] < 1 or image.shape[2] < 1:
+            raise ValueError(f"detect: image {i} is empty ({tuple(image.shape)})")
+    boxes_in = list(given_boxes) if given_boxes is not None else [None] * n
+    labels_in = list(given_labels) if given_labels is not None else [None] * n
+    if len(boxes_in) != n or len(labels_in) != n:
+        raise ValueError(f"detect: {n} images but {len(boxes_in)} given_boxes and {len(labels_in)} given_labels entries")
+    boxes_out: list[torch.Tensor | None] = []
+    labels_out: list[torch.Tensor | None] = []
+    for i, (image, boxes, labels) in enumerate(zip(images, boxes_in, labels_in)):
+        if boxes is None:
+            if require_given:
+                raise ValueError(f"detect: image {i} has no given boxes, but backend given_boxes needs them")
+            boxes_out.append(None)
+            labels_out.append(None)
+            continue
+        boxes = torch.as_tensor(boxes).detach().to("cpu", torch.float32)
+        h, w = int(image.shape[1]), int(image.shape[2])
+        if boxes.dim() != 2 or boxes.shape[1] != 4:
+            raise ValueError(f"detect: given boxes of image {i} must be [K, 4], got {tuple(boxes.shape)}")
+        if boxes.shape[0] == 0:
+            raise ValueError(f"detect: image {i} has zero given boxes")
+        if boxes.shape[0] > max_boxes:
+            raise ValueError(f"detect: image {i} has {boxes.shape[0]} given boxes, more than detector.max_boxes={max_boxes}")
+        bad = ~torch.isfinite(boxes).all(1) | (boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])
+        bad |= (boxes[:, 0] < 0) | (boxes[:, 1] < 0) | (boxes[:, 2] > w) | (boxes[:, 3] > h)
+        if bad.any():
+            j = int(bad.nonzero()[0])
+            raise ValueError(
+                f"detect: image {i} ({w}x{h}) given box {j} {boxes[j].tolist()} is not x1<x2, y1<y2 inside the image"
+            )
+        boxes_out.append(boxes)
+        if label_classes > 0:
+            if labels is None:
+                raise ValueError(f"detect: image {i} has given boxes but no given labels (detector.class_names is set)")
+            labels = torch.as_tensor(labels).detach().to("cpu", torch.int64).reshape(-1)
+            if labels.shape[0] != boxes.shape[0]:
+                raise ValueError(f"detect: image {i} has {boxes.shape[0]} given boxes but {labels.shape[0]} labels")
+            if labels.numel() and (labels.min() < 0 or labels.max() >= label_classes):
+                raise ValueError(f"detect: image {i} has a label outside [0, {label_classes}) (detector.class_names)")
+        labels_out.append(labels if label_classes > 0 else None)
+    return boxes_out, labels_out
+
+
+# --- geometry and selection shared by the backends --------------------------------------------
+
+
+def scale_boxes(boxes: torch.Tensor, from_hw: tuple[int, int], to_hw: tuple[int, int]) -> torch.Tensor:
+    """Map ``[..., 4]`` x1,y1,x2,y2 boxes from an image of size ``from_hw`` (H, W) to ``to_hw``.
+
+    x scales with the width ratio, y with the height ratio. The detector's resize uses one
+    scale factor but floors each side, so the two ratios differ (a lot on thin images).
+    """
+    ratio_h = to_hw[0] / from_hw[0]
+    ratio_w = to_hw[1] / from_hw[1]
+    scale = torch.tensor([ratio_w, ratio_h, ratio_w, ratio_h], dtype=boxes.dtype, device=boxes.device)
+    return boxes * scale
+
+
+def fallback_boxes(width: int, height: int, count: int) -> torch.Tensor:
+    """``count`` boxes: the whole image, then the cells of 2x2, 3x3, ... grids (row-major).
+
+    Used when a detector yields too few usable boxes; every box has positive area, even on a
+    1x1 image (cells are then sub-pixel, which ROI align handles by bilinear sampling).
+    """
+    boxes: list[list[float]] = []
+    n = 1
+    while len(boxes) < count:
+        cw, ch = width / n, height / n
+        for row in range(n):
+            for col in range(n):
+                boxes.append([col * cw, row * ch, (col + 1) * cw, (row + 1) * ch])
+        n += 1
+    return torch.tensor(boxes[:count], dtype=torch.float32)
+
+
+def choose_boxes(
+    class_boxes: torch.Tensor,
+    class_scores: torch.Tensor,
+    width: int,
+    height: int,
+    cfg: DetectorConfig,
+    input_pixel: tuple[float, float] = (1.0, 1.0),
+) -> torch.Tensor:
+    """Pick ``min_boxes..max_boxes`` boxes for one image (bottom-up attention's rule).
+
+    ``class_boxes`` [P, C, 4]: each proposal's class-specific regressed box, ORIGINAL pixels,
+    clipped; ``class_scores`` [P, C]: non-background class probabilities; ``input_pixel``:
+    the (width, height) of one detector-input pixel in original pixels. Returns [n, 4].
+    """
+    num_props, num_classes = class_scores.shape
+    device = class_scores.device
+    sides_ok = ((class_boxes[..., 2] - class_boxes[..., 0]) >= MIN_BOX_SIDE * input_pixel[0]) & (
+        (class_boxes[..., 3] - class_boxes[..., 1]) >= MIN_BOX_SIDE * input_pixel[1]
+    )
+    masked = torch.where(sides_ok, class_scores, torch.full_like(class_scores, -1.0))
+    best_score, best_class = masked.max(dim=1)
+    usable = best_score >= 0  # proposals with at least one non-degenerate class box
+    pair_ok = sides_ok & (class_scores >= PAIR_SCORE_FLOOR)
+    usable_idx = usable.nonzero(as_tuple=True)[0]
+    pair_ok[usable_idx, best_class[usable_idx]] = True
+    prop_idx, cls_idx = pair_ok.nonzero(as_tuple=True)
+    pair_boxes, pair_scores = class_boxes[prop_idx, cls_idx], class_scores[prop_idx, cls_idx]
+    kept = batched_nms(pair_boxes, pair_scores, cls_idx, cfg.nms_threshold)  # sorted by score, descending
+    # Each proposal becomes at most one region: its best class that survived NMS. ``kept`` is
+    # sorted by score, so that is the proposal's first entry in it. (Not an index_put with
+    # duplicate indices, whose winner PyTorch leaves undefined.)
+    kept_props = prop_idx[kept]
+    rank = torch.arange(kept.shape[0], device=device)
+    first = torch.full((num_props,), kept.shape[0], device=device, dtype=torch.long)
+    first = first.scatter_reduce(0, kept_props, rank, reduce="amin")
+    survived = first < kept.shape[0]
+    conf = torch.full((num_props,), -1.0, device=device)
+    survivor_box = torch.zeros(num_props, 4, device=device)
+    conf[survived] = pair_scores[kept[first[survived]]]
+    survivor_box[survived] = pair_boxes[kept[first[survived]]]
+
+    order = torch.argsort(conf, descending=True, stable=True)
+    order = order[survived[order]]
+    passing = int((conf[order] >= cfg.conf_threshold).sum())
+    take = min(max(passing, cfg.min_boxes), cfg.max_boxes)
+    chosen = [survivor_box[order[:take]]]
+    count = int(chosen[0].shape[0])
+    if count < take:
+        # Not enough NMS survivors: next best are suppressed proposals with their best usable box.
+        rest = (~survived & usable).nonzero(as_tuple=True)[0]
+        rest = rest[torch.argsort(best_score[rest], descending=True, stable=True)][: take - count]
+        chosen.append(class_boxes[rest, best_class[rest]])
+        count += int(rest.shape[0])
+    if count < cfg.min_boxes:
+        chosen.append(fallback_boxes(width, height, cfg.min_boxes - count).to(device))
+    return torch.cat(chosen).float()
+
+
+def class_probs(logits: torch.Tensor, background_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cls_prob without background, renormalised; score = best non-background probability)."""
+    probs = torch.softmax(logits.float(), dim=1)
+    keep = [c for c in range(probs.shape[1]) if c != background_index % probs.shape[1]]
+    fg = probs[:, keep]
+    scores = fg.max(dim=1).values if fg.shape[1] else fg.new_zeros(fg.shape[0])
+    return fg / fg.sum(dim=1, keepdim=True).clamp_min(1e-12), scores
+
+
+def one_hot_regions(labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    cls_prob = torch.nn.functional.one_hot(labels, num_classes).float()
+    return cls_prob, torch.ones(labels.shape[0])
+
+
+# --- torchvision backend ----------------------------------------------------------------------
+
+
+class TorchvisionDetector(RegionDetector):
+    """A torchvision Faster R-CNN; also serves ``given_boxes`` (pooling only)."""
+
+    def __init__(self, cfg: DetectorConfig) -> None:
+        import torchvision
+
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        weights_enum = torchvision.models.get_model_weights(cfg.model).DEFAULT
+        state, self.weights = load_torchvision_weights(cfg, weights_enum)
+        num_classes_bg = int(state["roi_heads.box_predictor.cls_score.weight"].shape[0]) if state else len(
+            weights_enum.meta["categories"]
+        )
+        # weights=None / weights_backbone=None: torchvision never downloads; we load the state below.
+        model = torchvision.models.get_model(
+            cfg.model, weights=None, weights_backbone=None, num_classes=num_classes_bg,
+            min_size=cfg.min_size, max_size=cfg.max_size,
+        )
+        if state is not None:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+            # Built without pretrained weights, torchvision uses BatchNorm2d instead of its frozen
+            # variant; the only difference in the state dict is num_batches_tracked.
+            missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+            if missing or unexpected:
+                raise ValueError(
+                    f"detector.weights {self.weights}: does not fit {cfg.model} "
+                    f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+                )
+        self.model = model.eval().requires_grad_(False).to(self.device)
+        categories = list(weights_enum.meta["categories"])
+        names = categories[1:] if len(categories) == num_classes_bg else [f"class_{i}" for i in range(1, num_classes_bg)]
+        self.given_only = cfg.backend == "given_boxes"
+        self.label_classes = len(cfg.class_names) if self.given_only else 0
+        self.class_names = list(cfg.class_names) if self.label_classes else names
+        self.num_classes = len(self.class_names)
+        self.feature_dim = int(self.model.roi_heads.box_predictor.cls_score.in_features)
+        self.name = f"{cfg.backend}:{cfg.model}" if self.given_only else f"torchvision:{cfg.model}"
+        if self.given_only and self.label_classes:
+            self.name += f":onehot{self.label_classes}"
+
+    @torch.inference_mode()
+    def detect(self, images, given_boxes=None, given_labels=None):
+        given, labels = check_detect_inputs(
+            images, given_boxes, given_labels, require_given=self.given_only,
+            label_classes=self.label_classes, max_boxes=self.cfg.max_boxes,
+        )
+        model = self.model
+        orig_hw = [(int(im.shape[1]), int(im.shape[2])) for im in images]
+        batch = [im.to(self.device).float().div_(255.0) for im in images]
+        image_list, _ = model.transform(batch)  # normalise, resize, pad to a common size
+        sizes = [(int(h), int(w)) for h, w in image_list.image_sizes]  # resized, before padding
+        if self.cfg.fixed_canvas:
+            image_list = pad_to_canvas(image_list, self.cfg.max_size)
+        feats = model.backbone(image_list.tensors)
+        # torchvision's ROI pooler infers each level's stride from the largest image HEIGHT in
+        # image_shapes; with padding (canvas, or 32-px rounding of small images) that guess is
+        # off by 2x. Giving it the padded size, which the feature maps are exactly 1/stride of,
+        # makes it right. image_shapes is used for nothing else there.
+        pool_shapes = [tuple(image_list.tensors.shape[-2:])] * len(images)
+        if isinstance(feats, torch.Tensor):
+            feats = OrderedDict([("0", feats)])
+
+        final = [g.to(self.device) if g is not None else None for g in given]  # original pixels
+        todo = [i for i, g in enumerate(given) if g is None]
+        if todo:
+            proposals, _ = model.rpn(image_list, feats)
+            props = [proposals[i] if i in todo else proposals[i][:0] for i in range(len(images))]
+            _, logits, deltas = self._box_head(feats, props, pool_shapes)
+            class_boxes = model.roi_heads.box_coder.decode(deltas, props)  # [sum P, C+1, 4] resized pixels
+            for i, cb, lg in zip(range(len(images)), class_boxes.split([len(p) for p in props]),
+                                 logits.split([len(p) for p in props])):
+                if i not in todo:
+                    continue
+                h, w = orig_hw[i]
+                cb = box_ops.clip_boxes_to_image(cb, sizes[i])
+                cb = box_ops.clip_boxes_to_image(scale_boxes(cb, sizes[i], orig_hw[i]), orig_hw[i])
+                fg = torch.softmax(lg.float(), dim=1)[:, 1:]  # torchvision: background is class 0
+                input_pixel = (w / sizes[i][1], h / sizes[i][0])
+                final[i] = choose_boxes(cb[:, 1:], fg, w, h, self.cfg, input_pixel)
+
+        # Second pass AT THE FINAL BOXES: feature, class distribution and box describe one region.
+        resized = [scale_boxes(final[i], orig_hw[i], sizes[i]) for i in range(len(images))]
+        features, logits, _ = self._box_head(feats, resized, pool_shapes)
+        out = []
+        for i, (f, lg) in enumerate(zip(features.split([len(b) for b in resized]),
+                                         logits.split([len(b) for b in resized]))):
+            cls_prob, scores = class_probs(lg, background_index=0)
+            if labels[i] is not None:
+                cls_prob, scores = one_hot_regions(labels[i].to(self.device), self.label_classes)
+            region = Regions(boxes=final[i].float(), features=f.float(), cls_prob=cls_prob, scores=scores.float())
+            if given[i] is None:
+                order = torch.argsort(region.scores, descending=True, stable=True)
+                region = Regions(region.boxes[order], region.features[order], region.cls_prob[order], region.scores[order])
+            out.append(Regions(*(t.detach().to("cpu") for t in (region.boxes, region.features, region.cls_prob, region.scores))))
+        return out
+
+    def _box_head(self, feats, boxes: list[torch.Tensor], pool_shapes: list[tuple[int, int]]):
+        heads = self.model.roi_heads
+        pooled = heads.box_roi_pool(feats, boxes, pool_shapes)
+        features = heads.box_head(pooled)
+        logits, deltas = heads.box_predictor(features)
+        return features, logits, deltas
+
+
+def pad_to_canvas(image_list, max_size: int, stride: int = 32):
+    """Pad a batch to the fixed ``max_size`` square (rounded up to ``stride``).
+
+    Padding is not neutral: the FPN's biased convs and frozen batch norms turn the zero pad
+    into non-zero activations that reach features near the image border. With one canvas
+    for every batch, an image's features no longer depend on which images share its batch.
+    """
+    from torchvision.models.detection.image_list import ImageList
+
+    side = -(-max_size // stride) * stride
+    tensors = image_list.tensors
+    pad_h, pad_w = side - tensors.shape[-2], side - tensors.shape[-1]
+    if pad_h < 0 or pad_w < 0:
+        raise RuntimeError(f"resized batch {tuple(tensors.shape[-2:])} exceeds the {side}x{side} canvas")
+    return ImageList(torch.nn.functional.pad(tensors, (0, pad_w, 0, pad_h)), image_list.image_sizes)
+
+
+def load_torchvision_weights(cfg: DetectorConfig, weights_enum) -> tuple[dict | None, str]:
+    """(state_dict or None, description): the configured file, torchvision's cache, or random."""
+    if cfg.weights:
+        state = torch.load(cfg.weights, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and isinstance(state.get("model"), dict):
+            state = state["model"]
+        if not isinstance(state, dict) or "roi_heads.box_predictor.cls_score.weight" not in state:
+            raise ValueError(f"detector.weights {cfg.weights}: not a torchvision Faster R-CNN state_dict")
+        return state, os.path.abspath(cfg.weights)
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights_enum.url))
+    if os.path.isfile(cached):
+        return torch.load(cached, map_location="cpu", weights_only=True), f"torchvision-cache:{weights_enum}"
+    warn_random_once(f"torchvision:{cfg.model}")
+    return None, "random"
+
+
+def build_detector(cfg: DetectorConfig) -> RegionDetector:
+    """Load the configured detector once (model weights, eval mode, on ``cfg.device``)."""
+    if cfg.backend == "detectron2":
+        try:
+            import detectron2  # noqa: F401
+        except ImportError:
+            raise ImportError(
+                "detector.backend detectron2 needs detectron2: pip install 'setuptools<81' fvcore iopath pycocotools "
+                "omegaconf hydra-core && pip install --no-build-isolation -e <detectron2 checkout> (see docs/detector.md)"
+            ) from None
+        from preprocess.detectron2_backend import Detectron2Detector
+
+        return Detectron2Detector(cfg)
+    return TorchvisionDetector(cfg)

@@ -1,0 +1,248 @@
+"""The region detector: box mapping, given boxes, batching, box limits, config errors.
+
+Real torchvision Faster R-CNN (ResNet-50 FPN, random weights, no downloads) on tiny images.
+Random mobilenet weights are avoided on purpose: its random features barely depend on the
+input, so feature comparisons against it would pass even with broken box mapping.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from preprocess.config import ConfigError, load_config
+from preprocess.detector import (
+    DetectorConfig,
+    Regions,
+    build_detector,
+    choose_boxes,
+    fallback_boxes,
+)
+from preprocess.feature_format import region_geometry
+from torchvision.ops import box_iou, roi_align
+
+MODEL = "fasterrcnn_resnet50_fpn"
+
+
+def make_detector(**overrides) -> object:
+    torch.manual_seed(0)
+    cfg = dict(model=MODEL, min_size=128, max_size=200, device="cpu", min_boxes=10, max_boxes=100)
+    cfg.update(overrides)
+    return build_detector(DetectorConfig(**cfg))
+
+
+def noise_image(height: int, width: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=g)
+
+
+def assert_valid_regions(regions: Regions, image: torch.Tensor, lo: int, hi: int, dim: int, classes: int) -> None:
+    h, w = image.shape[1:]
+    n = len(regions)
+    assert lo <= n <= hi
+    assert regions.boxes.shape == (n, 4) and regions.boxes.dtype == torch.float32
+    assert regions.features.shape == (n, dim) and torch.isfinite(regions.features).all()
+    assert regions.cls_prob.shape == (n, classes) and regions.scores.shape == (n,)
+    torch.testing.assert_close(regions.cls_prob.sum(1), torch.ones(n), rtol=0, atol=1e-5)
+    x1, y1, x2, y2 = regions.boxes.unbind(1)
+    assert (x2 > x1).all() and (y2 > y1).all(), "zero-area box"
+    assert (x1 >= 0).all() and (y1 >= 0).all() and (x2 <= w).all() and (y2 <= h).all(), "box outside the image"
+
+
+def test_given_boxes_are_returned_exactly_on_non_square_image():
+    det = make_detector(backend="given_boxes")
+    image = noise_image(70, 150)  # H=70, W=150
+    boxes = torch.tensor([[100.5, 3.25, 149.0, 60.0], [0.0, 0.0, 150.0, 70.0], [10.0, 20.0, 30.0, 69.5]])
+    (regions,) = det.detect([image], given_boxes=[boxes])
+    assert torch.equal(regions.boxes, boxes)  # same order, same values, not re-sorted
+    assert_valid_regions(regions, image, 3, 3, det.feature_dim, det.num_classes)
+    geom = region_geometry(regions.boxes.numpy(), width=150, height=70)
+    np.testing.assert_allclose(geom[0], [100.5 / 150, 3.25 / 70, 149.0 / 150, 60.0 / 70, 48.5 * 56.75 / (150 * 70)], rtol=1e-6)
+    np.testing.assert_allclose(geom[1], [0, 0, 1, 1, 1], rtol=1e-6)
+    assert det.name == f"given_boxes:{MODEL}"
+
+
+def test_given_box_features_equal_manual_roi_pool_at_correctly_scaled_box():
+    # A 7x160 image resized with min_size 64 / max_size 80 becomes 3x80: width ratio 0.5 but
+    # height ratio 3/7 (the resize floors each side), so mapping x with the height ratio (or
+    # the ratios inverted) pools a visibly different region.
+    det = make_detector(backend="given_boxes", min_size=64, max_size=80)
+    image = noise_image(7, 160, seed=3)
+    boxes = torch.tensor([[40.0, 0.0, 120.0, 7.0], [0.0, 0.0, 160.0, 7.0], [100.0, 2.0, 160.0, 5.0]])
+    (regions,) = det.detect([image], given_boxes=[boxes])
+
+    model = det.model
+    with torch.inference_mode():
+        image_list, _ = model.transform([image.float() / 255])
+        (h2, w2) = image_list.image_sizes[0]
+        assert (h2, w2) == (3, 80)
+        padded = torch.zeros(1, 3, 96, 96)  # the detector pads to a 96x96 canvas (80 -> multiple of 32)
+        padded[..., :h2, :w2] = image_list.tensors[..., :h2, :w2]
+        finest = model.backbone(padded)["0"]  # stride 4; all three boxes are small enough for this FPN level
+
+        def pooled(scale: torch.Tensor) -> torch.Tensor:
+            crops = roi_align(finest, [boxes * scale], output_size=7, spatial_scale=0.25, sampling_ratio=2)
+            return model.roi_heads.box_head(crops)
+
+        right = pooled(torch.tensor([w2 / 160, h2 / 7, w2 / 160, h2 / 7]))
+        swapped = pooled(torch.tensor([h2 / 7, w2 / 160, h2 / 7, w2 / 160]))
+        inverted = pooled(torch.tensor([160 / w2, 7 / h2, 160 / w2, 7 / h2]))
+    torch.testing.assert_close(regions.features, right, rtol=1e-5, atol=1e-5)
+    scale = right.abs().max()
+    assert (regions.features - swapped).abs().max() > 1e-3 * scale, "test cannot tell swapped ratios apart"
+    assert (regions.features - inverted).abs().max() > 1e-3 * scale, "test cannot tell inverted ratios apart"
+
+
+def test_detections_on_2x_image_are_2x_boxes():
+    # With min_size = 60, the 60x100 image is not resized and its nearest-neighbour 2x copy is
+    # bilinearly halved back to exactly the same pixels, so the detector sees identical inputs
+    # and the only difference must be the mapping back to original pixels.
+    det = make_detector(min_size=60, max_size=100, min_boxes=5, max_boxes=30)
+    small = noise_image(60, 100, seed=5)
+    large = small.repeat_interleave(2, dim=1).repeat_interleave(2, dim=2)
+    r_small, r_large = det.detect([small, large])
+    assert len(r_small) == len(r_large) >= 5
+    torch.testing.assert_close(r_large.boxes, 2 * r_small.boxes, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(r_large.features, r_small.features, rtol=1e-4, atol=1e-4)
+    assert r_small.boxes.max() > 2, "degenerate boxes would make this test trivial"
+
+
+def test_detected_features_describe_the_returned_boxes():
+    # Features come from a second pass at the final boxes: pooling the returned boxes again
+    # as given boxes must reproduce them (also checks detect's box mapping against given mode's).
+    det = make_detector(min_boxes=5, max_boxes=20)
+    image = noise_image(90, 160, seed=7)
+    (detected,) = det.detect([image])
+    (again,) = det.detect([image], given_boxes=[detected.boxes])
+    torch.testing.assert_close(again.features, detected.features, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(again.cls_prob, detected.cls_prob, rtol=1e-4, atol=1e-5)
+    assert (detected.scores[:-1] >= detected.scores[1:]).all(), "detected regions must be sorted by score"
+
+
+def test_batched_equals_one_at_a_time():
+    # The fixed canvas makes a batch the same computation per image as a batch of one; what is
+    # left is float rounding from kernels chosen per batch size (measured on CPU: feature maps
+    # differ by <1e-4 absolute, only in the coarsest FPN level). Hence:
+    # * pooling given boxes: features agree within 1e-4 of their largest magnitude;
+    # * detection: NMS and thresholds are discontinuous, so rounding can swap a near-tied
+    #   region. At least 80% of regions must match (IoU > 0.99), with features within 1e-4.
+    # Without the canvas features differ by >1% (last block), so this test has teeth.
+    images = [noise_image(90, 160, 1), noise_image(150, 70, 2), noise_image(40, 40, 3)]
+    boxes = [
+        torch.tensor([[0.0, 0.0, 160.0, 90.0], [100.0, 40.0, 160.0, 90.0]]),
+        torch.tensor([[0.0, 0.0, 70.0, 150.0], [10.0, 100.0, 70.0, 150.0]]),
+        torch.tensor([[0.0, 0.0, 40.0, 40.0], [20.0, 20.0, 40.0, 40.0]]),
+    ]
+    pooler = make_detector(backend="given_boxes")
+    for image, image_boxes, together in zip(images, boxes, pooler.detect(images, given_boxes=boxes)):
+        (alone,) = pooler.detect([image], given_boxes=[image_boxes])
+        tol = 1e-4 * alone.features.abs().max().item()
+        torch.testing.assert_close(together.features, alone.features, rtol=0, atol=tol)
+        torch.testing.assert_close(together.cls_prob, alone.cls_prob, rtol=0, atol=1e-5)
+
+    det = make_detector(min_boxes=5, max_boxes=20)
+    for image, together in zip(images, det.detect(images)):
+        (alone,) = det.detect([image])
+        iou, match = box_iou(together.boxes, alone.boxes).max(dim=1)
+        matched = iou > 0.99
+        assert matched.float().mean() >= 0.8, f"only {int(matched.sum())}/{len(together)} regions match"
+        tol = 1e-4 * alone.features.abs().max().item()
+        torch.testing.assert_close(together.features[matched], alone.features[match[matched]], rtol=0, atol=tol)
+
+    loose = make_detector(backend="given_boxes", fixed_canvas=False)
+    (together, _, _) = loose.detect(images, given_boxes=boxes)
+    (alone,) = loose.detect(images[:1], given_boxes=boxes[:1])
+    assert (together.features - alone.features).abs().max() > 1e-2 * alone.features.abs().max()
+
+
+@pytest.mark.parametrize("size", [(1, 1), (64, 64), (90, 160)], ids=["1x1", "uniform", "noise"])
+def test_min_and_max_boxes_hold(size):
+    h, w = size
+    image = noise_image(h, w) if size == (90, 160) else torch.full((3, h, w), 128, dtype=torch.uint8)
+    det = make_detector(min_boxes=10, max_boxes=15)
+    (regions,) = det.detect([image])
+    assert_valid_regions(regions, image, 10, 15, det.feature_dim, det.num_classes)
+
+
+def test_conf_threshold_decides_between_min_and_max():
+    image = noise_image(90, 160, seed=4)
+    (everything,) = make_detector(min_boxes=3, max_boxes=12, conf_threshold=0.0).detect([image])
+    (nothing,) = make_detector(min_boxes=3, max_boxes=12, conf_threshold=1.0).detect([image])
+    assert len(everything) == 12 and len(nothing) == 3
+
+
+def test_choose_boxes_falls_back_to_whole_image_and_grid_without_proposals():
+    cfg = DetectorConfig(min_boxes=6, max_boxes=10, device="cpu")
+    chosen = choose_boxes(torch.zeros(0, 5, 4), torch.zeros(0, 5), width=30, height=20, cfg=cfg)
+    expected = torch.tensor([[0, 0, 30, 20], [0, 0, 15, 10], [15, 0, 30, 10], [0, 10, 15, 20], [15, 10, 30, 20], [0, 0, 10, 20 / 3]])
+    torch.testing.assert_close(chosen, expected.float())
+    # Degenerate (sub-pixel) detections are never chosen; the fallback fills in instead.
+    thin = torch.tensor([[[5.0, 5.0, 5.5, 15.0]]]).expand(4, 1, 4)
+    chosen = choose_boxes(thin, torch.full((4, 1), 0.9), width=30, height=20, cfg=cfg)
+    torch.testing.assert_close(chosen, expected.float())
+    assert (fallback_boxes(1, 1, 50)[:, 2:] > fallback_boxes(1, 1, 50)[:, :2]).all()
+
+
+def test_choose_boxes_keeps_one_region_per_proposal_and_applies_nms():
+    cfg = DetectorConfig(min_boxes=1, max_boxes=10, conf_threshold=0.5, nms_threshold=0.3, device="cpu")
+    box_a, box_b = [0.0, 0.0, 10.0, 10.0], [20.0, 20.0, 30.0, 30.0]
+    class_boxes = torch.tensor([[box_a, box_a], [[0.5, 0.0, 10.0, 10.0]] * 2, [box_b, box_b]])
+    scores = torch.tensor([[0.9, 0.8], [0.7, 0.1], [0.1, 0.6]])
+    chosen = choose_boxes(class_boxes, scores, width=40, height=40, cfg=cfg)
+    # proposal 1 overlaps proposal 0 in class 0 (suppressed) -> two regions, best first.
+    torch.testing.assert_close(chosen, torch.tensor([box_a, box_b]))
+
+
+def test_given_labels_become_one_hot_with_class_names():
+    det = make_detector(backend="given_boxes", class_names=["cat", "dog", "car"])
+    assert det.num_classes == 3 and det.class_names == ["cat", "dog", "car"]
+    image = noise_image(40, 50)
+    boxes = torch.tensor([[0.0, 0.0, 20.0, 20.0], [10.0, 5.0, 50.0, 40.0]])
+    (regions,) = det.detect([image], given_boxes=[boxes], given_labels=[torch.tensor([2, 0])])
+    torch.testing.assert_close(regions.cls_prob, torch.tensor([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0]]))
+    ids, probs = regions.topk(1)
+    assert ids.squeeze(1).tolist() == [2, 0]
+    with pytest.raises(ValueError, match="label outside"):
+        det.detect([image], given_boxes=[boxes], given_labels=[torch.tensor([3, 0])])
+
+
+@pytest.mark.parametrize(
+    "boxes, message",
+    [
+        (torch.zeros(0, 4), "zero given boxes"),
+        (torch.tensor([[0.0, 0.0, 51.0, 10.0]]), "inside the image"),
+        (torch.tensor([[5.0, 5.0, 5.0, 10.0]]), "x1<x2"),
+        (torch.tensor([[0.0, 0.0, 1.0]]), r"\[K, 4\]"),
+        (None, "no given boxes"),
+    ],
+)
+def test_bad_given_boxes_raise_naming_the_image(boxes, message):
+    det = make_detector(backend="given_boxes")
+    with pytest.raises(ValueError, match=message) as err:
+        det.detect([noise_image(40, 50)], given_boxes=[boxes])
+    assert "image 0" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("backend=yolo", "detector.backend"),
+        ("model=retinanet_resnet50_fpn", "detector.model"),
+        ("weights=/no/such/file.pth", "detector.weights"),
+        ("max_size=10", "detector.min_size/max_size"),
+        ("min_boxes=0", "detector.min_boxes"),
+        ("conf_threshold=1.5", "detector.conf_threshold"),
+        ("nms_threshold=0", "detector.nms_threshold"),
+        ("label_format=onehot", "detector.label_format"),
+        ("topk=0", "detector.topk"),
+        ("device=tpu9", "detector.device"),
+        ("backend=detectron2", "detector.detectron2_config"),
+        ("class_names=[a, b]", "detector.class_names"),
+    ],
+)
+def test_config_errors_name_the_key(override, key):
+    with pytest.raises(ConfigError) as err:
+        load_config(DetectorConfig, overrides=[override])
+    assert key in str(err.value)
+    assert "\n" not in str(err.value)
