@@ -94,7 +94,7 @@ def decode_image(
         raise RejectedSample("image_too_large", str(err)) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as err:
         message = str(err) or err.__class__.__name__
-        reason = "truncated_image" if "truncated" in message else "corrupt_image"
+        reason = "truncated_image" if "truncated" in message.lower() else "corrupt_image"
         raise RejectedSample(reason, message) from None
     if scale < 1.0:
         target = (max(1, round(width * scale)), max(1, round(height * scale)))

@@ -369,7 +369,12 @@ def read_shard(shard: InputShard, rules: SampleRules) -> Iterator[RawSample | Sk
     truncated = errors.truncations or ([] if stream.ended_properly() else ["stream ends without the tar end-of-archive blocks"])
     detail = "; ".join(truncated)
     if held is not None:
-        if truncated and (previous_members is None or _members(held) != previous_members):
+        members = _members(held)
+        if previous_members is None:  # no sample to compare with: complete if it has what we use
+            complete = "txt" in members and any(s in members for s in IMAGE_SUFFIXES)
+        else:
+            complete = members >= previous_members
+        if truncated and not complete:
             yield SkippedSample(held["__key__"], index, "truncated_tar", f"sample incomplete at the break: {detail}")
             truncated = []
         else:
