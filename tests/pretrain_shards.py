@@ -79,7 +79,7 @@ def write_feature_shards(
     out_dir.mkdir(parents=True, exist_ok=True)
     for shard in range(num_shards):
         samples = make_feature_samples(per_shard, feature_dim, seed * 1000 + shard, f"{shard:05d}", label_format)
-        with wds.TarWriter(str(out_dir / f"{shard:05d}.tar")) as sink:
+        with wds.TarWriter(str(out_dir / f"{shard:05d}.tar"), mtime=0) as sink:
             for sample in samples:
                 sink.write(sample)
     spec = feature_spec(feature_dim, label_format)
