@@ -289,3 +289,43 @@ def test_evaluate_retrieval_matches_direct_scoring(shards, tokenizer):
     assert metrics["i2t_r1"] == pytest.approx(expected[1], abs=1e-6)
     assert metrics["i2t_r5"] == pytest.approx(1.0)
     assert metrics["t2i_r1"] == pytest.approx(recall_at_k(direct.T, (1,))[1], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_real_synth_and_extract_output_feeds_the_loader(tmp_path, tokenizer):
+    """The feature shards `preprocess synth` + `preprocess extract` write go through the loader and evaluation."""
+    import json
+    import subprocess
+    import sys
+
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    raw, features = tmp_path / "raw", tmp_path / "features"
+    run = lambda *args: subprocess.run([sys.executable, "-m", "preprocess", *args], check=True,  # noqa: E731
+                                       capture_output=True, text=True, timeout=300, cwd=repo)
+    run("synth", "--out", str(raw), "--num-samples", "24", "--seed", "0", "--samples-per-shard", "12")
+    run("extract", "--input", str(raw / "{00000..00001}.tar"), "--output", str(features),
+        "--config", str(repo / "configs/preprocess/quickstart.yaml"), "progress=false")
+    pattern = str(features / "{00000..00001}.tar")
+    spec = feature_spec_of(pattern)
+    truth = {s["__key__"]: (s["txt"].decode(), json.loads(s["json"]))
+             for s in wds.WebDataset(str(raw / "{00000..00001}.tar"), shardshuffle=False)}
+
+    samples = read_eval_samples(pattern, tokenizer, spec, DataConfig(), 100)
+    assert sorted(s["key"] for s in samples) == sorted(truth)
+    for sample in samples:
+        caption, metadata = truth[sample["key"]]
+        assert sample["caption"] == caption.strip()
+        assert sample["features"].shape == (len(metadata["boxes"]), spec.feature_dim)
+        # Given-boxes mode: the MOC target of each region is the synth label of its object.
+        assert sample["cls_prob"].astype(np.float32).argmax(1).tolist() == metadata["labels"]
+
+    data = DataConfig(batch_size=8, num_workers=1, shuffle_buffer=16)
+    batch = take(build_train_loader(pattern, tokenizer, spec, data, MaskingConfig(), 0, 0, 1), 2)[1]
+    assert batch["region_features"].shape[2] == spec.feature_dim == 1024
+    assert 1 <= batch["region_features"].shape[1] <= spec.max_boxes
+    model = tiny_model(tokenizer, spec)
+    metrics = evaluate(model, pattern, tokenizer, spec, DataConfig(batch_size=8), MaskingConfig(),
+                       EvalConfig(max_samples=16, retrieval_candidates=8, batch_size=32), "cpu", torch.float32)
+    assert metrics["num_candidates"] == 8 and metrics["num_eval_samples"] == 16
