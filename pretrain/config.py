@@ -49,12 +49,16 @@ class ModelConfig:
     bert_config: dict[str, Any] | None = None
     # Tokenizer directory (or pkg:<module>); defaults to `bert`. Required with `bert_config`.
     tokenizer: str | None = None
+    # Keep only the first N layers of the pretrained `bert` (a smaller model for CPU runs); null keeps all.
+    num_layers: int | None = None
     # Recompute each BERT layer's activations in backward: less memory, about a third more compute.
     activation_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         if (self.bert is None) == (self.bert_config is None):
             raise ValueError("model: set exactly one of model.bert (pretrained directory) or model.bert_config (random init)")
+        if self.num_layers is not None and (self.bert is None or self.num_layers < 1):
+            raise ValueError("model.num_layers truncates a pretrained model.bert and must be >= 1 (with bert_config set num_hidden_layers)")
         if self.bert_config is not None and self.tokenizer is None:
             raise ValueError("model.tokenizer is required with model.bert_config (a directory with the tokenizer files)")
 

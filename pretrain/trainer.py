@@ -114,6 +114,12 @@ def build_model(cfg: PretrainConfig, spec: FeatureSpec, vocab_size: int) -> Imag
         encoder = ImageBertModel.from_pretrained_bert(
             resolve_model_path(cfg.model.bert), spec.feature_dim, spec.num_classes
         )
+        layers = encoder.bert.encoder.layer
+        if cfg.model.num_layers is not None:
+            if cfg.model.num_layers > len(layers):
+                raise ValueError(f"model.num_layers={cfg.model.num_layers} but {cfg.model.bert} has {len(layers)} layers")
+            encoder.bert.encoder.layer = layers[: cfg.model.num_layers]
+            encoder.config.num_hidden_layers = cfg.model.num_layers
         model = ImageBertForPretraining(encoder.config, encoder=encoder)
     else:
         bert_kwargs = {"vocab_size": vocab_size, **cfg.model.bert_config}
@@ -380,6 +386,8 @@ def train_stage(
                     writer.add_scalar(tag, value, global_step)
                 writer.add_scalar("train/stage", stage_index, global_step)
             bar.set_postfix(loss=f"{scalars['train/loss']:.3f}", lr=f"{scalars['train/lr']:.2e}")
+            if not cfg.logging.progress_bar:  # e.g. batch jobs: the log is the only record besides TensorBoard
+                log.info("step %d: %s", global_step, ", ".join(f"{k.split('/')[1]}={v:.4g}" for k, v in scalars.items()))
             interval.zero_()
             interval_start = time.perf_counter()
 

@@ -1,0 +1,363 @@
+"""Pretraining benchmark: (a) trainer vs a bare PyTorch loop, (b) vs VisualBERT, (c) FLOP/s over the
+matmul peak, (d) per-rank peak memory with 2 ranks at ZeRO 0, 2 and 3.
+
+    python bench/pretrain.py --out bench-pretrain.json            # everything, the sizes below
+    python bench/pretrain.py --skip-memory --hidden 128 --layers 2 # quick look
+
+(a)-(c) run in this process on one rank (GPU if there is one, else CPU with gloo):
+
+(a) samples/s of the trainer's step (DeepSpeed engine forward/backward/step, the trainer's
+    per-step loss bookkeeping and its preemption all-reduce) against a bare PyTorch loop
+    (``loss.backward()``, grad clipping, ``torch.optim.AdamW``, LR scheduler) on the same model,
+    batch and precision. The two are timed in alternating rounds so a noisy machine hits both.
+(b) our bare loop against ``transformers``' ``VisualBertForPreTraining`` (MLM + image-text
+    matching) at the same hidden size, layers, heads, text and region lengths and precision.
+(c) FLOPs of one training step (``torch.utils.flop_counter``: forward + backward) divided by its
+    time, over the best matmul FLOP/s measured in the same run at the same dtype.
+
+(d) launches ``torchrun --nproc_per_node 2`` once per ZeRO stage; each rank reports its peak
+    memory (CUDA: ``max_memory_allocated``; CPU: peak RSS growth over the process before the
+    model was built, which includes allocator caching).
+
+Data loading is not part of these numbers (the batch is fixed and already on the device);
+``bench/pretrain_data.py`` measures the loader.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+from transformers import BertConfig, VisualBertConfig, VisualBertForPreTraining  # noqa: E402
+
+from pretrain.model import IGNORE_INDEX, ImageBertForPretraining, ObjectiveWeights, imagebert_config  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--hidden", type=int, default=384)
+    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--vocab", type=int, default=30522)
+    p.add_argument("--feature-dim", type=int, default=1024)
+    p.add_argument("--classes", type=int, default=5)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--text", type=int, default=32, help="text tokens per sample")
+    p.add_argument("--regions", type=int, default=10, help="regions per sample")
+    p.add_argument("--precision", choices=DTYPES, default="fp32")
+    p.add_argument("--zero", type=int, default=2, help="ZeRO stage of the trainer in (a)")
+    p.add_argument("--steps", type=int, default=6, help="timed steps per round")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--skip-memory", action="store_true")
+    p.add_argument("--memory-worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    return p.parse_args(argv)
+
+
+def device() -> torch.device:
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def bert_config(args) -> BertConfig:
+    return BertConfig(
+        vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
+        num_attention_heads=args.heads, intermediate_size=4 * args.hidden,
+    )
+
+
+def imagebert(args) -> ImageBertForPretraining:
+    torch.manual_seed(0)
+    return ImageBertForPretraining(imagebert_config(bert_config(args), args.feature_dim, args.classes))
+
+
+def make_batch(args, dev: torch.device, dtype: torch.dtype) -> dict:
+    """A masked batch like pretrain.data's: 15% of tokens and regions masked, half the pairs negatives."""
+    g = torch.Generator().manual_seed(0)
+    b, t, r = args.batch, args.text, args.regions
+    input_ids = torch.randint(min(1000, args.vocab // 2), args.vocab, (b, t), generator=g)
+    chosen = torch.rand(b, t, generator=g) < 0.15
+    mlm_labels = torch.where(chosen, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
+    features = torch.randn(b, r, args.feature_dim, generator=g).abs()
+    region_masked = torch.rand(b, r, generator=g) < 0.15
+    cls_prob = torch.softmax(torch.randn(b, r, args.classes, generator=g), -1)
+    batch = {
+        "input_ids": input_ids, "attention_mask": torch.ones(b, t, dtype=torch.long), "mlm_labels": mlm_labels,
+        "region_features": features * (~region_masked)[..., None], "region_target_features": features,
+        "region_geometry": torch.rand(b, r, 5, generator=g), "region_mask": torch.ones(b, r, dtype=torch.long),
+        "region_masked": region_masked, "region_cls_prob": cls_prob,
+        "itm_labels": (torch.rand(b, generator=g) < 0.5).long(),
+    }
+    return {k: (v.to(dev).to(dtype) if v.is_floating_point() else v.to(dev)) for k, v in batch.items()}
+
+
+# ---------------------------------------------------------------- the loops
+
+
+class BareLoop:
+    """Plain PyTorch: forward, backward, clip, AdamW, schedule (what the trainer must not be slower than)."""
+
+    def __init__(self, model: torch.nn.Module, forward, dtype: torch.dtype):
+        self.model = model.to(device(), dtype)
+        self.model.train()
+        self.forward = forward
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / 10))
+
+    def step(self) -> None:
+        loss = self.forward(self.model)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+class TrainerLoop:
+    """The trainer's step: the DeepSpeed engine built by pretrain.trainer from a job config."""
+
+    def __init__(self, args, batch: dict):
+        import deepspeed
+        import torch.distributed as dist
+
+        from preprocess.config import from_dict
+        from pretrain.config import PretrainConfig
+        from pretrain.trainer import deepspeed_config, param_groups
+
+        cfg = from_dict(PretrainConfig, {
+            "model": {"bert_config": {}, "tokenizer": "unused"},
+            "data": {"batch_size": args.batch},
+            "stages": [{"name": "bench", "shards": "x.tar", "eval_shards": "y.tar", "steps": 10**6, "warmup_steps": 10}],
+            "deepspeed": {"zero_stage": args.zero, "precision": args.precision, "gradient_clipping": 1.0},
+        })
+        model = imagebert(args)
+        self.engine, *_ = deepspeed.initialize(
+            model=model, model_parameters=param_groups(model, 0.01), config=deepspeed_config(cfg, cfg.stages[0])
+        )
+        self.batch = batch
+        self.objectives = cfg.objectives
+        self.sums = torch.zeros(8, dtype=torch.float64, device=device())
+        self.dist = dist
+
+    def step(self) -> None:
+        # Mirrors pretrain.trainer.train_stage's inner loop.
+        out = self.engine(self.batch, self.objectives)
+        self.engine.backward(out.loss)
+        self.engine.step()
+        losses = [out.loss] + [out.losses.get(n, torch.zeros((), device=device())) for n in ("mlm", "moc", "mrfr", "itm")]
+        self.sums[:5] += torch.stack([l.detach().double() for l in losses])
+        self.sums[6] += self.batch["attention_mask"].sum() + self.batch["region_mask"].sum()
+        flag = torch.zeros(1, dtype=torch.int32, device=device())
+        self.dist.all_reduce(flag)
+
+
+def visualbert_loop(args, dtype: torch.dtype) -> BareLoop:
+    config = VisualBertConfig(
+        vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
+        num_attention_heads=args.heads, intermediate_size=4 * args.hidden, visual_embedding_dim=args.feature_dim,
+    )
+    torch.manual_seed(0)
+    model = VisualBertForPreTraining(config)
+    dev = device()
+    g = torch.Generator().manual_seed(0)
+    b, t, r = args.batch, args.text, args.regions
+    input_ids = torch.randint(min(1000, args.vocab // 2), args.vocab, (b, t), generator=g)
+    labels = torch.full((b, t + r), IGNORE_INDEX, dtype=torch.long)
+    chosen = torch.rand(b, t, generator=g) < 0.15
+    labels[:, :t] = torch.where(chosen, input_ids, labels[:, :t])
+    inputs = {
+        "input_ids": input_ids, "attention_mask": torch.ones(b, t, dtype=torch.long),
+        "token_type_ids": torch.zeros(b, t, dtype=torch.long),
+        "visual_embeds": torch.randn(b, r, args.feature_dim, generator=g),
+        "visual_attention_mask": torch.ones(b, r, dtype=torch.long),
+        "visual_token_type_ids": torch.ones(b, r, dtype=torch.long),
+        "labels": labels, "sentence_image_labels": (torch.rand(b, generator=g) < 0.5).long(),
+    }
+    inputs = {k: (v.to(dev).to(dtype) if v.is_floating_point() else v.to(dev)) for k, v in inputs.items()}
+    return BareLoop(model, lambda m: m(**inputs).loss, dtype)
+
+
+def time_rounds(loops: dict, args) -> dict[str, float]:
+    """Median samples/s of each loop over ``rounds`` alternating rounds of ``steps`` steps."""
+    for loop in loops.values():
+        for _ in range(args.warmup):
+            loop.step()
+    rates = {name: [] for name in loops}
+    for _ in range(args.rounds):
+        for name, loop in loops.items():
+            synchronize()
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                loop.step()
+            synchronize()
+            rates[name].append(args.steps * args.batch / (time.perf_counter() - start))
+    return {name: statistics.median(r) for name, r in rates.items()}
+
+
+def step_flops(loop: BareLoop) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        loss = loop.forward(loop.model)
+        loss.backward()
+    loop.optimizer.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def matmul_peak(dtype: torch.dtype, dev: torch.device) -> float:
+    """Best FLOP/s of square matmuls in ``dtype`` (the ceiling the model's matmuls are held to)."""
+    best = 0.0
+    for n in (512, 1024, 2048):
+        a = torch.randn(n, n, device=dev, dtype=dtype)
+        b = torch.randn(n, n, device=dev, dtype=dtype)
+        a @ b
+        reps = 3 if dev.type == "cpu" else 50
+        synchronize()
+        start = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        synchronize()
+        best = max(best, 2 * n**3 * reps / (time.perf_counter() - start))
+    return best
+
+
+def init_single_rank() -> None:
+    import deepspeed
+
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29531")
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
+
+
+# ---------------------------------------------------------------- (d) memory
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def memory_worker(args) -> None:
+    """One rank of the memory run (under torchrun): build the engine, train a few steps, report the peak."""
+    import deepspeed
+    import torch.distributed as dist
+
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
+    dtype = DTYPES[args.precision]
+    baseline = peak_rss_bytes()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    loop = TrainerLoop(args, make_batch(args, device(), dtype))
+    for _ in range(3):
+        loop.step()
+    synchronize()
+    result = {"rank": dist.get_rank(), "zero": args.zero}
+    if torch.cuda.is_available():
+        result["peak_bytes"] = torch.cuda.max_memory_allocated()
+        result["kind"] = "cuda max_memory_allocated"
+    else:
+        result["peak_bytes"] = peak_rss_bytes() - baseline
+        result["kind"] = "peak RSS growth"
+    print("MEMORY " + json.dumps(result), flush=True)
+    dist.barrier()
+
+
+def run_memory(args) -> list[dict]:
+    results = []
+    for zero in (0, 2, 3):
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(29540 + zero),
+            str(Path(__file__).resolve()), "--memory-worker", "--zero", str(zero), "--precision", args.precision,
+            "--hidden", str(args.hidden), "--layers", str(args.layers), "--heads", str(args.heads),
+            "--vocab", str(args.vocab), "--feature-dim", str(args.feature_dim), "--classes", str(args.classes),
+            "--batch", str(args.batch), "--text", str(args.text), "--regions", str(args.regions),
+        ]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
+            env.pop(name, None)
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"memory run at ZeRO-{zero} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        ranks = [json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("MEMORY ")]
+        results.extend(sorted(ranks, key=lambda r: r["rank"]))
+    return results
+
+
+# ---------------------------------------------------------------- main
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.memory_worker:
+        memory_worker(args)
+        return 0
+    dtype = DTYPES[args.precision]
+    dev = device()
+    init_single_rank()
+    batch = make_batch(args, dev, dtype)
+    weights = ObjectiveWeights()
+    ours = BareLoop(imagebert(args), lambda m: m(batch, weights).loss, dtype)
+    params = sum(p.numel() for p in ours.model.parameters())
+    loops = {"trainer": TrainerLoop(args, batch), "bare": ours, "visualbert": visualbert_loop(args, dtype)}
+    rates = time_rounds(loops, args)
+
+    flops = step_flops(ours)
+    synchronize()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        ours.step()
+    synchronize()
+    step_seconds = (time.perf_counter() - start) / args.steps
+    peak = matmul_peak(dtype, dev)
+    result = {
+        "device": torch.cuda.get_device_name() if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "torch_threads": torch.get_num_threads(),
+        "model": {"hidden": args.hidden, "layers": args.layers, "heads": args.heads, "params": params,
+                  "feature_dim": args.feature_dim},
+        "batch": args.batch, "text": args.text, "regions": args.regions, "precision": args.precision,
+        "trainer_zero_stage": args.zero,
+        "samples_per_s": rates,
+        "a_trainer_over_bare": rates["trainer"] / rates["bare"],
+        "b_ours_over_visualbert": rates["bare"] / rates["visualbert"],
+        "visualbert_attention": loops["visualbert"].model.config._attn_implementation,
+        "c_step_flops": flops, "c_step_seconds": step_seconds, "c_achieved_flops_per_s": flops / step_seconds,
+        "c_matmul_peak_flops_per_s": peak, "c_utilisation": flops / step_seconds / peak,
+    }
+    if not args.skip_memory:
+        result["d_memory_per_rank"] = run_memory(args)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
