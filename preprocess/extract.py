@@ -317,20 +317,30 @@ def run_extract(job: ExtractJob, detector: RegionDetector | None = None) -> dict
             unit="img", desc=f"extract {len(job.todo)} shards", disable=not (cfg.progress and rank0),
             mininterval=1.0 if sys.stderr.isatty() else 30.0, dynamic_ncols=True,
         )
-        compute_started = time.time()
+        # Where the main thread's time goes: waiting for decoded batches (input-bound), in the
+        # detector, or waiting for room in the writer's queue (output-bound).
+        waits = {"data_wait_s": 0.0, "detect_s": 0.0, "write_wait_s": 0.0}
+        compute_started = tick = time.perf_counter()
         try:
             for item in batches:
+                now = time.perf_counter()
+                waits["data_wait_s"] += now - tick
                 if isinstance(item, ShardEnd):
                     writer.put(item)
                     bar.set_postfix(shards=f"{len(writer.stats.shards_done)}/{len(job.todo)}", refresh=False)
-                    continue
-                writer.put(detect_batch(detector, item))
-                images += len(item.samples)
-                bar.update(len(item.samples))
+                else:
+                    detected = detect_batch(detector, item)
+                    tick = time.perf_counter()
+                    waits["detect_s"] += tick - now
+                    writer.put(detected)
+                    waits["write_wait_s"] += time.perf_counter() - tick
+                    images += len(item.samples)
+                    bar.update(len(item.samples))
+                tick = time.perf_counter()
             stats = writer.finish()
         finally:
             bar.close()
-        seconds = time.time() - compute_started
+        seconds = time.perf_counter() - compute_started
         summary.update(
             {
                 "shards_done": len(stats.shards_done),
@@ -341,6 +351,7 @@ def run_extract(job: ExtractJob, detector: RegionDetector | None = None) -> dict
                 "images_through_detector": images,
                 "seconds": round(seconds, 3),
                 "images_per_second": round(images / seconds, 3) if seconds > 0 else None,
+                **{k: round(v, 3) for k, v in waits.items()},
             }
         )
     summary["seconds_total"] = round(time.time() - started, 3)
