@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -181,8 +180,9 @@ def warn_random_once(what: str) -> None:
     if what not in _warned_random:
         _warned_random.add(what)
         logger.warning(
-            "%s: NO pretrained weights found, using RANDOM initialisation; features will be meaningless "
-            "(fine for tests, wrong for real data: set detector.weights)",
+            "%s: NO pretrained weights found, using RANDOM initialisation (batch norms calibrated on noise); "
+            "features carry colour and coarse shape only: fine for tests and the quickstart, wrong for real "
+            "data: set detector.weights",
             what,
         )
 
@@ -343,12 +343,16 @@ def choose_boxes(
     return torch.cat(chosen).float()
 
 
+def drop_background(probs: torch.Tensor, background_index: int) -> torch.Tensor:
+    """The columns of ``probs`` [N, C+1] other than background (torchvision: 0, detectron2: last)."""
+    bg = background_index % probs.shape[1]
+    return torch.cat([probs[:, :bg], probs[:, bg + 1 :]], dim=1)
+
+
 def class_probs(logits: torch.Tensor, background_index: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(cls_prob without background, renormalised; score = best non-background probability)."""
-    probs = torch.softmax(logits.float(), dim=1)
-    keep = [c for c in range(probs.shape[1]) if c != background_index % probs.shape[1]]
-    fg = probs[:, keep]
-    scores = fg.max(dim=1).values if fg.shape[1] else fg.new_zeros(fg.shape[0])
+    fg = drop_background(torch.softmax(logits.float(), dim=1), background_index)
+    scores = fg.max(dim=1).values
     return fg / fg.sum(dim=1, keepdim=True).clamp_min(1e-12), scores
 
 
@@ -357,48 +361,38 @@ def one_hot_regions(labels: torch.Tensor, num_classes: int) -> tuple[torch.Tenso
     return cls_prob, torch.ones(labels.shape[0])
 
 
-# --- torchvision backend ----------------------------------------------------------------------
+# --- the two-stage flow shared by the backends --------------------------------------------------
 
 
-class TorchvisionDetector(RegionDetector):
-    """A torchvision Faster R-CNN; also serves ``given_boxes`` (pooling only)."""
+class TwoStageDetector(RegionDetector):
+    """``detect`` for Faster R-CNN-style detectors; backends implement the four hooks.
 
-    def __init__(self, cfg: DetectorConfig) -> None:
-        import torchvision
+    One backbone pass over the padded batch; proposals; per-class boxes and scores from the
+    box head; ``choose_boxes``; then a second box-head pass AT THE FINAL BOXES, so feature,
+    class distribution and box describe one region.
+    """
 
-        self.cfg = cfg
-        self.device = resolve_device(cfg.device)
-        weights_enum = torchvision.models.get_model_weights(cfg.model).DEFAULT
-        state, self.weights = load_torchvision_weights(cfg, weights_enum)
-        num_classes_bg = int(state["roi_heads.box_predictor.cls_score.weight"].shape[0]) if state else len(
-            weights_enum.meta["categories"]
-        )
-        # weights=None / weights_backbone=None: torchvision never downloads; we load the state below.
-        model = torchvision.models.get_model(
-            cfg.model, weights=None, weights_backbone=None, num_classes=num_classes_bg,
-            min_size=cfg.min_size, max_size=cfg.max_size,
-        )
-        if state is not None:
-            missing, unexpected = model.load_state_dict(state, strict=False)
-            # Built without pretrained weights, torchvision uses BatchNorm2d instead of its frozen
-            # variant; the only difference in the state dict is num_batches_tracked.
-            missing = [k for k in missing if not k.endswith("num_batches_tracked")]
-            if missing or unexpected:
-                raise ValueError(
-                    f"detector.weights {self.weights}: does not fit {cfg.model} "
-                    f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
-                )
-        self.model = model.eval().requires_grad_(False).to(self.device)
-        categories = list(weights_enum.meta["categories"])
-        names = categories[1:] if len(categories) == num_classes_bg else [f"class_{i}" for i in range(1, num_classes_bg)]
-        self.given_only = cfg.backend == "given_boxes"
-        self.label_classes = len(cfg.class_names) if self.given_only else 0
-        self.class_names = list(cfg.class_names) if self.label_classes else names
-        self.num_classes = len(self.class_names)
-        self.feature_dim = int(self.model.roi_heads.box_predictor.cls_score.in_features)
-        self.name = f"{cfg.backend}:{cfg.model}" if self.given_only else f"torchvision:{cfg.model}"
-        if self.given_only and self.label_classes:
-            self.name += f":onehot{self.label_classes}"
+    cfg: DetectorConfig
+    device: torch.device
+    given_only: bool  # backend given_boxes: every image must come with boxes
+    label_classes: int  # > 0: given labels become one-hot cls_prob over this many classes
+    background_index: int  # column of the box predictor's logits that is background
+
+    def _prepare(self, images: list[torch.Tensor]) -> tuple[object, list[tuple[int, int]]]:
+        """Normalise, resize, pad and run the backbone: (backend state, resized (H, W) per image)."""
+        raise NotImplementedError
+
+    def _propose(self, state: object) -> list[torch.Tensor]:
+        """Proposals per image, [P, 4] in resized pixels."""
+        raise NotImplementedError
+
+    def _heads(self, state: object, boxes: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Box head at ``boxes`` (resized pixels): (features [N, D], logits [N, C+1], box deltas)."""
+        raise NotImplementedError
+
+    def _class_boxes(self, deltas: torch.Tensor, boxes: list[torch.Tensor]) -> torch.Tensor:
+        """Class-specific regressed boxes [N, C, 4] (background excluded), resized pixels."""
+        raise NotImplementedError
 
     @torch.inference_mode()
     def detect(self, images, given_boxes=None, given_labels=None):
@@ -406,95 +400,43 @@ class TorchvisionDetector(RegionDetector):
             images, given_boxes, given_labels, require_given=self.given_only,
             label_classes=self.label_classes, max_boxes=self.cfg.max_boxes,
         )
-        model = self.model
         orig_hw = [(int(im.shape[1]), int(im.shape[2])) for im in images]
-        batch = [im.to(self.device).float().div_(255.0) for im in images]
-        image_list, _ = model.transform(batch)  # normalise, resize, pad to a common size
-        sizes = [(int(h), int(w)) for h, w in image_list.image_sizes]  # resized, before padding
-        if self.cfg.fixed_canvas:
-            image_list = pad_to_canvas(image_list, self.cfg.max_size)
-        feats = model.backbone(image_list.tensors)
-        # torchvision's ROI pooler infers each level's stride from the largest image HEIGHT in
-        # image_shapes; with padding (canvas, or 32-px rounding of small images) that guess is
-        # off by 2x. Giving it the padded size, which the feature maps are exactly 1/stride of,
-        # makes it right. image_shapes is used for nothing else there.
-        pool_shapes = [tuple(image_list.tensors.shape[-2:])] * len(images)
-        if isinstance(feats, torch.Tensor):
-            feats = OrderedDict([("0", feats)])
-
+        state, sizes = self._prepare(images)
         final = [g.to(self.device) if g is not None else None for g in given]  # original pixels
-        todo = [i for i, g in enumerate(given) if g is None]
-        if todo:
-            proposals, _ = model.rpn(image_list, feats)
-            props = [proposals[i] if i in todo else proposals[i][:0] for i in range(len(images))]
-            _, logits, deltas = self._box_head(feats, props, pool_shapes)
-            class_boxes = model.roi_heads.box_coder.decode(deltas, props)  # [sum P, C+1, 4] resized pixels
-            for i, cb, lg in zip(range(len(images)), class_boxes.split([len(p) for p in props]),
-                                 logits.split([len(p) for p in props])):
-                if i not in todo:
+        if any(g is None for g in given):
+            proposals = self._propose(state)
+            props = [p if g is None else p[:0] for p, g in zip(proposals, given)]
+            counts = [len(p) for p in props]
+            if sum(counts):
+                _, logits, deltas = self._heads(state, props)
+                class_boxes = self._class_boxes(deltas, props).split(counts)
+                fg = drop_background(torch.softmax(logits.float(), dim=1), self.background_index).split(counts)
+            for i, g in enumerate(given):
+                if g is not None:
                     continue
-                h, w = orig_hw[i]
-                cb = box_ops.clip_boxes_to_image(cb, sizes[i])
-                cb = box_ops.clip_boxes_to_image(scale_boxes(cb, sizes[i], orig_hw[i]), orig_hw[i])
-                fg = torch.softmax(lg.float(), dim=1)[:, 1:]  # torchvision: background is class 0
-                input_pixel = (w / sizes[i][1], h / sizes[i][0])
-                final[i] = choose_boxes(cb[:, 1:], fg, w, h, self.cfg, input_pixel)
+                (h, w), (rh, rw) = orig_hw[i], sizes[i]
+                if counts[i]:
+                    cb = box_ops.clip_boxes_to_image(class_boxes[i], (rh, rw))
+                    cb = box_ops.clip_boxes_to_image(scale_boxes(cb, (rh, rw), (h, w)), (h, w))
+                    scores = fg[i]
+                else:
+                    cb, scores = torch.zeros(0, 1, 4, device=self.device), torch.zeros(0, 1, device=self.device)
+                final[i] = choose_boxes(cb, scores, w, h, self.cfg, input_pixel=(w / rw, h / rh))
 
-        # Second pass AT THE FINAL BOXES: feature, class distribution and box describe one region.
         resized = [scale_boxes(final[i], orig_hw[i], sizes[i]) for i in range(len(images))]
-        features, logits, _ = self._box_head(feats, resized, pool_shapes)
+        counts = [len(b) for b in resized]
+        features, logits, _ = self._heads(state, resized)
         out = []
-        for i, (f, lg) in enumerate(zip(features.split([len(b) for b in resized]),
-                                         logits.split([len(b) for b in resized]))):
-            cls_prob, scores = class_probs(lg, background_index=0)
+        for i, (feat, lg) in enumerate(zip(features.split(counts), logits.split(counts))):
+            cls_prob, scores = class_probs(lg, self.background_index)
             if labels[i] is not None:
                 cls_prob, scores = one_hot_regions(labels[i].to(self.device), self.label_classes)
-            region = Regions(boxes=final[i].float(), features=f.float(), cls_prob=cls_prob, scores=scores.float())
+            boxes = final[i].float()
             if given[i] is None:
-                order = torch.argsort(region.scores, descending=True, stable=True)
-                region = Regions(region.boxes[order], region.features[order], region.cls_prob[order], region.scores[order])
-            out.append(Regions(*(t.detach().to("cpu") for t in (region.boxes, region.features, region.cls_prob, region.scores))))
+                order = torch.argsort(scores, descending=True, stable=True)
+                boxes, feat, cls_prob, scores = boxes[order], feat[order], cls_prob[order], scores[order]
+            out.append(Regions(*(t.detach().float().cpu() for t in (boxes, feat, cls_prob, scores))))
         return out
-
-    def _box_head(self, feats, boxes: list[torch.Tensor], pool_shapes: list[tuple[int, int]]):
-        heads = self.model.roi_heads
-        pooled = heads.box_roi_pool(feats, boxes, pool_shapes)
-        features = heads.box_head(pooled)
-        logits, deltas = heads.box_predictor(features)
-        return features, logits, deltas
-
-
-def pad_to_canvas(image_list, max_size: int, stride: int = 32):
-    """Pad a batch to the fixed ``max_size`` square (rounded up to ``stride``).
-
-    Padding is not neutral: the FPN's biased convs and frozen batch norms turn the zero pad
-    into non-zero activations that reach features near the image border. With one canvas
-    for every batch, an image's features no longer depend on which images share its batch.
-    """
-    from torchvision.models.detection.image_list import ImageList
-
-    side = -(-max_size // stride) * stride
-    tensors = image_list.tensors
-    pad_h, pad_w = side - tensors.shape[-2], side - tensors.shape[-1]
-    if pad_h < 0 or pad_w < 0:
-        raise RuntimeError(f"resized batch {tuple(tensors.shape[-2:])} exceeds the {side}x{side} canvas")
-    return ImageList(torch.nn.functional.pad(tensors, (0, pad_w, 0, pad_h)), image_list.image_sizes)
-
-
-def load_torchvision_weights(cfg: DetectorConfig, weights_enum) -> tuple[dict | None, str]:
-    """(state_dict or None, description): the configured file, torchvision's cache, or random."""
-    if cfg.weights:
-        state = torch.load(cfg.weights, map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and isinstance(state.get("model"), dict):
-            state = state["model"]
-        if not isinstance(state, dict) or "roi_heads.box_predictor.cls_score.weight" not in state:
-            raise ValueError(f"detector.weights {cfg.weights}: not a torchvision Faster R-CNN state_dict")
-        return state, os.path.abspath(cfg.weights)
-    cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights_enum.url))
-    if os.path.isfile(cached):
-        return torch.load(cached, map_location="cpu", weights_only=True), f"torchvision-cache:{weights_enum}"
-    warn_random_once(f"torchvision:{cfg.model}")
-    return None, "random"
 
 
 def build_detector(cfg: DetectorConfig) -> RegionDetector:
@@ -510,4 +452,6 @@ def build_detector(cfg: DetectorConfig) -> RegionDetector:
         from preprocess.detectron2_backend import Detectron2Detector
 
         return Detectron2Detector(cfg)
+    from preprocess.torchvision_backend import TorchvisionDetector
+
     return TorchvisionDetector(cfg)

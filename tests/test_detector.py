@@ -7,6 +7,8 @@ input, so feature comparisons against it would pass even with broken box mapping
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +16,7 @@ import torch
 from preprocess.config import ConfigError, load_config
 from preprocess.detector import (
     DetectorConfig,
+    RegionDetector,
     Regions,
     build_detector,
     choose_boxes,
@@ -25,10 +28,26 @@ from torchvision.ops import box_iou, roi_align
 MODEL = "fasterrcnn_resnet50_fpn"
 
 
-def make_detector(**overrides) -> object:
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    # The CI box has 2 cores shared by several jobs; 2 spinning intra-op threads there made this
+    # file 5x slower (87 s CPU vs 17 s) than one thread.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_detector(**overrides) -> RegionDetector:
+    """Detectors are stateless after loading, so tests share one per configuration."""
+    return _cached_detector(tuple(sorted(overrides.items())))
+
+
+@functools.lru_cache(maxsize=None)
+def _cached_detector(overrides: tuple) -> RegionDetector:
     torch.manual_seed(0)
     cfg = dict(model=MODEL, min_size=128, max_size=200, device="cpu", min_boxes=10, max_boxes=100)
-    cfg.update(overrides)
+    cfg.update({k: list(v) if isinstance(v, tuple) else v for k, v in overrides})
     return build_detector(DetectorConfig(**cfg))
 
 
@@ -195,7 +214,7 @@ def test_choose_boxes_keeps_one_region_per_proposal_and_applies_nms():
 
 
 def test_given_labels_become_one_hot_with_class_names():
-    det = make_detector(backend="given_boxes", class_names=["cat", "dog", "car"])
+    det = make_detector(backend="given_boxes", class_names=("cat", "dog", "car"))
     assert det.num_classes == 3 and det.class_names == ["cat", "dog", "car"]
     image = noise_image(40, 50)
     boxes = torch.tensor([[0.0, 0.0, 20.0, 20.0], [10.0, 5.0, 50.0, 40.0]])
@@ -246,3 +265,16 @@ def test_config_errors_name_the_key(override, key):
         load_config(DetectorConfig, overrides=[override])
     assert key in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_random_mobilenet_features_still_tell_regions_apart():
+    # Regression test: a random MobileNetV3 with uncalibrated batch norms gave every region
+    # the same feature (relative spread 3e-7), which the quickstart would pretrain on.
+    det = make_detector(backend="given_boxes", model="fasterrcnn_mobilenet_v3_large_320_fpn", max_size=192)
+    image = torch.zeros(3, 128, 160, dtype=torch.uint8)
+    image[0, 10:60, 10:60] = 255
+    image[2, 70:120, 90:150] = 255
+    boxes = torch.tensor([[10.0, 10.0, 60.0, 60.0], [90.0, 70.0, 150.0, 120.0], [0.0, 0.0, 160.0, 128.0]])
+    (regions,) = det.detect([image], given_boxes=[boxes])
+    spread = regions.features.std(dim=0).mean() / regions.features.abs().mean()
+    assert spread > 0.05

@@ -1,0 +1,154 @@
+"""The torchvision Faster R-CNN backend of ``preprocess.detector`` (backends torchvision and given_boxes).
+
+Uses the model's own parts: ``GeneralizedRCNNTransform`` (normalise + resize), backbone, RPN,
+``roi_heads.box_roi_pool`` / ``box_head`` / ``box_predictor`` and its box coder; only the
+region choice (``preprocess.detector.choose_boxes``) replaces torchvision's postprocessing.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+
+import torch
+import torchvision
+from torchvision.models.detection.image_list import ImageList
+
+from preprocess.detector import DetectorConfig, TwoStageDetector, resolve_device, warn_random_once
+
+BOX_PREDICTOR_KEY = "roi_heads.box_predictor.cls_score.weight"
+
+
+class TorchvisionDetector(TwoStageDetector):
+    """A torchvision Faster R-CNN; with backend given_boxes it only pools given boxes."""
+
+    background_index = 0  # torchvision puts background first
+
+    def __init__(self, cfg: DetectorConfig) -> None:
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        weights_enum = torchvision.models.get_model_weights(cfg.model).DEFAULT
+        state, self.weights = load_torchvision_weights(cfg, weights_enum)
+        categories = list(weights_enum.meta["categories"])
+        num_classes_bg = int(state[BOX_PREDICTOR_KEY].shape[0]) if state is not None else len(categories)
+        # weights=None / weights_backbone=None: torchvision never downloads; we load the state below.
+        model = torchvision.models.get_model(
+            cfg.model, weights=None, weights_backbone=None, num_classes=num_classes_bg,
+            min_size=cfg.min_size, max_size=cfg.max_size,
+        )
+        if state is not None:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+            # Built without pretrained weights, torchvision uses BatchNorm2d instead of its frozen
+            # variant; the only difference in the state dict is num_batches_tracked.
+            missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+            if missing or unexpected:
+                raise ValueError(
+                    f"detector.weights {self.weights}: does not fit {cfg.model} "
+                    f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+                )
+        model = model.requires_grad_(False).to(self.device)
+        if state is None:
+            calibrate_random_batchnorm(model, min(cfg.max_size, 128), self.device)
+        self.model = model.eval()
+
+        detector_names = categories[1:] if len(categories) == num_classes_bg else [
+            f"class_{i}" for i in range(1, num_classes_bg)
+        ]
+        self.given_only = cfg.backend == "given_boxes"
+        self.label_classes = len(cfg.class_names) if self.given_only else 0
+        self.class_names = list(cfg.class_names) if self.label_classes else detector_names
+        self.num_classes = len(self.class_names)
+        self.feature_dim = int(self.model.roi_heads.box_predictor.cls_score.in_features)
+        self.name = f"given_boxes:{cfg.model}" if self.given_only else f"torchvision:{cfg.model}"
+        if self.label_classes:
+            self.name += f":onehot{self.label_classes}"
+
+    def _prepare(self, images):
+        model = self.model
+        batch = [im.to(self.device).float().div_(255.0) for im in images]
+        image_list, _ = model.transform(batch)  # normalise, resize, pad to the batch's largest image
+        sizes = [(int(h), int(w)) for h, w in image_list.image_sizes]  # resized, before padding
+        if self.cfg.fixed_canvas:
+            image_list = pad_to_canvas(image_list, self.cfg.max_size)
+        feats = model.backbone(image_list.tensors)
+        if isinstance(feats, torch.Tensor):
+            feats = OrderedDict([("0", feats)])
+        # torchvision's ROI pooler infers each level's stride from the largest image HEIGHT in
+        # image_shapes; under padding (the canvas, or 32-px rounding of small images) that guess
+        # is off by 2x. The padded size, of which the feature maps are exactly 1/stride, makes it
+        # right; the pooler uses image_shapes for nothing else.
+        pool_shapes = [tuple(image_list.tensors.shape[-2:])] * len(images)
+        return (image_list, feats, pool_shapes), sizes
+
+    def _propose(self, state):
+        image_list, feats, _ = state
+        proposals, _ = self.model.rpn(image_list, feats)
+        return proposals
+
+    def _heads(self, state, boxes):
+        _, feats, pool_shapes = state
+        heads = self.model.roi_heads
+        features = heads.box_head(heads.box_roi_pool(feats, boxes, pool_shapes))
+        logits, deltas = heads.box_predictor(features)
+        return features, logits, deltas
+
+    def _class_boxes(self, deltas, boxes):
+        return self.model.roi_heads.box_coder.decode(deltas, boxes)[:, 1:]
+
+
+def calibrate_random_batchnorm(model, side: int, device: torch.device, steps: int = 2) -> None:
+    """Give a RANDOMLY initialised backbone's batch norms real running statistics.
+
+    Without pretrained weights torchvision builds plain BatchNorm2d with mean 0 / var 1, so in
+    eval mode nothing normalises: measured on fasterrcnn_mobilenet_v3_large_320_fpn, activations
+    shrink ~20x per stage to ~1e-8 at the FPN, the box head's bias swamps them and EVERY region
+    gets the same feature (relative spread 3e-7). Estimating the statistics on a few seeded
+    noise images (fixed generator: every process builds the same network) keeps each layer at
+    unit scale, so random features still differ with colour and shape. Pretrained weights
+    never come here.
+    """
+    norms = [m for m in model.backbone.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    for bn in norms:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average over the calibration batches
+        bn.train()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _ in range(steps):
+            noise = torch.rand(4, 3, side, side, generator=generator).to(device)
+            model.backbone(model.transform.normalize(noise))
+    for bn in norms:
+        bn.eval()
+
+
+def pad_to_canvas(image_list: ImageList, max_size: int, stride: int = 32) -> ImageList:
+    """Pad a batch to the fixed ``max_size`` square (rounded up to ``stride``).
+
+    Padding is not neutral: the FPN's biased convs and the batch norms turn the zero pad into
+    non-zero activations that reach features near the image border. With one canvas for every
+    batch, an image's features no longer depend on which images share its batch.
+    """
+    side = -(-max_size // stride) * stride
+    tensors = image_list.tensors
+    pad_h, pad_w = side - tensors.shape[-2], side - tensors.shape[-1]
+    if pad_h < 0 or pad_w < 0:
+        raise RuntimeError(f"resized batch {tuple(tensors.shape[-2:])} exceeds the {side}x{side} canvas")
+    return ImageList(torch.nn.functional.pad(tensors, (0, pad_w, 0, pad_h)), image_list.image_sizes)
+
+
+def load_torchvision_weights(cfg: DetectorConfig, weights_enum) -> tuple[dict | None, str]:
+    """(state_dict or None, description): the configured file, torchvision's cache, or random."""
+    if cfg.weights:
+        state = torch.load(cfg.weights, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and isinstance(state.get("model"), dict):
+            state = state["model"]
+        if not isinstance(state, dict) or BOX_PREDICTOR_KEY not in state:
+            raise ValueError(f"detector.weights {cfg.weights}: not a torchvision Faster R-CNN state_dict")
+        return state, os.path.abspath(cfg.weights)
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights_enum.url))
+    if os.path.isfile(cached):
+        return torch.load(cached, map_location="cpu", weights_only=True), f"torchvision-cache:{weights_enum}"
+    warn_random_once(f"torchvision:{cfg.model}")
+    return None, "random"
