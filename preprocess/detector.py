@@ -76,6 +76,7 @@ class DetectorConfig:
     fixed_canvas: bool = True
     detectron2_config: str | None = None  # config file or model-zoo name (e.g. COCO-Detection/faster_rcnn_R_50_FPN_1x.yaml)
     detectron2_weights: str | None = None  # checkpoint for detectron2; None -> random init
+    detectron2_overrides: list[str] = field(default_factory=list)  # detectron2 KEY VALUE pairs (merge_from_list)
     class_names: list[str] = field(default_factory=list)  # given_boxes: class list of the JSON labels
 
     def __post_init__(self) -> None:
@@ -113,6 +114,8 @@ class DetectorConfig:
                 raise ValueError(f"detector.device {self.device!r} is not a torch device; use auto, cpu, cuda or cuda:N") from None
         if self.backend == "detectron2" and not self.detectron2_config:
             raise ValueError("detector.detectron2_config is required with backend detectron2 (a config file or model-zoo name)")
+        if len(self.detectron2_overrides) % 2:
+            raise ValueError("detector.detectron2_overrides must be KEY VALUE pairs, e.g. [MODEL.RPN.POST_NMS_TOPK_TEST, 100]")
         if self.detectron2_weights is not None and not os.path.isfile(self.detectron2_weights):
             raise ValueError(f"detector.detectron2_weights: file {self.detectron2_weights} does not exist")
         if self.class_names:
@@ -175,15 +178,15 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def warn_random_once(what: str) -> None:
+def warn_random_once(what: str, note: str = "") -> None:
     """Random weights make meaningless features; say so loudly, but once per process and model."""
     if what not in _warned_random:
         _warned_random.add(what)
         logger.warning(
-            "%s: NO pretrained weights found, using RANDOM initialisation (batch norms calibrated on noise); "
-            "features carry colour and coarse shape only: fine for tests and the quickstart, wrong for real "
-            "data: set detector.weights",
+            "%s: NO pretrained weights found, using RANDOM initialisation%s; regions and features are not "
+            "semantic: fine for tests and the quickstart, wrong for real data (set the detector's weights)",
             what,
+            f" ({note})" if note else "",
         )
 
 

@@ -150,5 +150,5 @@ def load_torchvision_weights(cfg: DetectorConfig, weights_enum) -> tuple[dict | 
     cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights_enum.url))
     if os.path.isfile(cached):
         return torch.load(cached, map_location="cpu", weights_only=True), f"torchvision-cache:{weights_enum}"
-    warn_random_once(f"torchvision:{cfg.model}")
+    warn_random_once(f"torchvision:{cfg.model}", note="batch norms calibrated on noise")
     return None, "random"

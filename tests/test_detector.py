@@ -8,6 +8,7 @@ input, so feature comparisons against it would pass even with broken box mapping
 from __future__ import annotations
 
 import functools
+import sys
 
 import numpy as np
 import pytest
@@ -278,3 +279,55 @@ def test_random_mobilenet_features_still_tell_regions_apart():
     (regions,) = det.detect([image], given_boxes=[boxes])
     spread = regions.features.std(dim=0).mean() / regions.features.abs().mean()
     assert spread > 0.05
+
+
+D2_FAST = ["MODEL.RPN.POST_NMS_TOPK_TEST", "100"]  # res5 on 1000 proposals is slow on a CPU
+
+
+def make_detectron2_detector(config: str, **overrides) -> RegionDetector:
+    pytest.importorskip("detectron2", reason="detectron2 is not installed (optional; see docs/detector.md)")
+    return make_detector(backend="detectron2", detectron2_config=config, detectron2_overrides=tuple(D2_FAST), **overrides)
+
+
+@pytest.mark.parametrize(
+    "config, feature_dim",
+    [("COCO-Detection/faster_rcnn_R_50_FPN_1x.yaml", 1024), ("COCO-Detection/faster_rcnn_R_50_C4_1x.yaml", 2048)],
+    ids=["fpn-box-head", "c4-res5"],
+)
+def test_detectron2_adapter_detects_and_pools(config, feature_dim):
+    det = make_detectron2_detector(config, min_boxes=5, max_boxes=12)
+    assert (det.feature_dim, det.num_classes, det.class_names[0]) == (feature_dim, 80, "person")
+    assert det.name == f"detectron2:{config}" and det.weights == "random"
+    images = [noise_image(90, 160, seed=11), torch.full((3, 1, 1), 9, dtype=torch.uint8)]
+    detected = det.detect(images)
+    for image, regions in zip(images, detected):
+        assert_valid_regions(regions, image, 5, 12, feature_dim, 80)
+        assert (regions.scores[:-1] >= regions.scores[1:]).all()
+    # Features are pooled at the returned boxes: pooling them again as given boxes agrees.
+    (again,) = det.detect(images[:1], given_boxes=[detected[0].boxes])
+    assert torch.equal(again.boxes, detected[0].boxes)
+    torch.testing.assert_close(again.features, detected[0].features, rtol=1e-4, atol=1e-4 * detected[0].features.abs().max().item())
+
+
+def test_detectron2_given_boxes_map_width_and_height_separately():
+    # detectron2 rounds each resized side: 7x160 with min 64 / max 80 becomes 4x80, so the height
+    # ratio (4/7) differs from the width ratio (1/2) and a swap would pool other pixels.
+    det = make_detectron2_detector("COCO-Detection/faster_rcnn_R_50_FPN_1x.yaml", min_size=64, max_size=80)
+    image = noise_image(7, 160, seed=13)
+    boxes = torch.tensor([[40.0, 0.0, 120.0, 7.0], [100.0, 2.0, 160.0, 5.0]])
+    (regions,) = det.detect([image], given_boxes=[boxes])
+    with torch.inference_mode():
+        state, ((h2, w2),) = det._prepare([image])
+        assert (h2, w2) == (4, 80)
+        right, _, _ = det._heads(state, [boxes * torch.tensor([w2 / 160, h2 / 7] * 2)])
+        swapped, _, _ = det._heads(state, [boxes * torch.tensor([h2 / 7, w2 / 160] * 2)])
+    torch.testing.assert_close(regions.features, right, rtol=1e-5, atol=1e-5 * right.abs().max().item())
+    assert (regions.features - swapped).abs().max() > 1e-3 * right.abs().max()
+
+
+def test_detectron2_missing_gives_install_hint(monkeypatch):
+    monkeypatch.setitem(sys.modules, "detectron2", None)  # what an environment without it looks like
+    cfg = DetectorConfig(backend="detectron2", detectron2_config="COCO-Detection/faster_rcnn_R_50_FPN_1x.yaml")
+    with pytest.raises(ImportError, match="pip install") as err:
+        build_detector(cfg)
+    assert "\n" not in str(err.value)
