@@ -1,6 +1,7 @@
 """FLOPs and throughput of each fusion strategy at growing region and token counts.
 
-    python bench/fusion.py [--regions 10 36 100] [--tokens 16 64 128] [--batch 8] [--out FILE.md]
+    python bench/fusion.py [--regions 10 36 100] [--tokens 16 64 128] [--batch 8] [--repeats 3]
+                           [--where-to-fuse TOKENS REGIONS ...] [--out FILE.md]
 
 Builds a MiniLM-sized ImageBERT (hidden 384, 6 layers, 12 heads; random weights: cost does not
 depend on the values) and, per strategy and (tokens, regions) pair, reports:
@@ -10,7 +11,10 @@ depend on the values) and, per strategy and (tokens, regions) pair, reports:
   4 of 6), read from the per-module breakdown: the cost MBT's claim is about, since below
   ``L_f`` MBT, MuSE and late fusion all run the same unimodal streams;
 - MI2P's plug-in attention GFLOPs (its cross-modal attention lives outside the layers);
-- forward samples/s (median of a few timed batches, inference mode, this machine).
+- forward samples/s (best of a few batches, strategies timed round-robin, inference mode);
+- then MBT's "where to fuse" comparison: total GFLOPs against L_f = 0..6 for full cross-modal
+  attention from L_f on (a benchmark-only routing, ``FullAttentionMidFusion``) and for B=4
+  bottlenecks from L_f on.
 
 FLOPs are counted under SDPA's math backend: the fused CPU kernel is not in the counter's
 table, the math backend decomposes into the matmuls that are. Timing uses the default kernel.
@@ -21,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -36,6 +39,7 @@ from transformers import BertConfig  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from finetune.fusion import FusionConfig, build_fusion  # noqa: E402
+from finetune.fusion.routing import FusedOutput, FusionEncoder, Stream, run_layer  # noqa: E402
 from pretrain.model import ImageBertModel, imagebert_config  # noqa: E402
 
 FEATURE_DIM = 2048  # Faster R-CNN ResNet pooled ROI feature
@@ -48,6 +52,27 @@ VARIANTS = [
     ("muse", FusionConfig(name="muse")),
     ("mi2p", FusionConfig(name="mi2p")),
 ]
+
+
+class FullAttentionMidFusion(FusionEncoder):
+    """MBT's comparison point, for this benchmark only: streams apart below L_f, then one joint
+    stream with full cross-modal attention (the paper's "vanilla cross-attention" mid fusion)."""
+
+    def __init__(self, encoder: ImageBertModel, fusion_layer: int):
+        super().__init__(encoder, pooled_dims=[encoder.config.hidden_size])
+        self.fusion_layer = fusion_layer
+
+    def forward(self, input_ids, attention_mask, region_features, region_geometry, region_mask, caption_labels=None):
+        text = self.embed_text(input_ids, attention_mask)
+        image = self.embed_image(input_ids[:, :1], region_features, region_geometry, region_mask)
+        for index, layer in enumerate(self.layers):
+            if index == self.fusion_layer:
+                text = Stream(torch.cat([text.states, image.states], 1), torch.cat([text.mask, image.mask], 1))
+            if index < self.fusion_layer:
+                text, image = run_layer(layer, text), run_layer(layer, image)
+            else:
+                text = run_layer(layer, text)
+        return FusedOutput(text.states, text.states, [self.pool(text.states)])
 
 
 def minilm_sized_encoder() -> ImageBertModel:
@@ -90,16 +115,20 @@ def count_flops(fusion, batch: dict[str, torch.Tensor], fusion_layer: int) -> tu
     return counter.get_total_flops(), fusion_attention, plugins
 
 
-def samples_per_second(fusion, batch: dict[str, torch.Tensor], repeats: int) -> float:
+def samples_per_second(fusions: dict, batch: dict[str, torch.Tensor], repeats: int) -> dict[str, float]:
+    """Forward samples/s per strategy: best of ``repeats`` batches, strategies timed round-robin so
+    that load from other processes falls on all of them alike (the minimum is the least disturbed run)."""
     size = batch["input_ids"].shape[0]
+    best = {label: float("inf") for label in fusions}
     with torch.inference_mode():
-        fusion(**batch)  # warm-up
-        times = []
+        for fusion in fusions.values():
+            fusion(**batch)  # warm-up
         for _ in range(repeats):
-            start = time.perf_counter()
-            fusion(**batch)
-            times.append(time.perf_counter() - start)
-    return size / statistics.median(times)
+            for label, fusion in fusions.items():
+                start = time.perf_counter()
+                fusion(**batch)
+                best[label] = min(best[label], time.perf_counter() - start)
+    return {label: size / seconds for label, seconds in best.items()}
 
 
 def main() -> None:
@@ -109,20 +138,33 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8, help="batch size for the throughput runs")
     parser.add_argument("--repeats", type=int, default=3, help="timed batches per cell; 0 skips timing")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument(
+        "--where-to-fuse",
+        type=int,
+        nargs=2,
+        action="append",
+        metavar=("TOKENS", "REGIONS"),
+        help="sizes for the FLOPs-against-L_f table (repeatable; default: 128 100 and 512 1024)",
+    )
+    parser.add_argument("--no-where-to-fuse", action="store_true", help="skip the FLOPs-against-L_f table")
     parser.add_argument("--out", type=Path, help="also write the markdown table here")
     args = parser.parse_args()
+    args.where_to_fuse = [] if args.no_where_to_fuse else args.where_to_fuse or [(128, 100), (512, 1024)]
     if args.threads:
         torch.set_num_threads(args.threads)
 
     encoder = minilm_sized_encoder()
     fusions = {label: build_fusion(cfg, encoder).eval() for label, cfg in VARIANTS}
-    fusion_layer = FusionConfig().resolved(encoder.config.num_hidden_layers).mbt_fusion_layer
+    depth = encoder.config.num_hidden_layers
+    fusion_layer = FusionConfig().resolved(depth).mbt_fusion_layer
     device = "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name()
     lines = [
-        f"Forward pass, hidden 384 x 6 layers x 12 heads, fusion layers {fusion_layer}..5 (L_f = {fusion_layer}); "
-        f"GFLOPs per sample; samples/s at batch {args.batch} on {device} with {torch.get_num_threads()} threads.",
+        f"Forward pass, hidden 384 x 6 layers x 12 heads, fusion layers {fusion_layer}..{depth - 1} (L_f = {fusion_layer}); "
+        f"GFLOPs per sample; samples/s: best of {args.repeats} batches of {args.batch} on {device} "
+        f"with {torch.get_num_threads()} threads.",
         "",
-        "| tokens | regions | strategy | GFLOPs total | attention GFLOPs, layers >= L_f | MI2P plug-in attention GFLOPs "
+        f"| tokens | regions | strategy | GFLOPs total | attention GFLOPs, layers {fusion_layer}-{depth - 1} "
+        "| MI2P plug-in attention GFLOPs "
         "| vs single_stream (total / fusion-layer attention) | samples/s |",
         "|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
@@ -131,15 +173,34 @@ def main() -> None:
             one = make_batch(1, tokens, regions)
             many = make_batch(args.batch, tokens, regions) if args.repeats else None
             reference = None
+            speeds = samples_per_second(fusions, many, args.repeats) if args.repeats else {}
             for label, fusion in fusions.items():
                 total, attention, plugins = count_flops(fusion, one, fusion_layer)
                 reference = reference or (total, attention)
-                speed = samples_per_second(fusion, many, args.repeats) if args.repeats else float("nan")
+                speed = speeds.get(label, float("nan"))
                 lines.append(
                     f"| {tokens} | {regions} | {label} | {total / 1e9:.3f} | {attention / 1e9:.4f} | "
                     f"{plugins / 1e9:.4f} | {total / reference[0]:.2f} / {attention / reference[1]:.2f} | "
                     f"{speed:.1f} |"
                 )
+                print(lines[-1], flush=True)
+    if args.where_to_fuse:
+        lines += [
+            "",
+            f"Where to fuse (MBT's figure): forward GFLOPs per sample against the first fusion layer L_f, "
+            f"full cross-modal attention from L_f on vs B=4 bottlenecks from L_f on (L_f = {depth}: no fusion layer).",
+            "",
+            "| tokens | regions | fusion | " + " | ".join(f"L_f={i}" for i in range(depth + 1)) + " |",
+            "|---:|---:|---|" + "---:|" * (depth + 1),
+        ]
+        for tokens, regions in args.where_to_fuse:
+            one = make_batch(1, tokens, regions)
+            for label, build in (
+                ("full attention", lambda lf: FullAttentionMidFusion(encoder, lf)),
+                ("bottlenecks B=4", lambda lf: build_fusion(FusionConfig(name="mbt", mbt_fusion_layer=lf), encoder)),
+            ):
+                cells = [count_flops(build(lf).eval(), one, lf)[0] / 1e9 for lf in range(depth + 1)]
+                lines.append(f"| {tokens} | {regions} | {label} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
                 print(lines[-1], flush=True)
     table = "\n".join(lines) + "\n"
     if args.out:
