@@ -11,7 +11,11 @@
 #   VLP_GPUS_PER_NODE  processes per node for the torchrun launcher (default: GPUs SLURM gave the
 #                      node, else 1)
 #   VLP_MAX_REQUEUES   how many times a job may requeue itself after a preemption signal (10)
+#   VLP_STOP_TIMEOUT   seconds torchrun lets its workers checkpoint after the signal before it
+#                      kills them (170; keep it below the lead time of --signal=B:USR1@T)
 #   MASTER_PORT        rendezvous port (default: 20000 + job id mod 20000, so jobs sharing a node differ)
+#   VLP_MASTER_ADDR    rendezvous address (default: the first node's name, as SLURM lists it)
+#   VLP_RDZV_CONF      extra torchrun --rdzv-conf entries, e.g. join_timeout=1200
 #   DS_ACCELERATOR, NCCL_SOCKET_IFNAME, GLOO_SOCKET_IFNAME, ...: passed through untouched
 
 vlp_log() { echo "[$(date +%FT%T)] ${SLURM_JOB_ID:+job $SLURM_JOB_ID: }$*" >&2; }
@@ -37,7 +41,7 @@ vlp_setup() {
 
 # Rendezvous host and port: the first node of the allocation, a port derived from the job id.
 vlp_rendezvous() {
-    MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
+    MASTER_ADDR="${VLP_MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}"
     [ -n "$MASTER_ADDR" ] || vlp_die "cannot read the first node of SLURM_JOB_NODELIST=$SLURM_JOB_NODELIST"
     MASTER_PORT="${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"
     export MASTER_ADDR MASTER_PORT
@@ -58,12 +62,15 @@ _vlp_wait() {
 }
 
 # On the preemption signal (USR1, sent to this shell by `--signal=B:USR1@T` or by hand with
-# `scancel --signal=USR1 --batch JOB`) and on TERM, ask every task to checkpoint and stop.
-# The tasks get SIGTERM through scancel, not from srun: srun answers SIGTERM with SIGKILL.
+# `scancel --signal=USR1 --batch JOB`) and on TERM, ask the training processes to checkpoint and
+# stop: USR1 to every process of every step. Not TERM: a step signal reaches every process of
+# the step, and PyTorch's DataLoader workers die on TERM (taking the trainer down before it can
+# save), while they inherit the trainer's USR1 handler. Not through srun either: srun answers
+# TERM by killing the step.
 _vlp_on_signal() {
     VLP_SIGNAL="$1"
     vlp_log "received SIG$1: asking the training processes to checkpoint and stop"
-    scancel --signal=TERM "$SLURM_JOB_ID" || vlp_log "scancel --signal=TERM $SLURM_JOB_ID failed"
+    scancel --signal=USR1 "$SLURM_JOB_ID" || vlp_log "scancel --signal=USR1 $SLURM_JOB_ID failed"
 }
 
 # Run a distributed training stage over the whole allocation, then requeue the job when it was
@@ -87,12 +94,20 @@ vlp_train() {
     local cmd
     case "$launcher" in
         torchrun)
+            # torchrun dies on USR1 unless told to handle it; handling it means passing it on to
+            # the workers and giving them VLP_STOP_TIMEOUT seconds to save before SIGKILL. PET_*
+            # variables are torchrun's flags read from the environment (ignored by old versions).
+            export PET_SIGNALS_TO_HANDLE="SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+            export PET_SHUTDOWN_TIMEOUT="${VLP_STOP_TIMEOUT:-170}"
+            if ! torchrun --help 2>/dev/null | grep -q -- "--signals-to-handle"; then
+                vlp_log "warning: this torchrun has no --signals-to-handle: a preemption signal kills it without a checkpoint; use --launcher srun"
+            fi
             # One torchrun per node. The first node of the allocation hosts the c10d rendezvous
             # store: decided by SLURM's node index, because torchrun's own guess compares host
             # names, which fails wherever SLURM node names differ from host names.
             # shellcheck disable=SC2016  # expanded on each node, not here
             cmd=(srun --ntasks="$nnodes" --ntasks-per-node=1 --kill-on-bad-exit=1
-                 bash -c 'exec torchrun --rdzv-conf="is_host=$([ "$SLURM_NODEID" = 0 ] && echo 1 || echo 0)" "$@"' torchrun
+                 bash -c 'exec torchrun --rdzv-conf="is_host=$([ "$SLURM_NODEID" = 0 ] && echo 1 || echo 0)${VLP_RDZV_CONF:+,$VLP_RDZV_CONF}" "$@"' torchrun
                  --nnodes="$nnodes" --nproc-per-node="$gpus"
                  --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv-id="$SLURM_JOB_ID"
                  --max-restarts=0 -m "$module" --resume "$@")

@@ -258,6 +258,8 @@ class SlurmCluster:
             "JobRequeue=1",
             "ReturnToService=2",
             "SchedulerType=sched/builtin",
+            # A requeued job becomes eligible with no event to wake the scheduler: poll often.
+            "SchedulerParameters=sched_interval=2",
             "KillWait=10",
             "MinJobAge=3600",  # keep finished jobs visible to `scontrol show job` (no slurmdbd)
             "InactiveLimit=0",

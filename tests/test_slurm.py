@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,8 +18,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
-from slurm_cluster import SlurmCluster, install_packages, unavailable_reason
+from slurm_cluster import TERMINAL_STATES, SlurmCluster, install_packages, unavailable_reason
 
 pytestmark = pytest.mark.slurm
 
@@ -177,3 +179,104 @@ def test_resubmitted_array_task_redoes_only_its_unfinished_shard(slurm_cluster, 
     manifest = pq.read_table(out / "manifest.parquet").to_pylist()
     assert len(manifest) == NUM_SAMPLES
     assert sum(row["shard"] == "00003.tar" for row in manifest) == PER_SHARD
+
+
+# ---------------------------------------------------------------------------- pretraining
+
+TINY_PRETRAIN = REPO / "configs" / "pretrain" / "tiny-test.yaml"
+
+
+def _pretrain_config(path: Path, features_dir: Path, web_steps: int, indomain_steps: int) -> Path:
+    """The tiny test model on the array job's feature shards: shards 0-3, then 4; 5 held out."""
+    config = yaml.safe_load(TINY_PRETRAIN.read_text())
+    config["shards_root"] = str(features_dir)
+    config["stages"] = [
+        {"name": "web", "shards": "{00000..00003}.tar", "eval_shards": "00005.tar", "steps": web_steps,
+         "lr": 1.0e-3, "warmup_steps": 2},
+        {"name": "indomain", "shards": "00004.tar", "eval_shards": "00005.tar", "steps": indomain_steps,
+         "lr": 5.0e-4, "reset_optimizer": False},
+    ]
+    config["eval"] = {**config["eval"], "every_steps": 2}
+    config["checkpoint"] = {**config["checkpoint"], "every_steps": 2, "keep": 2}
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _trainer_state(run_dir: Path, tag: str) -> dict:
+    return json.loads((run_dir / "checkpoints" / tag / "trainer_state.json").read_text())
+
+
+def _metric_steps(run_dir: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture
+def pretrain_ready(features):
+    if not (REPO / "pretrain" / "trainer.py").is_file():
+        pytest.skip("pretrain/trainer.py is not in this checkout")
+    assert (features["out"] / "manifest.parquet").is_file()
+    return features["out"]
+
+
+def test_pretrain_on_two_nodes_one_srun_task_each(slurm_cluster, pretrain_ready, tmp_path):
+    """srun starts the trainer once per node (it reads SLURM's variables), gloo across the nodes."""
+    config = _pretrain_config(tmp_path / "pretrain.yaml", pretrain_ready, web_steps=4, indomain_steps=2)
+    run_dir = tmp_path / "run"
+    job_id = slurm_cluster.sbatch(
+        REPO / "slurm" / "pretrain.sbatch", "--launcher", "srun", "--config", str(config), "--run-dir", str(run_dir),
+        options=["-N", "2", "--ntasks-per-node=1", f"--chdir={tmp_path}"], env=_job_env(slurm_cluster),
+    )
+    log = tmp_path / f"vlp-pretrain-{job_id}.log"
+    fields = slurm_cluster.wait_for_end(job_id, timeout_s=480, log_path=log)
+    text = log.read_text()
+    assert (fields["JobState"], fields["ExitCode"], fields["Restarts"]) == ("COMPLETED", "0:0", "0"), text[-4000:]
+    assert fields["NodeList"] == "node[1-2]"
+    assert "pretrain on 2 node(s), launcher=srun, rendezvous node1" in text
+
+    assert json.loads((run_dir / "done.json").read_text()) == {"global_step": 6}
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "global_step6"
+    state = _trainer_state(run_dir, "global_step6")
+    assert (state["global_step"], state["stage"], state["step_in_stage"]) == (6, 1, 2)
+    assert state["world_size"] == 2  # one rank on each node, in one process group
+    assert _metric_steps(run_dir) == [2, 4, 6]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in records] == [0, 0, 1]
+    assert all(0.0 <= r["itm_acc"] <= 1.0 and 0.0 <= r["mlm_acc"] <= 1.0 for r in records)
+    assert any((run_dir / "tb").iterdir())
+
+
+def test_preempted_pretrain_checkpoints_requeues_and_continues(slurm_cluster, pretrain_ready, tmp_path):
+    """USR1 to the batch shell (what --signal=B:USR1@T sends before the time limit); one torchrun per node."""
+    total = 24 + 4
+    config = _pretrain_config(tmp_path / "pretrain.yaml", pretrain_ready, web_steps=24, indomain_steps=4)
+    run_dir = tmp_path / "run"
+    job_id = slurm_cluster.sbatch(
+        REPO / "slurm" / "pretrain.sbatch", "--launcher", "torchrun", "--config", str(config), "--run-dir", str(run_dir),
+        options=["-N", "2", f"--chdir={tmp_path}"], env=_job_env(slurm_cluster),
+    )
+    log = tmp_path / f"vlp-pretrain-{job_id}.log"
+    latest = run_dir / "checkpoints" / "latest"
+    slurm_cluster.wait_until(
+        job_id, lambda f: latest.is_file() or f["JobState"] != "RUNNING" and f["JobState"] != "PENDING",
+        timeout_s=480, what="the first checkpoint", log_path=log,
+    )
+    assert latest.is_file(), log.read_text()[-4000:]
+    slurm_cluster.run("scancel", "--signal=USR1", "--batch", str(job_id))
+
+    fields = slurm_cluster.wait_until(
+        job_id, lambda f: f["JobState"] in TERMINAL_STATES and f["Restarts"] != "0",
+        timeout_s=480, what="the requeued job to finish", log_path=log,
+    )
+    text = log.read_text()
+    assert (fields["JobState"], fields["ExitCode"], fields["Restarts"]) == ("COMPLETED", "0:0", "1"), text[-4000:]
+    assert "received SIGUSR1" in text and "requeueing to resume" in text
+    assert "launcher=torchrun, rendezvous node1" in text and "restart 1" in text
+
+    # The stopped run checkpointed mid-stage; the requeued one resumed from exactly there.
+    resumed = [int(m) for m in re.findall(r"resuming from global_step(\d+)", text)]
+    assert len(resumed) == 1 and 2 <= resumed[0] < total, text[-4000:]
+    # Evaluations every 2 global steps, each exactly once: a restart from step 0 would repeat them.
+    assert _metric_steps(run_dir) == list(range(2, total + 1, 2))
+    assert json.loads((run_dir / "done.json").read_text()) == {"global_step": total}
+    state = _trainer_state(run_dir, (run_dir / "checkpoints" / "latest").read_text().strip())
+    assert (state["global_step"], state["stage"], state["world_size"]) == (total, 1, 2)
