@@ -70,9 +70,10 @@ class DetectorConfig:
     label_format: str = "distribution"  # or "topk"
     topk: int = 5
     device: str = "auto"  # "auto" -> cuda if available else cpu
-    # Pad every batch to a max_size square so features do not depend on batch composition
-    # (resume-safe, batch-size independent). false: pad to the batch's largest image, faster
-    # on same-orientation batches, but features near borders then vary with the batch.
+    # Pad every image to a fixed canvas for its orientation (landscape: min_size x max_size,
+    # rounded up to 32; portrait: transposed), one forward pass per orientation present, so
+    # features do not depend on batch composition (resume-safe, batch-size independent).
+    # false: one pass padded to the batch's largest image; features near borders then vary.
     fixed_canvas: bool = True
     detectron2_config: str | None = None  # config file or model-zoo name (e.g. COCO-Detection/faster_rcnn_R_50_FPN_1x.yaml)
     detectron2_weights: str | None = None  # checkpoint for detectron2; None -> random init
@@ -271,6 +272,17 @@ def scale_boxes(boxes: torch.Tensor, from_hw: tuple[int, int], to_hw: tuple[int,
     return boxes * scale
 
 
+def canvas_for(height: int, width: int, cfg: DetectorConfig, stride: int = 32) -> tuple[int, int]:
+    """The fixed padded (H, W) for an image of this orientation.
+
+    The resize scales by min(min_size / short side, max_size / long side), so a landscape
+    image ends up at most min_size high and max_size wide (portrait: the transpose). Two
+    canvases instead of one max_size square save ~40% of the backbone's work on 600/1000.
+    """
+    short, long = -(-cfg.min_size // stride) * stride, -(-cfg.max_size // stride) * stride
+    return (short, long) if width >= height else (long, short)
+
+
 def fallback_boxes(width: int, height: int, count: int) -> torch.Tensor:
     """``count`` boxes: the whole image, then the cells of 2x2, 3x3, ... grids (row-major).
 
@@ -381,8 +393,11 @@ class TwoStageDetector(RegionDetector):
     label_classes: int  # > 0: given labels become one-hot cls_prob over this many classes
     background_index: int  # column of the box predictor's logits that is background
 
-    def _prepare(self, images: list[torch.Tensor]) -> tuple[object, list[tuple[int, int]]]:
-        """Normalise, resize, pad and run the backbone: (backend state, resized (H, W) per image)."""
+    def _prepare(
+        self, images: list[torch.Tensor], canvas: tuple[int, int] | None
+    ) -> tuple[object, list[tuple[int, int]]]:
+        """Normalise, resize, pad (to ``canvas`` (H, W) when given) and run the backbone:
+        (backend state, resized (H, W) per image)."""
         raise NotImplementedError
 
     def _propose(self, state: object) -> list[torch.Tensor]:
@@ -403,8 +418,21 @@ class TwoStageDetector(RegionDetector):
             images, given_boxes, given_labels, require_given=self.given_only,
             label_classes=self.label_classes, max_boxes=self.cfg.max_boxes,
         )
+        if not self.cfg.fixed_canvas:
+            return self._detect_batch(images, given, labels, canvas=None)
+        out: list[Regions | None] = [None] * len(images)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, image in enumerate(images):
+            groups.setdefault(canvas_for(image.shape[1], image.shape[2], self.cfg), []).append(i)
+        for canvas, idx in groups.items():
+            found = self._detect_batch([images[i] for i in idx], [given[i] for i in idx], [labels[i] for i in idx], canvas)
+            for i, regions in zip(idx, found):
+                out[i] = regions
+        return out
+
+    def _detect_batch(self, images, given, labels, canvas: tuple[int, int] | None) -> list[Regions]:
         orig_hw = [(int(im.shape[1]), int(im.shape[2])) for im in images]
-        state, sizes = self._prepare(images)
+        state, sizes = self._prepare(images, canvas)
         final = [g.to(self.device) if g is not None else None for g in given]  # original pixels
         if any(g is None for g in given):
             proposals = self._propose(state)

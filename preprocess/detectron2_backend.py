@@ -79,7 +79,7 @@ class Detectron2Detector(TwoStageDetector):
         self.input_bgr = d2.INPUT.FORMAT == "BGR"
         self.name = f"detectron2:{cfg.detectron2_config}"
 
-    def _prepare(self, images):
+    def _prepare(self, images, canvas):
         model = self.model
         # The resize detectron2's DefaultPredictor does, with this config's min/max size.
         resize = ResizeShortestEdge([self.cfg.min_size, self.cfg.min_size], self.cfg.max_size)
@@ -92,15 +92,13 @@ class Detectron2Detector(TwoStageDetector):
             chw = torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1))).to(self.device).float()
             tensors.append((chw - model.pixel_mean) / model.pixel_std)
             sizes.append((int(resized.shape[0]), int(resized.shape[1])))
-        stride = max(32, int(model.backbone.size_divisibility))
         image_list = ImageList.from_tensors(tensors, model.backbone.size_divisibility)
-        if self.cfg.fixed_canvas:
+        if canvas is not None:
             # Same reason as the torchvision backend: features must not depend on the batch.
-            side = -(-self.cfg.max_size // stride) * stride
-            padded = torch.nn.functional.pad(
-                image_list.tensor, (0, side - image_list.tensor.shape[-1], 0, side - image_list.tensor.shape[-2])
-            )
-            image_list = ImageList(padded, image_list.image_sizes)
+            pad_h, pad_w = canvas[0] - image_list.tensor.shape[-2], canvas[1] - image_list.tensor.shape[-1]
+            if pad_h < 0 or pad_w < 0:
+                raise RuntimeError(f"resized batch {tuple(image_list.tensor.shape[-2:])} exceeds the {canvas} canvas")
+            image_list = ImageList(torch.nn.functional.pad(image_list.tensor, (0, pad_w, 0, pad_h)), image_list.image_sizes)
         features = model.backbone(image_list.tensor)
         return (image_list, features), sizes
 

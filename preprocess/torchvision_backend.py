@@ -63,13 +63,13 @@ class TorchvisionDetector(TwoStageDetector):
         if self.label_classes:
             self.name += f":onehot{self.label_classes}"
 
-    def _prepare(self, images):
+    def _prepare(self, images, canvas):
         model = self.model
         batch = [im.to(self.device).float().div_(255.0) for im in images]
         image_list, _ = model.transform(batch)  # normalise, resize, pad to the batch's largest image
         sizes = [(int(h), int(w)) for h, w in image_list.image_sizes]  # resized, before padding
-        if self.cfg.fixed_canvas:
-            image_list = pad_to_canvas(image_list, self.cfg.max_size)
+        if canvas is not None:
+            image_list = pad_to_canvas(image_list, canvas)
         feats = model.backbone(image_list.tensors)
         if isinstance(feats, torch.Tensor):
             feats = OrderedDict([("0", feats)])
@@ -123,18 +123,17 @@ def calibrate_random_batchnorm(model, side: int, device: torch.device, steps: in
         bn.eval()
 
 
-def pad_to_canvas(image_list: ImageList, max_size: int, stride: int = 32) -> ImageList:
-    """Pad a batch to the fixed ``max_size`` square (rounded up to ``stride``).
+def pad_to_canvas(image_list: ImageList, canvas: tuple[int, int]) -> ImageList:
+    """Pad a batch to the fixed ``canvas`` (H, W) (``preprocess.detector.canvas_for``).
 
     Padding is not neutral: the FPN's biased convs and the batch norms turn the zero pad into
-    non-zero activations that reach features near the image border. With one canvas for every
-    batch, an image's features no longer depend on which images share its batch.
+    non-zero activations that reach features near the image border. With a fixed canvas, an
+    image's features no longer depend on which images share its batch.
     """
-    side = -(-max_size // stride) * stride
     tensors = image_list.tensors
-    pad_h, pad_w = side - tensors.shape[-2], side - tensors.shape[-1]
+    pad_h, pad_w = canvas[0] - tensors.shape[-2], canvas[1] - tensors.shape[-1]
     if pad_h < 0 or pad_w < 0:
-        raise RuntimeError(f"resized batch {tuple(tensors.shape[-2:])} exceeds the {side}x{side} canvas")
+        raise RuntimeError(f"resized batch {tuple(tensors.shape[-2:])} exceeds the {canvas} canvas")
     return ImageList(torch.nn.functional.pad(tensors, (0, pad_w, 0, pad_h)), image_list.image_sizes)
 
 

@@ -20,6 +20,7 @@ from preprocess.detector import (
     RegionDetector,
     Regions,
     build_detector,
+    canvas_for,
     choose_boxes,
     fallback_boxes,
 )
@@ -97,7 +98,7 @@ def test_given_box_features_equal_manual_roi_pool_at_correctly_scaled_box():
         image_list, _ = model.transform([image.float() / 255])
         (h2, w2) = image_list.image_sizes[0]
         assert (h2, w2) == (3, 80)
-        padded = torch.zeros(1, 3, 96, 96)  # the detector pads to a 96x96 canvas (80 -> multiple of 32)
+        padded = torch.zeros(1, 3, 64, 96)  # the landscape canvas: (64, 80) rounded up to multiples of 32
         padded[..., :h2, :w2] = image_list.tensors[..., :h2, :w2]
         finest = model.backbone(padded)["0"]  # stride 4; all three boxes are small enough for this FPN level
 
@@ -174,6 +175,12 @@ def test_batched_equals_one_at_a_time():
     (together, _, _) = loose.detect(images, given_boxes=boxes)
     (alone,) = loose.detect(images[:1], given_boxes=boxes[:1])
     assert (together.features - alone.features).abs().max() > 1e-2 * alone.features.abs().max()
+
+
+def test_canvas_depends_only_on_orientation():
+    cfg = DetectorConfig(min_size=600, max_size=1000, device="cpu")
+    assert canvas_for(480, 640, cfg) == canvas_for(600, 600, cfg) == (608, 1024)
+    assert canvas_for(1000, 20, cfg) == (1024, 608)
 
 
 @pytest.mark.parametrize("size", [(1, 1), (64, 64), (90, 160)], ids=["1x1", "uniform", "noise"])
@@ -317,7 +324,7 @@ def test_detectron2_given_boxes_map_width_and_height_separately():
     boxes = torch.tensor([[40.0, 0.0, 120.0, 7.0], [100.0, 2.0, 160.0, 5.0]])
     (regions,) = det.detect([image], given_boxes=[boxes])
     with torch.inference_mode():
-        state, ((h2, w2),) = det._prepare([image])
+        state, ((h2, w2),) = det._prepare([image], canvas=(64, 96))
         assert (h2, w2) == (4, 80)
         right, _, _ = det._heads(state, [boxes * torch.tensor([w2 / 160, h2 / 7] * 2)])
         swapped, _, _ = det._heads(state, [boxes * torch.tensor([h2 / 7, w2 / 160] * 2)])
