@@ -166,7 +166,8 @@ class RegionDetector:
         given_boxes: list[torch.Tensor | None] | None = None,
         given_labels: list[torch.Tensor | None] | None = None,
     ) -> list[Regions]:
-        """Regions for each image (uint8 [3, H, W] RGB, any sizes), in one batched forward pass.
+        """Regions for each image (uint8 [3, H, W] RGB, any sizes): one batched forward pass
+        (one per orientation with ``fixed_canvas``).
 
         ``given_boxes[i]`` (float [K, 4], original pixels) replaces detection for image ``i``.
         """
