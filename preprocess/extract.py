@@ -227,10 +227,11 @@ def _detector_inputs(samples) -> tuple[list, list | None, list | None]:
     for s in samples:
         # Given boxes are in original pixels; the decoded image may have been shrunk.
         sx, sy = s.image.scale_xy
-        b = s.given_boxes / torch.tensor([sx, sy, sx, sy])
+        b = torch.from_numpy(s.given_boxes) / torch.tensor([sx, sy, sx, sy])
         h, w = s.image.pixels.shape[1:]
         boxes.append(torch.stack([b[:, 0].clamp(0, w), b[:, 1].clamp(0, h), b[:, 2].clamp(0, w), b[:, 3].clamp(0, h)], 1))
-    return images, boxes, [s.given_labels for s in samples]
+    labels = [torch.from_numpy(s.given_labels) if s.given_labels is not None else None for s in samples]
+    return images, boxes, labels
 
 
 def _to_original_pixels(regions: Regions, sample) -> Regions:
@@ -325,11 +326,13 @@ def run_extract(job: ExtractJob, detector: RegionDetector | None = None) -> dict
             for item in batches:
                 now = time.perf_counter()
                 waits["data_wait_s"] += now - tick
+                if "first_batch_wait_s" not in waits:  # worker start-up; hidden by the model load in a CLI run
+                    waits["first_batch_wait_s"] = now - tick
                 if isinstance(item, ShardEnd):
                     writer.put(item)
                     bar.set_postfix(shards=f"{len(writer.stats.shards_done)}/{len(job.todo)}", refresh=False)
                 else:
-                    detected = detect_batch(detector, item)
+                    detected = detect_batch(detector, item.unpack())
                     tick = time.perf_counter()
                     waits["detect_s"] += tick - now
                     writer.put(detected)

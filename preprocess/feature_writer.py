@@ -51,7 +51,7 @@ def region_labels(regions: Regions, label_format: str, topk: int) -> dict[str, n
 
 def feature_sample(sample: RawSample, regions: Regions, label_format: str, topk: int) -> dict:
     # Given boxes are written exactly as given (not as round-tripped through the detector).
-    boxes = sample.given_boxes if sample.given_boxes is not None else regions.boxes
+    boxes = sample.given_boxes if sample.given_boxes is not None else regions.boxes.numpy()
     return encode_feature_sample(
         key=sample.key,
         caption=sample.caption,
@@ -59,7 +59,7 @@ def feature_sample(sample: RawSample, regions: Regions, label_format: str, topk:
         image_width=sample.image.width,
         image_height=sample.image.height,
         features=regions.features.numpy(),
-        boxes=boxes.numpy(),
+        boxes=boxes,
         labels=region_labels(regions, label_format, topk),
     )
 

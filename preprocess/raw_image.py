@@ -96,6 +96,8 @@ def decode_image(
         message = str(err) or err.__class__.__name__
         reason = "truncated_image" if "truncated" in message.lower() else "corrupt_image"
         raise RejectedSample(reason, message) from None
+    except Exception as err:  # malformed files make Pillow's parsers raise almost anything (struct.error, IndexError, ...)
+        raise RejectedSample("corrupt_image", f"{err.__class__.__name__}: {err}") from None
     if scale < 1.0:
         target = (max(1, round(width * scale)), max(1, round(height * scale)))
         if image.size != target:
