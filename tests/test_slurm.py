@@ -81,20 +81,9 @@ def test_two_nodes_run_one_task_each(slurm_cluster, tmp_path):
 # ---------------------------------------------------------------------------- preprocessing
 
 NUM_SAMPLES, PER_SHARD = 120, 20  # six raw shards, like the quickstart's (smaller)
-# The fastest real detector setting (see tests/extract_helpers.py): the smallest torchvision
-# Faster R-CNN on a 96-pixel canvas, one thread per task.
-FAST_EXTRACT = [
-    "detector.backend=torchvision",
-    "detector.model=fasterrcnn_mobilenet_v3_large_320_fpn",
-    "detector.min_size=64",
-    "detector.max_size=96",
-    "detector.min_boxes=2",
-    "detector.max_boxes=6",
-    "batch_size=4",
-    "num_workers=1",
-    "progress=false",
-    "torch_threads=1",
-]
+# The quickstart's extraction config (given boxes from the synth JSON, smallest torchvision
+# Faster R-CNN), as `make quickstart` runs it.
+EXTRACT_ARGS = ["--config", str(REPO / "configs" / "preprocess" / "quickstart.yaml"), "progress=false"]
 
 
 def _run(cmd: list[str], env: dict, cwd: Path) -> None:
@@ -131,7 +120,7 @@ def features(slurm_cluster, raw_shards, tmp_path_factory):
     env = _job_env(slurm_cluster)
     spec = f"{raw_shards}/{{00000..0000{NUM_SAMPLES // PER_SHARD - 1}}}.tar"
     job_id = slurm_cluster.sbatch(
-        REPO / "slurm" / "preprocess.sbatch", "--input", spec, "--output", str(out), *FAST_EXTRACT,
+        REPO / "slurm" / "preprocess.sbatch", "--input", spec, "--output", str(out), *EXTRACT_ARGS,
         options=["--array=0-1", f"--chdir={work}"], env=env,
     )
     tasks = slurm_cluster.wait_for_array(job_id, timeout_s=300, log_dir=work)
@@ -152,14 +141,15 @@ def test_preprocess_array_extracts_every_sample_once(features, raw_shards):
     assert len(keys) == NUM_SAMPLES and sorted(keys) == _raw_keys(raw_shards)
     assert pq.read_table(out / "skipped.parquet").num_rows == 0
     assert sorted(p.name for p in out.glob("*.tar")) == [f"{i:05d}.tar" for i in range(NUM_SAMPLES // PER_SHARD)]
-    assert json.loads((out / "feature_spec.json").read_text())["max_boxes"] == 6
+    spec = json.loads((out / "feature_spec.json").read_text())
+    assert (spec["max_boxes"], spec["class_names"]) == (4, ["circle", "square", "triangle", "cross", "star"])
 
 
 def test_resubmitted_array_task_redoes_only_its_unfinished_shard(slurm_cluster, features):
     """Task 1 of 2 owns shards 1, 3, 5: lose shard 3 and resubmit task 1 alone."""
     work, out, env = features["work"], features["out"], features["env"]
     script = REPO / "slurm" / "preprocess.sbatch"
-    args = ["--input", features["spec"], "--output", str(out), *FAST_EXTRACT]
+    args = ["--input", features["spec"], "--output", str(out), *EXTRACT_ARGS]
 
     # Alone, `--array=1` cannot know the original array had 2 tasks: refused before any work.
     refused = slurm_cluster.sbatch(script, *args, options=["--array=1", f"--chdir={work}"], env=env)
@@ -284,3 +274,45 @@ def test_preempted_pretrain_checkpoints_requeues_and_continues(slurm_cluster, pr
     assert json.loads((run_dir / "done.json").read_text()) == {"global_step": total}
     state = _trainer_state(run_dir, (run_dir / "checkpoints" / "latest").read_text().strip())
     assert (state["global_step"], state["stage"], state["world_size"]) == (total, 1, 2)
+
+
+# ---------------------------------------------------------------------------- fine-tuning
+
+
+def test_finetune_on_two_nodes_with_torchrun(slurm_cluster, tmp_path):
+    """A tiny release fine-tuned on a synthetic classification task, one torchrun per node."""
+    if not (REPO / "finetune" / "trainer.py").is_file():
+        pytest.skip("finetune/trainer.py is not in this checkout")
+    from finetune_fixtures import task_config_dict, tiny_release, write_symbolic_task_shards
+
+    release = tiny_release(tmp_path / "release")
+    data = tmp_path / "data"
+    write_symbolic_task_shards("classification", data / "train", num_samples=64, seed=0)
+    write_symbolic_task_shards("classification", data / "val", num_samples=16, seed=1)
+    config = yaml.safe_load((REPO / "configs" / "finetune" / "classification.yaml").read_text())
+    config.update(shards_root=str(data), task=task_config_dict("classification"))
+    config["data"].update(train="train/00000.tar", val="val/00000.tar", batch_size=8, shuffle_buffer=16)
+    config["train"].update(steps=4, warmup_steps=1, lr=1.0e-3)
+    config["eval"].update(every_steps=2, batch_size=16)
+    config["checkpoint"].update(every_steps=2)
+    config["logging"].update(every_steps=2, progress_bar=False)
+    config_path = tmp_path / "classification.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+
+    run_dir = tmp_path / "run"
+    job_id = slurm_cluster.sbatch(
+        REPO / "slurm" / "finetune.sbatch", "--config", str(config_path), "--init", str(release), "--run-dir", str(run_dir),
+        options=["-N", "2", f"--chdir={tmp_path}"], env=_job_env(slurm_cluster),
+    )
+    log = tmp_path / f"vlp-finetune-{job_id}.log"
+    fields = slurm_cluster.wait_for_end(job_id, timeout_s=480, log_path=log)
+    text = log.read_text()
+    assert (fields["JobState"], fields["ExitCode"], fields["Restarts"]) == ("COMPLETED", "0:0", "0"), text[-4000:]
+    assert "finetune on 2 node(s), launcher=torchrun, rendezvous node1" in text
+    assert json.loads((run_dir / "done.json").read_text())["global_step"] == 4
+    state = _trainer_state(run_dir, (run_dir / "checkpoints" / "latest").read_text().strip())
+    assert (state["global_step"], state["world_size"]) == (4, 2)
+    results = json.loads((run_dir / "results.json").read_text())
+    assert (results["task"], results["step"], results["num_samples"]) == ("classification", 4, 16)
+    assert 0.0 <= results["metrics"]["accuracy"] <= 100.0
+    assert [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [2, 4]
