@@ -41,7 +41,7 @@ sys.path.insert(0, str(REPO))
 
 from preprocess.config import load_config  # noqa: E402
 from preprocess.detector import build_detector  # noqa: E402
-from preprocess.extract import ExtractConfig, _detector_inputs, plan_job, run_extract  # noqa: E402
+from preprocess.extract import ExtractConfig, detector_inputs, plan_job, run_extract  # noqa: E402
 from preprocess.launch_env import WorkShare  # noqa: E402
 from preprocess.raw_input import RawSample, ShardBatch, plan_input_shards, read_shard  # noqa: E402
 
@@ -112,7 +112,7 @@ def decoded_batches(input_spec: str, cfg: ExtractConfig) -> list[ShardBatch]:
 def time_detector(detector, batches: list[ShardBatch]) -> float:
     started = time.perf_counter()
     for batch in batches:
-        detector.detect(*_detector_inputs(batch.samples))
+        detector.detect(*detector_inputs(batch.samples))
     return time.perf_counter() - started
 
 

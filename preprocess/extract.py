@@ -28,6 +28,7 @@ from typing import Any
 import torch
 import yaml
 from torch.utils.data import DataLoader
+from torchvision.ops import clip_boxes_to_image
 from tqdm import tqdm
 
 from preprocess.config import ConfigError, load_config, to_dict
@@ -219,7 +220,8 @@ def write_or_check_spec(output_dir: Path, spec: FeatureSpec) -> None:
     write_json_atomic(path, asdict(spec))
 
 
-def _detector_inputs(samples) -> tuple[list, list | None, list | None]:
+def detector_inputs(samples) -> tuple[list, list | None, list | None]:
+    """``detect`` arguments for a list of RawSample: images, and given boxes/labels if any."""
     images = [s.image.pixels for s in samples]
     if samples[0].given_boxes is None:
         return images, None, None
@@ -227,42 +229,43 @@ def _detector_inputs(samples) -> tuple[list, list | None, list | None]:
     for s in samples:
         # Given boxes are in original pixels; the decoded image may have been shrunk.
         sx, sy = s.image.scale_xy
-        b = torch.from_numpy(s.given_boxes) / torch.tensor([sx, sy, sx, sy])
-        h, w = s.image.pixels.shape[1:]
-        boxes.append(torch.stack([b[:, 0].clamp(0, w), b[:, 1].clamp(0, h), b[:, 2].clamp(0, w), b[:, 3].clamp(0, h)], 1))
+        scaled = torch.from_numpy(s.given_boxes) / torch.tensor([sx, sy, sx, sy])
+        boxes.append(clip_boxes_to_image(scaled, tuple(s.image.pixels.shape[1:])))
     labels = [torch.from_numpy(s.given_labels) if s.given_labels is not None else None for s in samples]
     return images, boxes, labels
 
 
-def _to_original_pixels(regions: Regions, sample) -> Regions:
+def to_original_pixels(regions: Regions, sample) -> Regions:
+    """Detected boxes are in the (possibly shrunk) decoded image; scale them to the original."""
     sx, sy = sample.image.scale_xy
     if sx == 1.0 and sy == 1.0:
         return regions
-    boxes = regions.boxes * torch.tensor([sx, sy, sx, sy])
-    w, h = sample.image.width, sample.image.height
-    boxes = torch.stack([boxes[:, 0].clamp(0, w), boxes[:, 1].clamp(0, h), boxes[:, 2].clamp(0, w), boxes[:, 3].clamp(0, h)], 1)
+    boxes = clip_boxes_to_image(regions.boxes * torch.tensor([sx, sy, sx, sy]), (sample.image.height, sample.image.width))
     return Regions(boxes=boxes, features=regions.features, cls_prob=regions.cls_prob, scores=regions.scores)
 
 
 def detect_batch(detector: RegionDetector, batch: ShardBatch) -> DetectedBatch:
     """Run the detector on one batch; if the batch fails, retry image by image so one bad image
-    costs only itself (recorded as detector_error)."""
+    costs only itself (recorded as detector_error). If every image fails alone too, the
+    problem is not the data: raise."""
     samples = batch.samples
     if not samples:
         return DetectedBatch(batch, [], [])
     try:
-        found = detector.detect(*_detector_inputs(samples))
-        return DetectedBatch(batch, [_to_original_pixels(r, s) for r, s in zip(found, samples)], [""] * len(samples))
+        found = detector.detect(*detector_inputs(samples))
+        return DetectedBatch(batch, [to_original_pixels(r, s) for r, s in zip(found, samples)], [""] * len(samples))
     except (RuntimeError, ValueError) as err:
         log.warning("detector failed on a batch of %s (%s); retrying image by image", batch.shard.name, err)
     regions: list[Regions | None] = []
     errors: list[str] = []
     for sample in samples:
         try:
-            (found,) = detector.detect(*_detector_inputs([sample]))
-            regions.append(_to_original_pixels(found, sample))
+            (found,) = detector.detect(*detector_inputs([sample]))
+            regions.append(to_original_pixels(found, sample))
             errors.append("")
         except (RuntimeError, ValueError) as err:
+            if len(samples) > 1 and len(errors) == len(samples) - 1 and all(errors):
+                raise  # every image of the batch fails on its own: a broken setup, not bad images
             regions.append(None)
             errors.append(f"{err.__class__.__name__}: {err}"[:500])
     return DetectedBatch(batch, regions, errors)
