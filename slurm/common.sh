@@ -84,6 +84,10 @@ vlp_train() {
     shift 2
     local launcher="${VLP_LAUNCHER:-torchrun}"
     local gpus="${VLP_GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}"
+    if ! [[ "$gpus" =~ ^[0-9]+$ ]] || [ "$gpus" -lt 1 ]; then
+        [ -z "${VLP_GPUS_PER_NODE:-}" ] || vlp_die "--gpus-per-node/VLP_GPUS_PER_NODE must be a positive integer, not '$gpus'"
+        gpus=1  # a CPU node (SLURM_GPUS_ON_NODE=0): one process
+    fi
     local nnodes="${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}"
     vlp_rendezvous
     # Ranks come from the launcher, never from the submitting shell.

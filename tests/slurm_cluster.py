@@ -43,6 +43,8 @@ def unavailable_reason() -> str | None:
     """Why this machine cannot run the test cluster, or None when it can (possibly after apt)."""
     if os.name != "posix" or os.geteuid() != 0:
         return "the SLURM test cluster needs root (it installs packages and starts daemons)"
+    if not os.access(HOSTS_FILE, os.W_OK):
+        return f"the SLURM test cluster names its nodes in {HOSTS_FILE}, which is not writable here"
     if all(shutil.which(name) for name in DAEMONS):
         return None
     if not shutil.which("apt-get"):

@@ -63,6 +63,11 @@ def _job_env(cluster: SlurmCluster) -> dict[str, str]:
     )
 
 
+def test_machines_that_cannot_host_the_cluster_get_a_reason(monkeypatch):
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert "needs root" in unavailable_reason()
+
+
 def test_two_nodes_run_one_task_each(slurm_cluster, tmp_path):
     """The harness itself: a 2-node batch job whose srun step lands one task on each node."""
     script = tmp_path / "hello.sbatch"
