@@ -13,6 +13,9 @@ export DS_ACCELERATOR ?= cpu
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+# The venv's tools first: DeepSpeed builds its CPU communication op with whichever `ninja` is on
+# PATH, and two different ninjas alternating on one build cache rebuild it every time.
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: venv test quickstart clean-quickstart
 
@@ -24,8 +27,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 venv: $(VENV)/.installed
 
+# One intra-op thread per process: tests run several processes (ranks, workers) on small machines.
 test: venv
-	$(PY) -m pytest -rs $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -rs $(PYTEST_ARGS)
 
 quickstart: venv
 	$(PY) -m preprocess synth --out $(QUICKSTART_DIR)/raw --num-samples 1200 --seed 0 --samples-per-shard 200
