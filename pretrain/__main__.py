@@ -21,6 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir", required=True, help="checkpoints, metrics.jsonl, TensorBoard events go here")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint if there is one")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. data.batch_size=16")
+    # The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the same.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

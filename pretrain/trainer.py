@@ -238,6 +238,9 @@ def run(cfg: PretrainConfig, run_dir: str | Path, resume: bool) -> int:
         raise SystemExit(f"checkpoint {resume_from.tag} is in stage {resume_from.stage}; the config has {len(cfg.stages)}")
     if (paths.root / DONE_FILE).is_file() and resume:
         log.info("%s: all stages already done (%s)", paths.root, DONE_FILE)
+        if env.rank == 0 and paths.metrics.is_file():
+            lines = paths.metrics.read_text(encoding="utf-8").splitlines()
+            print_summary(json.loads(lines[-1]) if lines else None)
         return json.loads((paths.root / DONE_FILE).read_text())["global_step"]
 
     model = build_model(cfg, spec, len(tokenizer))
