@@ -31,9 +31,20 @@ venv: $(VENV)/.installed
 test: venv
 	OMP_NUM_THREADS=1 $(PY) -m pytest -rs $(PYTEST_ARGS)
 
+# synth -> extract -> pretrain (2 stages) -> export -> fine-tune; every step resumes or redoes
+# idempotently, so re-running `make quickstart` after an interruption continues.
+QS := $(QUICKSTART_DIR)
 quickstart: venv
-	$(PY) -m preprocess synth --out $(QUICKSTART_DIR)/raw --num-samples 1200 --seed 0 --samples-per-shard 200
-	$(PY) -m preprocess extract --input '$(QUICKSTART_DIR)/raw/{00000..00005}.tar' --output $(QUICKSTART_DIR)/features --config configs/preprocess/quickstart.yaml
+	$(PY) -m preprocess synth --out $(QS)/raw --num-samples 1200 --seed 0 --samples-per-shard 200
+	$(PY) -m preprocess extract --input '$(QS)/raw/{00000..00005}.tar' --output $(QS)/features --config configs/preprocess/quickstart.yaml
+	$(PY) -m pretrain --config configs/pretrain/quickstart.yaml --run-dir $(QS)/pretrain --resume shards_root=$(QS)/features
+	$(PY) -m pretrain.export --run $(QS)/pretrain --out $(QS)/release
+	$(PY) -m finetune.synth_tasks --task classification --out $(QS)/finetune/raw/train --num-samples 800 --samples-per-shard 400 --seed 0
+	$(PY) -m finetune.synth_tasks --task classification --out $(QS)/finetune/raw/test --num-samples 200 --samples-per-shard 400 --seed 1
+	$(PY) -m preprocess extract --input '$(QS)/finetune/raw/train/{00000..00001}.tar' --output $(QS)/finetune/features/train --config configs/preprocess/quickstart.yaml
+	$(PY) -m preprocess extract --input '$(QS)/finetune/raw/test/00000.tar' --output $(QS)/finetune/features/test --config configs/preprocess/quickstart.yaml
+	$(PY) -m finetune --config configs/finetune/classification.yaml --init $(QS)/release --run-dir $(QS)/finetune/run --resume shards_root=$(QS)/finetune/features
+	$(PY) -m finetune.evaluate --checkpoint $(QS)/finetune/run --data '$(QS)/finetune/features/test/00000.tar' --out $(QS)/finetune/results.json --baselines $(QS)/finetune/raw/test/task.json
 
 clean-quickstart:
 	rm -rf $(QUICKSTART_DIR)

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 
 from finetune.config import DataConfig, TaskConfig
 from preprocess.feature_format import FeatureSpec, decode_feature_sample
-from pretrain.data import BadSampleHandler, shuffle_per_worker, split_by_rank
+from pretrain.data import BadSampleHandler, shuffle_per_worker, split_by_rank, to_device  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -219,15 +219,3 @@ def read_samples(shards: str, tokenizer, spec: FeatureSpec, data: DataConfig, ta
 def batches_of(samples: list[dict], batch_size: int, collate: TaskCollate):
     for start in range(0, len(samples), batch_size):
         yield collate(samples[start : start + batch_size])
-
-
-def to_device(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-    """Tensors moved to ``device``; floating ones cast to the training precision (labels stay integer)."""
-    out = {}
-    for name, value in batch.items():
-        if isinstance(value, torch.Tensor):
-            value = value.to(device, non_blocking=True)
-            if value.is_floating_point():
-                value = value.to(dtype)
-        out[name] = value
-    return out

@@ -379,3 +379,15 @@ def build_eval_batches(
     """Finite, deterministic validation batches (fixed masking seed), the same on every rank."""
     samples = read_eval_samples(shards, tokenizer, spec, data, max_samples)
     return collate_eval_batches(samples, tokenizer, data, masking, seed)
+
+
+def to_device(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """Tensors moved to ``device``; floating ones cast to the training precision (labels stay integer)."""
+    out = {}
+    for name, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            value = value.to(device, non_blocking=True)
+            if value.is_floating_point():
+                value = value.to(dtype)
+        out[name] = value
+    return out

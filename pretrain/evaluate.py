@@ -27,6 +27,7 @@ from pretrain.data import (
     collate_eval_batches,
     pad_samples,
     read_eval_samples,
+    to_device,
 )
 from pretrain.masking import MaskingConfig
 from pretrain.model import IGNORE_INDEX, ImageBertForPretraining, ObjectiveWeights
@@ -71,17 +72,6 @@ def recall_at_k(scores: torch.Tensor, ks: tuple[int, ...] = RECALL_AT) -> dict[i
     return {k: ((k - above) / (tied + 1)).clamp(0, 1).mean().item() for k in ks}
 
 
-def _to_device(batch: dict, device, dtype: torch.dtype) -> dict:
-    out = {}
-    for name, value in batch.items():
-        if isinstance(value, torch.Tensor):
-            value = value.to(device, non_blocking=True)
-            if value.is_floating_point():
-                value = value.to(dtype)
-        out[name] = value
-    return out
-
-
 @torch.no_grad()
 def masked_modelling_metrics(
     model: ImageBertForPretraining, batches: list[dict], device, dtype, objectives: ObjectiveWeights,
@@ -105,7 +95,7 @@ def masked_modelling_metrics(
             "mrfr": masked_regions,
             "itm": len(matched),
         }
-        out = model(_to_device(batch, device, dtype), weights)
+        out = model(to_device(batch, device, dtype), weights)
         for name, (hits, total) in out.counts.items():
             correct[name] += int(hits)
             seen[name] += int(total)
@@ -129,7 +119,7 @@ def retrieval_scores(
     """``scores[i, j]`` = ITM score of image i with caption j, for all pairs of ``samples``."""
     n = len(samples)
     padded = pad_samples(samples, list(range(n)), pad_token_id)
-    padded = _to_device({k: v for k, v in padded.items() if isinstance(v, torch.Tensor)}, device, dtype)
+    padded = to_device({k: v for k, v in padded.items() if isinstance(v, torch.Tensor)}, device, dtype)
     scores = torch.empty(n * n, dtype=torch.float32)
     for start in tqdm(range(0, n * n, batch_size), desc="eval retrieval", disable=not show_progress, leave=False):
         pairs = torch.arange(start, min(start + batch_size, n * n), device=device)

@@ -33,7 +33,7 @@ from preprocess.feature_format import FeatureSpec
 from preprocess.launch_env import LaunchEnv, read_launch_env
 from pretrain import checkpoint
 from pretrain.config import PretrainConfig, StageConfig, resolve_model_path
-from pretrain.data import build_train_loader, check_spec_matches_model, feature_spec_of
+from pretrain.data import build_train_loader, check_spec_matches_model, feature_spec_of, to_device
 from pretrain.evaluate import evaluate
 from pretrain.model import ImageBertForPretraining, ImageBertModel, imagebert_config
 
@@ -207,17 +207,6 @@ def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [prefix.rstrip(".")]
 
 
-def _device_batch(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-    out = {}
-    for name, value in batch.items():
-        if isinstance(value, torch.Tensor):
-            value = value.to(device, non_blocking=True)
-            if value.is_floating_point():
-                value = value.to(dtype)
-        out[name] = value
-    return out
-
-
 # ---------------------------------------------------------------- the job
 
 
@@ -361,7 +350,7 @@ def train_stage(
 
     for step_in_stage in range(start_step + 1, stage.steps + 1):
         for _ in range(accumulation):
-            batch = _device_batch(next(batches), device, dtype)
+            batch = to_device(next(batches), device, dtype)
             out = engine(batch, cfg.objectives)
             engine.backward(out.loss)
             engine.step()  # DeepSpeed steps the optimizer and the LR schedule at the accumulation boundary
