@@ -65,7 +65,7 @@ class AttentionWeightedCombination(nn.Module):
     def __init__(self, hidden: int):
         super().__init__()
         self.project = nn.Linear(hidden, hidden)
-        self.score = nn.Linear(hidden, 1)
+        self.score = nn.Linear(hidden, 1, bias=False)  # a bias shifts both scores alike: softmax ignores it
 
     def forward(self, summaries: torch.Tensor) -> torch.Tensor:  # [B, K, H] -> [B, H]
         weights = self.score(torch.tanh(self.project(summaries))).softmax(dim=1)
