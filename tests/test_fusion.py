@@ -134,9 +134,10 @@ def test_mbt_bottlenecks_carry_image_into_text_only_after_fusion_layer():
     assert "bottlenecks" not in trace_a[0] and trace_a[fusion_layer]["bottlenecks"].shape == (2, 4, HIDDEN)
 
 
-def test_mbt_default_fusion_layer_is_two_thirds_of_depth():
+def test_mbt_default_fusion_layer_is_two_thirds_of_depth_with_one_layer_after_it():
     assert build_fusion(FusionConfig(name="mbt"), tiny_encoder(layers=6)).fusion_layer == 4
-    assert build_fusion(FusionConfig(name="mbt"), tiny_encoder(layers=3)).fusion_layer == 2
+    # Two thirds of 3 would be 2: the last layer, after which no text layer reads the bottlenecks.
+    assert build_fusion(FusionConfig(name="mbt"), tiny_encoder(layers=3)).fusion_layer == 1
 
 
 def test_muse_exchanges_exact_fraction_in_exact_layers():

@@ -18,7 +18,7 @@ class FusionConfig:
 
     # MBT (Nagrani et al. 2021): B bottleneck tokens from layer L_f on (0-based layer index).
     mbt_bottlenecks: int = 4  # B; 0 lets nothing cross between the modalities
-    mbt_fusion_layer: int | None = None  # L_f; None -> round(2/3 * num_layers), the paper's mid fusion
+    mbt_fusion_layer: int | None = None  # L_f; None -> min(round(2/3 * num_layers), num_layers - 2), the paper's mid fusion
 
     # MuSE (Zhu et al. 2023): token exchange in layers mu..eta (0-based, inclusive).
     muse_exchange_start: int | None = None  # mu; None -> max(1, num_layers // 6) (MuSE's run scripts: 1 of 6)
@@ -51,7 +51,10 @@ class FusionConfig:
 
     def resolved(self, num_layers: int) -> "FusionConfig":
         """A copy with depth-dependent defaults filled in, checked against ``num_layers``."""
-        fusion_layer = self.mbt_fusion_layer if self.mbt_fusion_layer is not None else round(2 * num_layers / 3)
+        # MBT's default: two thirds of the depth, but leave at least one layer after L_f, since the
+        # text first sees what the image wrote into the bottlenecks one layer after they are written.
+        default_fusion = min(round(2 * num_layers / 3), max(0, num_layers - 2))
+        fusion_layer = self.mbt_fusion_layer if self.mbt_fusion_layer is not None else default_fusion
         start = self.muse_exchange_start if self.muse_exchange_start is not None else max(1, num_layers // 6)
         start = min(start, num_layers - 1) if self.muse_exchange_start is None else start
         end = self.muse_exchange_end if self.muse_exchange_end is not None else max(start, num_layers // 2)
