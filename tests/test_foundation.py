@@ -57,6 +57,13 @@ def test_config_errors_name_the_key(overrides, message):
     assert "\n" not in str(err.value)
 
 
+def test_exponent_without_dot_is_a_float():
+    # YAML 1.1 reads 1e-4 as a string; a learning rate written that way must still work.
+    assert load_config(Inner, None, ["rate=1e-1"]).rate == pytest.approx(0.1)
+    with pytest.raises(ConfigError, match="rate must be float"):
+        load_config(Inner, None, ["rate=fast"])
+
+
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(Outer, tmp_path / "nope.yaml")
