@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 
 from finetune.config import DataConfig, TaskConfig
 from preprocess.feature_format import FeatureSpec, decode_feature_sample
-from pretrain.data import BadSampleHandler, shuffle_per_worker, split_by_rank, to_device  # noqa: F401 (re-exported)
+from pretrain.data import BadSampleHandler, shuffled_raw_samples, to_device  # noqa: F401 (to_device re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -168,24 +168,13 @@ class TaskCollate:
         return batch
 
 
-def _one_stream_for_everyone() -> int:
-    # Every rank and worker draws the same shard sequence; split_by_rank/worker then slice it.
-    return 0
-
-
 def build_train_pipeline(
     shards: str, tokenizer, spec: FeatureSpec, data: DataConfig, task: TaskConfig, seed: int, rank: int, world_size: int
 ) -> wds.DataPipeline:
     """The endless training stream of one rank, yielding batches (runs in DataLoader workers)."""
     bad = BadSampleHandler(f"training shards {shards}")
     return wds.DataPipeline(
-        wds.ResampledShards(shards, seed=seed, worker_seed=_one_stream_for_everyone, deterministic=True),
-        # at this point we have an endless stream of {"url": shard}, identical on every rank and worker
-        split_by_rank(rank, world_size),
-        wds.split_by_worker,
-        # at this point each (rank, worker) holds its own share of the shard draws
-        wds.tarfile_to_samples(handler=bad),
-        shuffle_per_worker(data.shuffle_buffer, seed, rank),
+        *shuffled_raw_samples(shards, data.shuffle_buffer, seed, rank, world_size, bad),
         wds.map(TaskSampleDecoder(tokenizer, spec, data, task), handler=bad),
         # at this point we have tokenised samples with their targets
         wds.batched(data.batch_size, collation_fn=TaskCollate(tokenizer.pad_token_id, task), partial=False),

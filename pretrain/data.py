@@ -303,23 +303,31 @@ def shuffle_per_worker(bufsize: int, seed: int, rank: int):
     return stage
 
 
-def build_train_pipeline(
-    shards: str, tokenizer, spec: FeatureSpec, data: DataConfig, masking: MaskingConfig,
-    seed: int, rank: int, world_size: int,
-) -> wds.DataPipeline:
-    """The endless training pipeline of one rank, yielding collated batches (run it in DataLoader workers)."""
+def shuffled_raw_samples(shards: str, shuffle_buffer: int, seed: int, rank: int, world_size: int, handler) -> list:
+    """The head of every training pipeline (pretraining and fine-tuning): raw samples of one
+    (rank, worker), drawn endlessly from the shards and shuffled."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
-    bad = BadSampleHandler(f"training shards {shards}")
-    return wds.DataPipeline(
+    return [
         wds.ResampledShards(shards, seed=seed, worker_seed=_one_stream_for_everyone, deterministic=True),
         # at this point we have an endless stream of {"url": shard}, identical on every rank and worker
         split_by_rank(rank, world_size),
         wds.split_by_worker,
         # at this point each (rank, worker) holds its own disjoint share of the shard draws
-        wds.tarfile_to_samples(handler=bad),
+        wds.tarfile_to_samples(handler=handler),
         # at this point we have raw samples {"__key__", "txt", "features.npy", ...} as bytes
-        shuffle_per_worker(data.shuffle_buffer, seed, rank),
+        shuffle_per_worker(shuffle_buffer, seed, rank),
+    ]
+
+
+def build_train_pipeline(
+    shards: str, tokenizer, spec: FeatureSpec, data: DataConfig, masking: MaskingConfig,
+    seed: int, rank: int, world_size: int,
+) -> wds.DataPipeline:
+    """The endless training pipeline of one rank, yielding collated batches (run it in DataLoader workers)."""
+    bad = BadSampleHandler(f"training shards {shards}")
+    return wds.DataPipeline(
+        *shuffled_raw_samples(shards, data.shuffle_buffer, seed, rank, world_size, bad),
         wds.map(SampleDecoder(tokenizer, spec, data), handler=bad),
         # at this point we have tokenised samples with float16 region arrays
         wds.batched(data.batch_size, collation_fn=PretrainCollate(tokenizer, data, masking, seed, rank), partial=False),
