@@ -46,18 +46,30 @@ def check_region_config(config: BertConfig) -> None:
 
 
 class ImageBertRegionEmbeddings(nn.Module):
-    """LayerNorm(Linear(ROI feature)) + LayerNorm(Linear(5-d geometry))."""
+    """LayerNorm(Linear(ROI feature)) + LayerNorm(Linear(5-d geometry)).
+
+    A region whose feature is all zeros (a masked region: masking zeroes the feature, as in
+    UNITER; or a degenerate detector output) gets the learned ``blank_feature`` in place of its
+    feature term. LayerNorm(Linear(0)) = LayerNorm(bias) normalises a near-constant vector:
+    with the bias at its zero init, its gradient was measured at ~1e5x every other parameter's,
+    so global-norm clipping scaled the rest of the step below Adam's epsilon and ITM never left
+    chance. Zero-initialised, so a masked region starts as its geometry alone.
+    """
 
     def __init__(self, config: BertConfig):
         super().__init__()
         self.feature_proj = nn.Linear(config.feature_dim, config.hidden_size)
         self.feature_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.blank_feature = nn.Parameter(torch.zeros(config.hidden_size))
         self.geometry_proj = nn.Linear(GEOMETRY_DIM, config.hidden_size)
         self.geometry_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, region_features: torch.Tensor, region_geometry: torch.Tensor) -> torch.Tensor:
         dtype = self.feature_proj.weight.dtype
-        features = self.feature_norm(self.feature_proj(region_features.to(dtype)))
+        region_features = region_features.to(dtype)
+        blank = (region_features == 0).all(dim=-1, keepdim=True)
+        features = self.feature_norm(self.feature_proj(region_features))
+        features = torch.where(blank, self.blank_feature.to(dtype), features)
         geometry = self.geometry_norm(self.geometry_proj(region_geometry.to(dtype)))
         return features + geometry
 

@@ -197,3 +197,27 @@ def test_feature_dim_mismatch_is_a_clear_error(tokenizer, tmp_path):
     with pytest.raises(ValueError, match=f"feature_dim {FEATURE_DIM + 1} vs model {FEATURE_DIM}"):
         evaluate(model, str(tmp_path / "missing-{00000..00001}.tar"), tokenizer, spec, DataConfig(), MaskingConfig(),
                  EvalConfig(), "cpu", torch.float32)
+
+
+def test_masked_regions_do_not_blow_up_gradients(tokenizer):
+    """Masked (zeroed) regions get the learned blank embedding, so no parameter's gradient explodes.
+
+    LayerNorm(Linear(0)) normalises the zero-init bias: its gradient came out ~1e5x the others',
+    and global clipping then shrank every other gradient below Adam's epsilon.
+    """
+    batch = batches_of(tokenizer, 16, 16, seed=7, masking=MaskingConfig(text_rate=0.15, region_rate=0.5))[0]
+    # 90 % of the chosen regions are zeroed (the other 10 % keep their feature).
+    blanked = (batch["region_features"] == 0).all(-1) & batch["region_mask"].bool()
+    assert blanked.any() and (batch["region_masked"].bool() | ~blanked).all()
+    model = tiny_model(tokenizer, dropout=0.0)
+    model(batch).loss.backward()
+    norms = {name: p.grad.norm().item() for name, p in model.named_parameters() if p.grad is not None}
+    assert max(norms.values()) < 100.0, max(norms.items(), key=lambda kv: kv[1])
+    assert norms["imagebert.region_embeddings.blank_feature"] > 0.0
+    # A masked region's feature term is exactly the blank vector: only its geometry tells regions apart.
+    embeddings = model.imagebert.region_embeddings
+    with torch.no_grad():
+        embeddings.blank_feature.fill_(0.25)
+        out = embeddings(batch["region_features"], batch["region_geometry"])
+        geometry = embeddings.geometry_norm(embeddings.geometry_proj(batch["region_geometry"]))
+    assert torch.allclose(out[blanked], geometry[blanked] + 0.25, atol=1e-6)
