@@ -40,8 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from preprocess.config import load_config  # noqa: E402
-from preprocess.detector import build_detector  # noqa: E402
-from preprocess.extract import ExtractConfig, detector_inputs, plan_job, run_extract  # noqa: E402
+from preprocess.extract import ExtractConfig, detector_inputs, load_detector, plan_job, run_extract  # noqa: E402
 from preprocess.launch_env import WorkShare  # noqa: E402
 from preprocess.raw_input import RawSample, ShardBatch, plan_input_shards, read_shard  # noqa: E402
 
@@ -145,8 +144,7 @@ def main() -> int:
 
         if cfg.torch_threads:
             torch.set_num_threads(cfg.torch_threads)
-        torch.manual_seed(cfg.seed)
-        detector = build_detector(cfg.detector)
+        detector = load_detector(plan_job(input_spec, work / "features-0", cfg, WorkShare(0, 1, "single")))
         batches = decoded_batches(input_spec, cfg)
         images = sum(len(b.samples) for b in batches)
         time_detector(detector, batches[:2])  # warm-up: first-call allocations, oneDNN kernel choice

@@ -43,6 +43,7 @@ from preprocess.raw_input import (
     ShardBatch,
     ShardBatches,
     ShardEnd,
+    first_images,
     pass_through,
     plan_input_shards,
 )
@@ -283,6 +284,15 @@ def make_loader(job: ExtractJob) -> DataLoader:
     )
 
 
+def load_detector(job: ExtractJob) -> RegionDetector:
+    """The job's detector, seeded; a random one calibrated on the first input shard if so configured."""
+    cfg = job.cfg
+    torch.manual_seed(cfg.seed)
+    return build_detector(
+        cfg.detector, lambda: first_images(job.shards[0], cfg.sample_rules(), cfg.detector.calibration_images)
+    )
+
+
 def run_extract(job: ExtractJob, detector: RegionDetector | None = None) -> dict[str, Any]:
     """Process this worker's shards, then assemble the final tables if every shard is complete.
 
@@ -310,8 +320,7 @@ def run_extract(job: ExtractJob, detector: RegionDetector | None = None) -> dict
         # not inherit the model's memory.
         batches = iter(make_loader(job))
         if detector is None:
-            torch.manual_seed(cfg.seed)
-            detector = build_detector(cfg.detector)
+            detector = load_detector(job)
         spec = feature_spec_for(detector, cfg)
         write_or_check_spec(out, spec)
         writer = FeatureWriter(out, spec.label_format, spec.topk, cfg.write_queue_batches)

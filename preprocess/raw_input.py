@@ -410,6 +410,27 @@ def read_shard(shard: InputShard, rules: SampleRules) -> Iterator[RawSample | Sk
     yield ShardEnd(shard, index)
 
 
+def first_images(shard: InputShard, rules: SampleRules, count: int) -> tuple[list[torch.Tensor], str]:
+    """The pixels of the first ``count`` usable samples of ``shard``, in order, and a description.
+
+    For ``detector.batchnorm_calibration: input``: every worker reads the same images, so all
+    of them build the same network.
+    """
+    images: list[torch.Tensor] = []
+    samples = read_shard(shard, rules)
+    for item in samples:
+        if isinstance(item, RawSample):
+            images.append(item.image.pixels)
+            if len(images) == count:
+                break
+        elif isinstance(item, ShardEnd) and item.failed:
+            raise InputError(f"detector.batchnorm_calibration: input: cannot read {shard.url}: {item.failed}")
+    samples.close()
+    if not images:
+        raise InputError(f"detector.batchnorm_calibration: input: {shard.url} holds no usable image")
+    return images, f"the first {len(images)} images of input shard {shard.name}"
+
+
 class ShardBatches(IterableDataset):
     """DataLoader dataset: each worker reads whole shards (``shards[worker::num_workers]``) and
     yields per-shard batches of decoded samples, then the shard's ``ShardEnd``."""

@@ -14,7 +14,7 @@ import torch
 import torchvision
 from torchvision.models.detection.image_list import ImageList
 
-from preprocess.detector import DetectorConfig, TwoStageDetector, resolve_device, warn_random_once
+from preprocess.detector import CalibrationSource, DetectorConfig, TwoStageDetector, resolve_device, warn_random_once
 
 BOX_PREDICTOR_KEY = "roi_heads.box_predictor.cls_score.weight"
 
@@ -24,7 +24,7 @@ class TorchvisionDetector(TwoStageDetector):
 
     background_index = 0  # torchvision puts background first
 
-    def __init__(self, cfg: DetectorConfig) -> None:
+    def __init__(self, cfg: DetectorConfig, calibration_images: CalibrationSource | None = None) -> None:
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
         weights_enum = torchvision.models.get_model_weights(cfg.model).DEFAULT
@@ -47,7 +47,16 @@ class TorchvisionDetector(TwoStageDetector):
                     f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
                 )
         model = model.requires_grad_(False).to(self.device)
-        if state is None:
+        if state is None and cfg.batchnorm_calibration == "input":
+            if calibration_images is None:
+                raise ValueError(
+                    "detector.batchnorm_calibration: input needs the input's images; "
+                    "python -m preprocess extract passes them (or set it to noise)"
+                )
+            images, source = calibration_images()
+            calibrate_random_batchnorm(model, min(cfg.max_size, 128), self.device, images=images)
+            self.weights = f"random, batch norms calibrated on {source}"
+        elif state is None:
             calibrate_random_batchnorm(model, min(cfg.max_size, 128), self.device)
         self.model = model.eval()
 
@@ -96,16 +105,20 @@ class TorchvisionDetector(TwoStageDetector):
         return self.model.roi_heads.box_coder.decode(deltas, boxes)[:, 1:]
 
 
-def calibrate_random_batchnorm(model, side: int, device: torch.device, steps: int = 2) -> None:
+def calibrate_random_batchnorm(
+    model, side: int, device: torch.device, steps: int = 2, images: list[torch.Tensor] | None = None
+) -> None:
     """Give a RANDOMLY initialised backbone's batch norms real running statistics.
 
     Without pretrained weights torchvision builds plain BatchNorm2d with mean 0 / var 1, so in
     eval mode nothing normalises: measured on fasterrcnn_mobilenet_v3_large_320_fpn, activations
     shrink ~20x per stage to ~1e-8 at the FPN, the box head's bias swamps them and EVERY region
-    gets the same feature (relative spread 3e-7). Estimating the statistics on a few seeded
-    noise images (fixed generator: every process builds the same network) keeps each layer at
-    unit scale, so random features still differ with colour and shape. Pretrained weights
-    never come here.
+    gets the same feature (relative spread 3e-7). Estimating the statistics keeps each layer
+    at unit scale. On seeded noise images (fixed generator: every process builds the same
+    network) random features still differ with colour and shape; on the input's own
+    ``images`` (uint8 CHW, resized like the detector's input) they describe them far better,
+    because every layer is then normalised for the statistics it will actually see.
+    Pretrained weights never come here.
     """
     norms = [m for m in model.backbone.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     if not norms:
@@ -114,11 +127,16 @@ def calibrate_random_batchnorm(model, side: int, device: torch.device, steps: in
         bn.reset_running_stats()
         bn.momentum = None  # cumulative average over the calibration batches
         bn.train()
-    generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for _ in range(steps):
-            noise = torch.rand(4, 3, side, side, generator=generator).to(device)
-            model.backbone(model.transform.normalize(noise))
+        if images:
+            for start in range(0, len(images), 8):
+                chunk = [im.to(device).float().div_(255.0) for im in images[start : start + 8]]
+                model.backbone(model.transform(chunk)[0].tensors)
+        else:
+            generator = torch.Generator().manual_seed(0)
+            for _ in range(steps):
+                noise = torch.rand(4, 3, side, side, generator=generator).to(device)
+                model.backbone(model.transform.normalize(noise))
     for bn in norms:
         bn.eval()
 
@@ -149,5 +167,5 @@ def load_torchvision_weights(cfg: DetectorConfig, weights_enum) -> tuple[dict | 
     cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights_enum.url))
     if os.path.isfile(cached):
         return torch.load(cached, map_location="cpu", weights_only=True), f"torchvision-cache:{weights_enum}"
-    warn_random_once(f"torchvision:{cfg.model}", note="batch norms calibrated on noise")
+    warn_random_once(f"torchvision:{cfg.model}", note=f"batch norms calibrated on {cfg.batchnorm_calibration}")
     return None, "random"

@@ -137,23 +137,31 @@ def test_kill_mid_run_then_rerun_matches_clean_run(tmp_path):
     assert runs[-1]["shards_already_complete"] == done
 
 
-def test_two_ranks_give_the_same_tables_as_one_run(tmp_path, monkeypatch):
+@pytest.mark.parametrize("calibration", ["noise", "input"])
+def test_two_ranks_give_the_same_tables_as_one_run(tmp_path, monkeypatch, calibration):
+    """Also with batch norms calibrated on the input: rank 1 never processes 00000.tar but
+    calibrates on its first images too, so it builds the same network as rank 0."""
     spec = good_shards(tmp_path / "raw", num_shards=3, per_shard=2)
+    args = [*GIVEN_BOXES, f"detector.batchnorm_calibration={calibration}", "detector.calibration_images=3"]
     single = tmp_path / "single"
-    assert run(["--input", spec, "--output", str(single), *GIVEN_BOXES]) == 0
+    assert run(["--input", spec, "--output", str(single), *args]) == 0
 
     shared = tmp_path / "shared"
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
-    assert run(["--input", spec, "--output", str(shared), *GIVEN_BOXES]) == 0
+    assert run(["--input", spec, "--output", str(shared), *args]) == 0
     assert sorted(p.name for p in shared.glob("*.tar")) == ["00001.tar"]
     assert not (shared / "manifest.parquet").exists(), "tables must wait for the other rank"
     monkeypatch.setenv("RANK", "0")
-    assert run(["--input", spec, "--output", str(shared), *GIVEN_BOXES]) == 0
+    assert run(["--input", spec, "--output", str(shared), *args]) == 0
     monkeypatch.delenv("RANK")  # plain webdataset refuses to read shards under a multi-rank env
     monkeypatch.delenv("WORLD_SIZE")
     assert tables(shared) == tables(single)
     assert_same_features(shared, single)
+    weights = FeatureSpec.load(single).weights
+    # 3 asked for, but the first shard holds 2: it calibrates on what there is.
+    expected = "random, batch norms calibrated on the first 2 images of input shard 00000.tar"
+    assert weights == ("random" if calibration == "noise" else expected)
 
 
 def test_pipe_and_fsspec_inputs(tmp_path):
