@@ -18,7 +18,7 @@ from typing import Any, Literal
 from pretrain.data import DataConfig
 from pretrain.evaluate import EvalConfig
 from pretrain.masking import MaskingConfig
-from pretrain.model import ObjectiveWeights
+from pretrain.model import POOLINGS, ObjectiveWeights
 
 PACKAGE_PREFIX = "pkg:"
 
@@ -53,12 +53,18 @@ class ModelConfig:
     num_layers: int | None = None
     # Recompute each BERT layer's activations in backward: less memory, about a third more compute.
     activation_checkpointing: bool = False
+    # The summary the ITM and task heads read: "cls" (ImageBERT: BERT's pooler on [CLS]) or "mean"
+    # (the pooler on the mean over tokens and regions; for checkpoints trained with mean pooling,
+    # such as sentence-transformers' MiniLM, whose [CLS] is no summary). Saved in the release.
+    pooling: str = "cls"
 
     def __post_init__(self) -> None:
         if (self.bert is None) == (self.bert_config is None):
             raise ValueError("model: set exactly one of model.bert (pretrained directory) or model.bert_config (random init)")
         if self.num_layers is not None and (self.bert is None or self.num_layers < 1):
             raise ValueError("model.num_layers truncates a pretrained model.bert and must be >= 1 (with bert_config set num_hidden_layers)")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"model.pooling must be one of {list(POOLINGS)}, got {self.pooling!r}")
         if self.bert_config is not None and self.tokenizer is None:
             raise ValueError("model.tokenizer is required with model.bert_config (a directory with the tokenizer files)")
 

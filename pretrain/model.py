@@ -26,11 +26,19 @@ GEOMETRY_DIM = 5
 IGNORE_INDEX = -100
 
 
-def imagebert_config(bert_config: BertConfig, feature_dim: int, num_region_classes: int) -> BertConfig:
+POOLINGS = ("cls", "mean")
+
+
+def imagebert_config(
+    bert_config: BertConfig, feature_dim: int, num_region_classes: int, pooling: str = "cls"
+) -> BertConfig:
     """Copy of ``bert_config`` extended with the region fields ImageBERT needs."""
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {list(POOLINGS)}, got {pooling!r}")
     config = BertConfig.from_dict(bert_config.to_dict())
     config.feature_dim = int(feature_dim)
     config.num_region_classes = int(num_region_classes)
+    config.summary_pooling = pooling
     # All regions share one position; the last row of the table is one text never reaches.
     config.region_position_id = config.max_position_embeddings - 1
     config._attn_implementation = "sdpa"
@@ -93,10 +101,12 @@ class ImageBertModel(nn.Module):
         init_new_modules(self.region_embeddings, config)
 
     @classmethod
-    def from_pretrained_bert(cls, path: str, feature_dim: int, num_region_classes: int) -> "ImageBertModel":
+    def from_pretrained_bert(
+        cls, path: str, feature_dim: int, num_region_classes: int, pooling: str = "cls"
+    ) -> "ImageBertModel":
         """Text side from a local Hugging Face BERT directory; region embeddings freshly initialised."""
         bert = BertModel.from_pretrained(path, add_pooling_layer=True, attn_implementation="sdpa")
-        config = imagebert_config(bert.config, feature_dim, num_region_classes)
+        config = imagebert_config(bert.config, feature_dim, num_region_classes, pooling)
         bert.config = config
         return cls(config, bert=bert)
 
@@ -115,6 +125,21 @@ class ImageBertModel(nn.Module):
         return self.bert.embeddings(
             inputs_embeds=inputs_embeds, token_type_ids=token_type_ids, position_ids=positions.expand(batch, -1)
         )
+
+    def pool(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The summary the ITM and task heads read: BERT's pooler (dense + tanh) on [CLS]
+        (ImageBERT, ``summary_pooling: cls``) or on the mean over the real positions (``mean``).
+
+        ``mean`` is for text checkpoints whose [CLS] was never trained as a summary, such as
+        sentence-transformers models (trained with mean pooling): in MiniLM-L6's first layers
+        [CLS] barely moves with the input (swapping the image changed it by 0.07 %), so ITM
+        stayed at chance; on the mean it learned within 100 steps (docs/pretrain.md).
+        """
+        if getattr(self.config, "summary_pooling", "cls") == "mean":
+            weights = mask.to(states.dtype).unsqueeze(-1)
+            summary = (states * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+            return self.bert.pooler.activation(self.bert.pooler.dense(summary))
+        return self.bert.pooler(states)
 
     def text_positions(self, length: int, device: torch.device) -> torch.Tensor:
         return torch.arange(length, device=device).unsqueeze(0)
@@ -150,7 +175,7 @@ class ImageBertModel(nn.Module):
         out = self.bert(
             inputs_embeds=inputs_embeds, attention_mask=mask, token_type_ids=token_type_ids, position_ids=position_ids
         )
-        return ImageBertOutput(out.last_hidden_state, out.pooler_output, text_length)
+        return ImageBertOutput(out.last_hidden_state, self.pool(out.last_hidden_state, mask), text_length)
 
 
 class RegionHead(nn.Module):

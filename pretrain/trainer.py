@@ -112,7 +112,7 @@ def build_model(cfg: PretrainConfig, spec: FeatureSpec, vocab_size: int) -> Imag
     torch.manual_seed(cfg.seed)
     if cfg.model.bert is not None:
         encoder = ImageBertModel.from_pretrained_bert(
-            resolve_model_path(cfg.model.bert), spec.feature_dim, spec.num_classes
+            resolve_model_path(cfg.model.bert), spec.feature_dim, spec.num_classes, cfg.model.pooling
         )
         layers = encoder.bert.encoder.layer
         if cfg.model.num_layers is not None:
@@ -123,7 +123,8 @@ def build_model(cfg: PretrainConfig, spec: FeatureSpec, vocab_size: int) -> Imag
         model = ImageBertForPretraining(encoder.config, encoder=encoder)
     else:
         bert_kwargs = {"vocab_size": vocab_size, **cfg.model.bert_config}
-        model = ImageBertForPretraining(imagebert_config(BertConfig(**bert_kwargs), spec.feature_dim, spec.num_classes))
+        config = imagebert_config(BertConfig(**bert_kwargs), spec.feature_dim, spec.num_classes, cfg.model.pooling)
+        model = ImageBertForPretraining(config)
     if model.config.vocab_size < vocab_size:
         raise ValueError(f"model vocab_size {model.config.vocab_size} < tokenizer's {vocab_size}: model.bert_config.vocab_size")
     if cfg.model.activation_checkpointing:

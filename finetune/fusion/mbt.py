@@ -59,7 +59,7 @@ class BottleneckFusion(FusionEncoder):
         return FusedOutput(
             text_states=text.states,
             region_states=image.states[:, 1:],
-            pooled=[self.pool(text.states), self.pool(image.states)],
+            pooled=[self.pool(text), self.pool(image)],
         )
 
 

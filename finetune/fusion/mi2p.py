@@ -110,5 +110,5 @@ class InjectionFusion(FusionEncoder):
             text = Stream(self.image_into_text[index](text_host.states, foreign_image), text.mask)
             image = Stream(self.text_into_image[index](image_host.states, foreign_text), image.mask)
             self.record(index, text=text.states, image=image.states)
-        summaries = torch.stack([self.pool(text.states), self.pool(image.states)], dim=1)
+        summaries = torch.stack([self.pool(text), self.pool(image)], dim=1)
         return FusedOutput(text_states=text.states, region_states=image.states[:, 1:], pooled=[self.combine(summaries)])

@@ -93,7 +93,7 @@ class ExchangeFusion(FusionEncoder):
                 text_exchanged=text_selected,
                 image_exchanged=image_selected,
             )
-        pooled = torch.cat([self.pool(text.states), self.pool(image.states)], dim=-1)
+        pooled = torch.cat([self.pool(text), self.pool(image)], dim=-1)
         return FusedOutput(
             text_states=text.states, region_states=image.states[:, 1:], pooled=[pooled], aux_loss=aux_loss
         )

@@ -150,6 +150,7 @@ class FusionEncoder(nn.Module):
         cls_mask = torch.ones_like(regions.mask[:, :1])
         return Stream(torch.cat([cls, regions.states], 1), torch.cat([cls_mask, regions.mask], 1))
 
-    def pool(self, states: torch.Tensor) -> torch.Tensor:
-        """The pretrained BERT pooler (dense + tanh) on token 0 of ``states``."""
-        return self.encoder.bert.pooler(states)
+    def pool(self, stream: Stream) -> torch.Tensor:
+        """The release's summary of a stream: the pretrained pooler on its token 0 or its mean
+        (``ImageBertModel.pool``, as the release was pretrained)."""
+        return self.encoder.pool(stream.states, stream.mask)

@@ -34,5 +34,5 @@ class SingleStreamFusion(FusionEncoder):
         return FusedOutput(
             text_states=joint.states[:, :text_length],
             region_states=joint.states[:, text_length:],
-            pooled=[self.pool(joint.states)],
+            pooled=[self.pool(joint)],
         )
