@@ -1,7 +1,8 @@
 """The release directory: what pretraining hands to fine-tuning and to users.
 
 ``RELEASE_DIR/config.json``       BERT config plus the region fields (``feature_dim``,
-                                  ``num_region_classes``, ``region_position_id``)
+                                  ``num_region_classes``, ``region_position_id``,
+                                  ``summary_pooling``: cls or mean, absent means cls)
 ``RELEASE_DIR/model.safetensors`` weights of ``ImageBertForPretraining`` (encoder and the
                                   four pretraining heads; the MLM decoder is tied to the word
                                   embeddings and stored once)
