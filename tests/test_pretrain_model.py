@@ -238,3 +238,17 @@ def test_mean_pooling_summarises_every_real_position(tokenizer):
             expected = torch.tanh(encoder.bert.pooler.dense(summary))
         assert torch.allclose(out.pooled_output, expected, atol=1e-6), pooling
         assert encoder.config.summary_pooling == pooling
+
+
+def test_release_keeps_the_pooling(tokenizer, tmp_path):
+    """A release pretrained with pooling=mean summarises by the mean after loading, too."""
+    from pretrain.release import load_release, save_release
+
+    batch = batches_of(tokenizer, 4, 4, seed=9, masking=MaskingConfig(text_rate=0.0, region_rate=0.0))[0]
+    args = [batch[k] for k in ("input_ids", "attention_mask", "region_features", "region_geometry", "region_mask")]
+    model = tiny_model(tokenizer, pooling="mean").eval()
+    save_release(model, tokenizer, feature_spec(FEATURE_DIM), tmp_path / "release")
+    loaded = load_release(tmp_path / "release").model.eval()
+    assert loaded.config.summary_pooling == "mean"
+    with torch.no_grad():
+        assert torch.equal(loaded.imagebert(*args).pooled_output, model.imagebert(*args).pooled_output)

@@ -108,6 +108,7 @@ def test_quickstart_and_tiny_configs_load():
         (["deepspeed.precision=fp8"], "deepspeed.precision must be one of"),
         (["model.bert=/some/bert"], "set exactly one of model.bert"),
         (["model.tokenizer=null"], "model.tokenizer is required"),
+        (["model.pooling=max"], "model.pooling must be one of ['cls', 'mean']"),
         (["objectives.mlm=0", "objectives.moc=0", "objectives.mrfr=0", "objectives.itm=0"], "at least one of mlm"),
         (["stages=[{name: a, shards: x.tar, eval_shards: y.tar}]"], "stages[a].steps must be >= 1"),
         (["stages=[{name: a, shards: x.tar, eval_shards: y.tar, steps: 2, warmup_steps: 3}]"], "warmup_steps"),
