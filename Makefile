@@ -39,11 +39,11 @@ quickstart: venv
 	$(PY) -m preprocess extract --input '$(QS)/raw/{00000..00005}.tar' --output $(QS)/features --config configs/preprocess/quickstart.yaml
 	$(PY) -m pretrain --config configs/pretrain/quickstart.yaml --run-dir $(QS)/pretrain --resume shards_root=$(QS)/features
 	$(PY) -m pretrain.export --run $(QS)/pretrain --out $(QS)/release
-	$(PY) -m finetune.synth_tasks --task classification --out $(QS)/finetune/raw/train --num-samples 800 --samples-per-shard 400 --seed 0
-	$(PY) -m finetune.synth_tasks --task classification --out $(QS)/finetune/raw/test --num-samples 200 --samples-per-shard 400 --seed 1
+	$(PY) -m finetune.synth_tasks --task retrieval --out $(QS)/finetune/raw/train --num-samples 800 --samples-per-shard 400 --seed 0
+	$(PY) -m finetune.synth_tasks --task retrieval --out $(QS)/finetune/raw/test --num-samples 40 --captions-per-image 5 --samples-per-shard 400 --seed 1
 	$(PY) -m preprocess extract --input '$(QS)/finetune/raw/train/{00000..00001}.tar' --output $(QS)/finetune/features/train --config configs/preprocess/quickstart.yaml
 	$(PY) -m preprocess extract --input '$(QS)/finetune/raw/test/00000.tar' --output $(QS)/finetune/features/test --config configs/preprocess/quickstart.yaml
-	$(PY) -m finetune --config configs/finetune/classification.yaml --init $(QS)/release --run-dir $(QS)/finetune/run --resume shards_root=$(QS)/finetune/features
+	$(PY) -m finetune --config configs/finetune/retrieval.yaml --init $(QS)/release --run-dir $(QS)/finetune/run --resume shards_root=$(QS)/finetune/features
 	$(PY) -m finetune.evaluate --checkpoint $(QS)/finetune/run --data '$(QS)/finetune/features/test/00000.tar' --out $(QS)/finetune/results.json --baselines $(QS)/finetune/raw/test/task.json
 
 clean-quickstart:
