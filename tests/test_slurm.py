@@ -86,8 +86,8 @@ def test_two_nodes_run_one_task_each(slurm_cluster, tmp_path):
 # ---------------------------------------------------------------------------- preprocessing
 
 NUM_SAMPLES, PER_SHARD = 120, 20  # six raw shards, like the quickstart's (smaller)
-# The quickstart's extraction config (given boxes from the synth JSON, smallest torchvision
-# Faster R-CNN), as `make quickstart` runs it.
+# The quickstart's extraction config (given boxes from the synth JSON, random ResNet-50 FPN with
+# batch norms calibrated on the first input shard), as `make quickstart` runs it.
 EXTRACT_ARGS = ["--config", str(REPO / "configs" / "preprocess" / "quickstart.yaml"), "progress=false"]
 
 
