@@ -298,7 +298,7 @@ def test_input_calibration_makes_random_features_describe_colour_and_shape():
 
     rng = np.random.default_rng(0)
     scenes = [sample_scene(rng, "train") for _ in range(48)]
-    images = [torch.from_numpy(np.asarray(render(s).convert("RGB"))).permute(2, 0, 1).contiguous() for s in scenes]
+    images = [torch.from_numpy(np.array(render(s).convert("RGB"))).permute(2, 0, 1).contiguous() for s in scenes]
     boxes = [torch.tensor([o.box for o in s.objects], dtype=torch.float32) for s in scenes]
     colours = [o.colour for s in scenes for o in s.objects]
     shapes = [o.shape for s in scenes for o in s.objects]
