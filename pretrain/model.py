@@ -136,9 +136,7 @@ class ImageBertModel(nn.Module):
         stayed at chance; on the mean it learned within 100 steps (docs/pretrain.md).
         """
         if getattr(self.config, "summary_pooling", "cls") == "mean":
-            weights = mask.to(states.dtype).unsqueeze(-1)
-            summary = (states * weights).sum(1) / weights.sum(1).clamp(min=1.0)
-            return self.bert.pooler.activation(self.bert.pooler.dense(summary))
+            return self.bert.pooler.activation(self.bert.pooler.dense(masked_mean(states, mask)))
         return self.bert.pooler(states)
 
     def text_positions(self, length: int, device: torch.device) -> torch.Tensor:
@@ -288,6 +286,12 @@ class ImageBertForPretraining(nn.Module):
         enc = self.imagebert(input_ids, attention_mask, region_features, region_geometry, region_mask)
         logits = self.itm_head(enc.pooled_output).float()
         return logits[:, 1] - logits[:, 0]
+
+
+def masked_mean(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``states`` [B, N, H] over the positions where ``mask`` [B, N] is set."""
+    weights = mask.to(states.dtype).unsqueeze(-1)
+    return (states * weights).sum(1) / weights.sum(1).clamp(min=1.0)
 
 
 def _mean_or_zero(loss_sum: torch.Tensor, count: int, like: torch.Tensor) -> torch.Tensor:

@@ -32,7 +32,7 @@ from finetune.fusion.routing import (
     run_feed_forward_block,
     run_layer,
 )
-from pretrain.model import IGNORE_INDEX, ImageBertModel
+from pretrain.model import IGNORE_INDEX, ImageBertModel, masked_mean
 
 
 class ExchangeFusion(FusionEncoder):
@@ -134,8 +134,3 @@ def lowest_attended(cls_row: torch.Tensor, mask: torch.Tensor, fraction: float) 
     scores = cls_row.float().masked_fill(~candidates, float("inf"))
     rank = scores.argsort(dim=-1, stable=True).argsort(dim=-1)
     return rank < exchange_counts(mask, fraction)[:, None]
-
-
-def masked_mean(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    weights = mask.to(states.dtype)[..., None]
-    return (states * weights).sum(1) / weights.sum(1).clamp(min=1)
