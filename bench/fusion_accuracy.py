@@ -15,7 +15,7 @@ release is ``--init``; by default a randomly initialised ImageBERT of hidden siz
 tasks; ``--tiny 0`` takes MiniLM's first ``--layers`` layers instead, with freshly initialised
 region embeddings. Prints a markdown table (the task's headline metric on the test set, beside
 the data's chance level and unimodal ceilings) and writes every metric to ``WORK/results.json``;
-a rerun skips the (task, variant) pairs already there.
+a rerun skips the (task, variant) pairs already measured with the same settings.
 
     .venv/bin/python bench/fusion_accuracy.py --work /tmp/fusion-acc
 """
