@@ -157,7 +157,6 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 def dump_yaml(config: Any, path: str | Path) -> None:
     """Write the resolved config atomically."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(config), sort_keys=False), encoding="utf-8")
-    tmp.replace(path)
+    from preprocess.atomic import write_text
+
+    write_text(path, yaml.safe_dump(to_dict(config), sort_keys=False))

@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader
 from torchvision.ops import clip_boxes_to_image
 from tqdm import tqdm
 
+from preprocess.atomic import write_json, write_text
 from preprocess.config import ConfigError, load_config, to_dict
 from preprocess.detector import DetectorConfig, RegionDetector, Regions, build_detector
 from preprocess.feature_format import FEATURE_SPEC_FILE, MANIFEST_FILE, SKIPPED_FILE, FeatureSpec
@@ -54,8 +55,6 @@ from preprocess.shard_output import (
     incomplete_tar,
     is_complete,
     prepare_output_dir,
-    write_bytes_atomic,
-    write_json_atomic,
 )
 
 log = logging.getLogger("preprocess.extract")
@@ -186,7 +185,7 @@ def plan_job(input_spec: str, output_dir: str | Path, cfg: ExtractConfig, share:
     except OSError as err:
         raise ExtractError(str(err)) from None
     check_saved_config(output_dir, cfg)
-    write_bytes_atomic(output_dir / CONFIG_FILE, yaml.safe_dump(to_dict(cfg), sort_keys=False).encode("utf-8"))
+    write_text(output_dir / CONFIG_FILE, yaml.safe_dump(to_dict(cfg), sort_keys=False))
     mine = share.take(shards)
     todo = [s for s in mine if not is_complete(output_dir, s.name)]
     return ExtractJob(cfg=cfg, input_spec=input_spec, output_dir=output_dir, shards=shards, todo=todo, share=share)
@@ -218,7 +217,7 @@ def write_or_check_spec(output_dir: Path, spec: FeatureSpec) -> None:
                 f"{path} does not match this run's detector ({'; '.join(diffs)[:300]}); use a fresh --output"
             )
         return
-    write_json_atomic(path, asdict(spec))
+    write_json(path, asdict(spec))
 
 
 def detector_inputs(samples) -> tuple[list, list | None, list | None]:
@@ -371,7 +370,7 @@ def run_extract(job: ExtractJob, detector: RegionDetector | None = None) -> dict
         )
     summary["seconds_total"] = round(time.time() - started, 3)
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(started))
-    write_json_atomic(out / PARTS_DIR / f"run-{stamp}-w{job.share.index}of{job.share.count}-{os.getpid()}.json", summary)
+    write_json(out / PARTS_DIR / f"run-{stamp}-w{job.share.index}of{job.share.count}-{os.getpid()}.json", summary)
     log.info("worker summary: %s", summary)
     final = assemble_tables(out, job.shards)
     if final is not None:

@@ -33,6 +33,8 @@ from typing import Any
 
 import numpy as np
 
+from preprocess.atomic import write_json
+
 FORMAT_VERSION = 1
 FEATURE_SPEC_FILE = "feature_spec.json"
 MANIFEST_FILE = "manifest.parquet"
@@ -67,9 +69,7 @@ class FeatureSpec:
 
     def save(self, directory: str | Path) -> Path:
         path = Path(directory) / FEATURE_SPEC_FILE
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=2) + "\n", encoding="utf-8")
-        tmp.replace(path)
+        write_json(path, asdict(self))
         return path
 
     @classmethod

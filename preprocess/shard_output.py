@@ -10,15 +10,14 @@ Layout of an output directory::
     DIR/manifest.parquet, DIR/skipped.parquet, DIR/summary.json
                                         assembled from all parts once every shard is complete
 
-Every file is written under a unique temporary name and ``os.replace``d into place, so readers
-and concurrent workers only ever see whole files.
+Every file is written atomically (``preprocess.atomic``), so readers and concurrent workers only
+ever see whole files.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import threading
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import webdataset as wds
 
+from preprocess.atomic import temp_name, write_json, write_table
 from preprocess.feature_format import MANIFEST_FILE, SKIPPED_FILE
 from preprocess.raw_input import InputShard, SkippedSample
 
@@ -56,30 +56,6 @@ SKIPPED_SCHEMA = pa.schema(
         ("detail", pa.string()),
     ]
 )
-
-
-def _temp_name(path: Path) -> Path:
-    # pid + thread id: concurrent array tasks and threads never share a temp file.
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    tmp = _temp_name(path)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode("utf-8"))
-
-
-def write_table_atomic(path: Path, table: pa.Table) -> None:
-    tmp = _temp_name(path)
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
 
 
 def manifest_part(output_dir: Path, name: str) -> Path:
@@ -148,8 +124,8 @@ class ShardOutput:
         # that went through the detector arrive in different streams.
         skipped = sorted(self.skipped_rows, key=lambda r: r["source_index"])
         manifest = sorted(self.manifest_rows, key=lambda r: r["source_index"])
-        write_table_atomic(skipped_part(self.output_dir, self.shard.name), pa.Table.from_pylist(skipped, schema=SKIPPED_SCHEMA))
-        write_table_atomic(manifest_part(self.output_dir, self.shard.name), pa.Table.from_pylist(manifest, schema=MANIFEST_SCHEMA))
+        write_table(skipped_part(self.output_dir, self.shard.name), pa.Table.from_pylist(skipped, schema=SKIPPED_SCHEMA))
+        write_table(manifest_part(self.output_dir, self.shard.name), pa.Table.from_pylist(manifest, schema=MANIFEST_SCHEMA))
         return len(manifest), Counter(r["reason"] for r in skipped)
 
     def abort(self) -> None:
@@ -163,7 +139,7 @@ def prepare_output_dir(output_dir: Path) -> None:
     """Create DIR and DIR/.parts and prove they are writable; raises OSError naming the path."""
     try:
         (output_dir / PARTS_DIR).mkdir(parents=True, exist_ok=True)
-        probe = _temp_name(output_dir / PARTS_DIR / "write-probe")
+        probe = temp_name(output_dir / PARTS_DIR / "write-probe")
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as err:
@@ -181,8 +157,8 @@ def assemble_tables(output_dir: Path, shards: list[InputShard]) -> dict[str, Any
         return None
     manifest = pa.concat_tables([pq.read_table(manifest_part(output_dir, s.name), schema=MANIFEST_SCHEMA) for s in shards])
     skipped = pa.concat_tables([pq.read_table(skipped_part(output_dir, s.name), schema=SKIPPED_SCHEMA) for s in shards])
-    write_table_atomic(output_dir / MANIFEST_FILE, manifest)
-    write_table_atomic(output_dir / SKIPPED_FILE, skipped)
+    write_table(output_dir / MANIFEST_FILE, manifest)
+    write_table(output_dir / SKIPPED_FILE, skipped)
     reasons = Counter(skipped.column("reason").to_pylist())
     summary = {
         "shards": len(shards),
@@ -193,5 +169,5 @@ def assemble_tables(output_dir: Path, shards: list[InputShard]) -> dict[str, Any
         # Every worker run that touched this directory (each also logged its own summary).
         "runs": [json.loads(p.read_text(encoding="utf-8")) for p in sorted((output_dir / PARTS_DIR).glob("run-*.json"))],
     }
-    write_json_atomic(output_dir / SUMMARY_FILE, summary)
+    write_json(output_dir / SUMMARY_FILE, summary)
     return summary

@@ -19,7 +19,6 @@ import io
 import itertools
 import json
 import logging
-import os
 import sys
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -31,6 +30,7 @@ import yaml
 from PIL import Image
 from tqdm import tqdm
 
+from preprocess import atomic
 from preprocess.config import ConfigError, dump_yaml, from_dict
 
 # The scene library's public names, importable from here as well (finetune uses both modules).
@@ -145,22 +145,24 @@ def write_shard(path: str | Path, samples: Iterable[tuple]) -> int:
     ``image`` is a PIL image (stored as JPEG) or encoded JPEG/PNG/WebP bytes. Tar member times
     are fixed so the same samples give the same bytes.
     """
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
     count = 0
-    with open(tmp, "wb") as stream, wds.TarWriter(stream, mtime=0) as writer:
-        for key, image, caption, meta in samples:
-            data = image if isinstance(image, bytes) else encode_image(image, "jpg")
-            writer.write(
-                {
-                    "__key__": key,
-                    image_extension(data): data,
-                    "txt": caption.encode("utf-8"),
-                    "json": json.dumps(meta, sort_keys=True).encode("utf-8"),
-                }
-            )
-            count += 1
-    os.replace(tmp, path)
+
+    def write(stream) -> None:
+        nonlocal count
+        with wds.TarWriter(stream, mtime=0) as writer:
+            for key, image, caption, meta in samples:
+                data = image if isinstance(image, bytes) else encode_image(image, "jpg")
+                writer.write(
+                    {
+                        "__key__": key,
+                        image_extension(data): data,
+                        "txt": caption.encode("utf-8"),
+                        "json": json.dumps(meta, sort_keys=True).encode("utf-8"),
+                    }
+                )
+                count += 1
+
+    atomic.write_with(path, write)
     return count
 
 
@@ -307,4 +309,5 @@ def _prepare_out_dir(out: Path, config: SynthConfig) -> list[int]:
     elif any(out.glob("*.tar")):
         raise ValueError(f"--out {out} already holds .tar files not written by synth; use another --out")
     dump_yaml(config, config_path)
+    atomic.remove_leftovers(out)  # what a killed run was writing
     return [s for s in range(config.num_shards) if not (out / shard_name(s)).exists()]

@@ -230,11 +230,11 @@ def test_killed_run_resumes_to_the_same_bytes(tmp_path):
     out = _run(tmp_path, "raw", *args)
     expected = {p.name: p.read_bytes() for p in out.glob("*.tar")}
     (out / "00001.tar").unlink()
-    (out / "00002.tar.tmp").write_bytes(b"half-written")  # what a kill mid-shard leaves
+    (out / ".00002.tar.tmp-4242-1").write_bytes(b"half-written")  # what a kill mid-shard leaves
     (out / "00002.tar").unlink()
     assert cli(["--out", str(out), *args]) == 0
     assert {p.name: p.read_bytes() for p in out.glob("*.tar")} == expected
-    assert not list(out.glob("*.tmp"))
+    assert not list(out.glob(".*.tmp-*"))
 
 
 def test_library_writer_accepts_images_and_bytes(tmp_path):
