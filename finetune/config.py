@@ -1,8 +1,8 @@
 """The fine-tuning job config: one YAML file (``configs/finetune/*.yaml``) plus dotted overrides.
 
 Sections: ``task`` (head and loss), ``fusion`` (``finetune.fusion.FusionConfig``), ``data``,
-``train`` (steps and learning-rate schedule), ``eval``, and the sections shared with
-pretraining (``deepspeed``, ``checkpoint``, ``logging``: same keys, same meaning). Every
+``eval``, and the training engine's (``pretrain.engine_config``, the same as pretraining's):
+``train`` (steps and learning-rate schedule), ``deepspeed``, ``checkpoint``, ``logging``. Every
 dataclass checks itself and names the key and the fix; ``docs/finetune.md`` lists every key.
 """
 
@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Literal
 
 from finetune.fusion import FusionConfig
-from pretrain.config import CheckpointConfig, DeepSpeedSection, LoggingConfig
+from pretrain.engine_config import CheckpointConfig, DeepSpeedConfig, LoggingConfig, ScheduleConfig
 
-TASK_KINDS = ("retrieval", "classification", "multilabel", "sentiment", "ner")
+TASKS = ("retrieval", "classification", "multilabel", "sentiment", "ner")
 RETRIEVAL_LOSSES = ("binary", "multiclass", "triplet")
 
 
@@ -36,8 +36,8 @@ class TaskConfig:
     triplet_margin: float = 0.2
 
     def __post_init__(self) -> None:
-        if self.name not in TASK_KINDS:
-            raise ValueError(f"task.name is {self.name!r}; choose one of {', '.join(TASK_KINDS)}")
+        if self.name not in TASKS:
+            raise ValueError(f"task.name is {self.name!r}; choose one of {', '.join(TASKS)}")
         if self.name != "retrieval" and len(self.label_names) < 2:
             raise ValueError(f"task.label_names needs at least 2 names for task {self.name!r}, got {self.label_names}")
         if len(set(self.label_names)) != len(self.label_names):
@@ -70,7 +70,7 @@ class DataConfig:
     max_regions: int = 100  # highest-confidence regions kept per image
     num_workers: int = 1
     shuffle_buffer: int = 500
-    # Which modalities the model sees: "text" blanks the image (one zero region), "image" masks
+    # Which modalities the model sees: "text" blanks the image (one blanked region), "image" masks
     # every caption word piece ([MASK], lengths kept). The unimodal baselines.
     modalities: Literal["both", "text", "image"] = "both"
 
@@ -86,24 +86,10 @@ class DataConfig:
 
 
 @dataclass
-class TrainConfig:
-    """Steps and schedule; the field names match pretraining's stage so the DeepSpeed config is shared."""
+class TrainConfig(ScheduleConfig):
+    """The ``train:`` section: the engine's schedule, with fine-tuning's smaller default learning rate."""
 
-    steps: int = 1000  # optimizer steps
     lr: float = 5e-5
-    warmup_steps: int = 0
-    schedule: Literal["linear", "cosine"] = "linear"
-    min_lr_ratio: float = 0.0  # cosine floor as a share of lr
-
-    def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise ValueError(f"train.steps must be >= 1, got {self.steps}")
-        if self.lr <= 0:
-            raise ValueError(f"train.lr must be > 0, got {self.lr}")
-        if not 0 <= self.warmup_steps <= self.steps:
-            raise ValueError(f"train.warmup_steps must be in [0, train.steps={self.steps}], got {self.warmup_steps}")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ValueError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
 
 
 @dataclass
@@ -130,7 +116,7 @@ class FinetuneConfig:
     shards_root: str = ""
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    deepspeed: DeepSpeedSection = field(default_factory=lambda: DeepSpeedSection(zero_stage=1))
+    deepspeed: DeepSpeedConfig = field(default_factory=lambda: DeepSpeedConfig(zero_stage=1))
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     seed: int = 0

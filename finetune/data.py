@@ -11,7 +11,7 @@ sentiment
 multilabel          ``target_labels``: list of indices or names
 ner                 ``words`` (list of words; the caption is ``" ".join(words)``) and
                     ``tags`` (one BIO tag per word, names from ``task.label_names``)
-retrieval           ``image_id`` and ``caption_id`` (one sample per image-caption pair)
+retrieval           ``image_id`` (one sample per image-caption pair; an image's captions share it)
 ==================  ===============================================================
 
 NER tags live on words; the text is tokenised word by word and the model reads each word's
@@ -33,11 +33,11 @@ from torch.utils.data import DataLoader
 
 from finetune.config import DataConfig, TaskConfig
 from preprocess.feature_format import FeatureSpec, decode_feature_sample
-from pretrain.data import BadSampleHandler, shuffled_raw_samples, to_device  # noqa: F401 (to_device re-exported)
+from pretrain.data import BadSampleHandler, shuffled_raw_samples
+from pretrain.model import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 
 
 class TaskSampleDecoder:
@@ -103,20 +103,21 @@ class TaskSampleDecoder:
                 out["target"] = target
             elif self.task.name == "retrieval":
                 out["image_id"] = int(self._field(meta, "image_id", where))
-                out["caption_id"] = int(self._field(meta, "caption_id", where))
         input_ids = np.asarray(input_ids, dtype=np.int64)
         keep = min(n, self.data.max_regions)
         features = np.ascontiguousarray(sample.features[:keep], dtype=np.float16)
         geometry = np.ascontiguousarray(sample.geometry[:keep], dtype=np.float32)
-        if self.data.modalities == "text":
-            # One blank region: every image looks the same, so nothing about it reaches the model.
+        blanked = self.data.modalities == "text"
+        if blanked:
+            # One blanked region with an empty box: every image looks the same, so nothing about it
+            # reaches the model (the model puts its blank embedding in place of the feature).
             features = np.zeros((1, features.shape[1]), dtype=np.float16)
             geometry = np.zeros((1, 5), dtype=np.float32)
         elif self.data.modalities == "image":
             # Words become [MASK] but keep their places, so NER still has a position per word.
             special = np.isin(input_ids, [self.tokenizer.cls_token_id, self.tokenizer.sep_token_id])
             input_ids = np.where(special, input_ids, self.tokenizer.mask_token_id)
-        out.update(input_ids=input_ids, features=features, geometry=geometry)
+        out.update(input_ids=input_ids, features=features, geometry=geometry, blanked=blanked)
         return out
 
 
@@ -138,6 +139,7 @@ class TaskCollate:
             "region_features": torch.zeros((n, num_regions, feature_dim), dtype=torch.float32),
             "region_geometry": torch.zeros((n, num_regions, 5), dtype=torch.float32),
             "region_mask": torch.zeros((n, num_regions), dtype=torch.long),
+            "region_blanked": torch.zeros((n, num_regions), dtype=torch.bool),
             "keys": [s["key"] for s in samples],
         }
         for i, s in enumerate(samples):
@@ -147,6 +149,7 @@ class TaskCollate:
             batch["region_features"][i, :r] = torch.from_numpy(s["features"].astype(np.float32))
             batch["region_geometry"][i, :r] = torch.from_numpy(s["geometry"])
             batch["region_mask"][i, :r] = 1
+            batch["region_blanked"][i, :r] = s["blanked"]
         kind = self.task.name
         if kind in ("classification", "sentiment"):
             batch["labels"] = torch.tensor([s["label"] for s in samples], dtype=torch.long)
@@ -154,7 +157,6 @@ class TaskCollate:
             batch["labels"] = torch.from_numpy(np.stack([s["target"] for s in samples]))
         elif kind == "retrieval":
             batch["image_ids"] = torch.tensor([s["image_id"] for s in samples], dtype=torch.long)
-            batch["caption_ids"] = torch.tensor([s["caption_id"] for s in samples], dtype=torch.long)
         elif kind == "ner":
             words = max(len(s["tags"]) for s in samples)
             batch["word_starts"] = torch.zeros((n, words), dtype=torch.long)

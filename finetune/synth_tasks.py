@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from finetune.config import TASKS
 from preprocess.synth import encode_image, scene_metadata, shard_name, write_shard
 from preprocess.synth_scenes import (
     COLOUR_WORDS,
@@ -57,7 +58,6 @@ from preprocess.synth_scenes import (
 
 log = logging.getLogger(__name__)
 
-TASKS = ("retrieval", "classification", "multilabel", "sentiment", "ner")
 TASK_FILE = "task.json"
 NER_TAGS = ("O", "B-OBJ", "I-OBJ")
 SENTIMENT_LABELS = ("negative", "positive")

@@ -1,8 +1,11 @@
 """The fine-tuning model: a fusion strategy over the release's encoder, and one task head.
 
-``FinetuneModel.forward(batch)`` returns the training loss (task loss plus the strategy's
-weighted auxiliary loss); ``predict(batch)`` returns what evaluation scores; ``score_pairs``
-is the cross-encoder retrieval score. ``build_finetune_model`` assembles it from a release.
+``FinetuneModel`` is a ``transformers`` model of the same family as the release
+(``ImageBertConfig``): ``save_pretrained`` writes a fine-tuned model, ``from_pretrained(DIR,
+task, fusion)`` reads it back, and ``_init_weights`` initialises what fine-tuning adds.
+``forward(batch)`` returns the training loss (task loss plus the strategy's weighted auxiliary
+loss); ``predict(batch)`` returns what evaluation scores; ``score_pairs`` is the cross-encoder
+retrieval score. ``build_finetune_model`` assembles it from a release.
 """
 
 from __future__ import annotations
@@ -14,12 +17,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from finetune.config import TaskConfig
-from finetune.fusion import FusionConfig, FusionEncoder, build_fusion
-from finetune.heads import PooledHead, WordTagger, retrieval_loss
-from pretrain.model import IGNORE_INDEX, ImageBertForPretraining
+from transformers import initialization as init
 
-_INPUTS = ("input_ids", "attention_mask", "region_features", "region_geometry", "region_mask")
+from finetune.config import TaskConfig
+from finetune.fusion import FusionConfig
+from finetune.fusion.build import build_fusion
+from finetune.fusion.mbt import BottleneckFusion
+from finetune.fusion.mi2p import ZeroInitLinear
+from finetune.heads import PooledHead, WordTagger, retrieval_loss
+from pretrain.model import IGNORE_INDEX, ImageBertConfig, ImageBertForPretraining, ImageBertModel, ImageBertPreTrainedModel
+
+_INPUTS = ("input_ids", "attention_mask", "region_features", "region_geometry", "region_mask", "region_blanked")
 
 
 @dataclass
@@ -30,19 +38,38 @@ class TaskOutput:
     logits: torch.Tensor | None = None  # classification [B, C]; ner emissions [B, W, K]; retrieval positive scores [B]
 
 
-class FinetuneModel(nn.Module):
-    def __init__(self, fusion: FusionEncoder, task: TaskConfig):
-        super().__init__()
-        self.fusion = fusion
+class FinetuneModel(ImageBertPreTrainedModel):
+    """A fusion strategy over an ImageBERT encoder, and the task's head."""
+
+    def __init__(
+        self, config: ImageBertConfig, task: TaskConfig, fusion: FusionConfig, encoder: ImageBertModel | None = None
+    ):
+        super().__init__(config)
         self.task = task
+        self.fusion = build_fusion(fusion, encoder if encoder is not None else ImageBertModel(config))
         if task.name == "ner":
-            self.tagger = WordTagger(fusion.hidden_size, fusion.pooled_dims, task.num_labels, task.dropout)
+            self.tagger = WordTagger(self.fusion.hidden_size, self.fusion.pooled_dims, task.num_labels, task.dropout)
         else:
             outputs = 1 if task.name == "retrieval" else task.num_labels
-            self.head = PooledHead(fusion.pooled_dims, outputs, task.head_hidden, task.dropout)
+            self.head = PooledHead(self.fusion.pooled_dims, outputs, task.head_hidden, task.dropout)
+        if getattr(self.fusion, "caption_decoder", None) is not None:  # MuSE predicts words with the word embeddings
+            self._tied_weights_keys = {
+                "fusion.caption_decoder.vocab_weight": "fusion.encoder.bert.embeddings.word_embeddings.weight"
+            }
+        self.post_init()  # initialises what is new; the encoder's modules are initialised already
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, BottleneckFusion) and module.bottlenecks is not None:
+            # Like BERT's own embeddings (MBT: normal, std 0.02).
+            init.normal_(module.bottlenecks, std=self.config.initializer_range)
+        elif isinstance(module, ZeroInitLinear):
+            # MI2P's plug-in outputs: at initialisation each host runs its pretrained unimodal path exactly.
+            init.zeros_(module.weight)
+            init.zeros_(module.bias)
 
     def encode(self, batch: dict[str, Any], caption_labels: torch.Tensor | None = None):
-        return self.fusion(*(batch[k] for k in _INPUTS), caption_labels=caption_labels)
+        return self.fusion(**{k: batch[k] for k in _INPUTS}, caption_labels=caption_labels)
 
     def forward(self, batch: dict[str, Any]) -> TaskOutput:
         kind = self.task.name
@@ -135,13 +162,14 @@ def pair_batch(batch: dict[str, Any], image_of: torch.Tensor, caption_of: torch.
         "region_features": batch["region_features"][image_of],
         "region_geometry": batch["region_geometry"][image_of],
         "region_mask": batch["region_mask"][image_of],
+        "region_blanked": batch["region_blanked"][image_of],
     }
 
 
 def build_finetune_model(pretrained: ImageBertForPretraining, task: TaskConfig, fusion: FusionConfig) -> FinetuneModel:
     """The task model over the release's encoder; the pretraining heads are dropped, except that the
     retrieval scorer starts from the ITM head."""
-    model = FinetuneModel(build_fusion(fusion, pretrained.imagebert), task)
+    model = FinetuneModel(pretrained.config, task, fusion, encoder=pretrained.imagebert)
     if task.name == "retrieval" and task.head_hidden == 0:
         model.head.init_from_itm(pretrained.itm_head)
     return model

@@ -2,8 +2,11 @@
 
 ``build_detector(DetectorConfig)`` loads a detector once; ``RegionDetector.detect`` runs one
 batched forward pass over a list of uint8 RGB images and returns, per image, ``Regions``:
-boxes in ORIGINAL image pixels, the box head's pooled feature at each box, the class
-distribution and a confidence.
+boxes in the pixels of the image it was given, the box head's pooled feature at each box,
+the class distribution and a confidence. (Extraction may give it a copy already shrunk to
+the detector's input size, and scales the boxes back to the file's pixels:
+``preprocess.extract``.) The detector itself resizes its inputs once more, to its own input
+size ("detector-input pixels" below); boxes are mapped back before they are returned.
 
 Backends:
 
@@ -47,7 +50,7 @@ BACKENDS = ("torchvision", "detectron2", "given_boxes")
 BATCHNORM_CALIBRATIONS = ("noise", "input")
 # A detected box narrower or lower than this many DETECTOR-INPUT pixels (after the resize) is
 # degenerate and never chosen. Measured after the resize so that selection does not depend on
-# the original resolution (the same picture at 2x gives the same regions).
+# the given image's resolution (the same picture at 2x gives the same regions).
 MIN_BOX_SIDE = 1.0
 # Class scores below this never take part in per-class NMS unless they are a proposal's best
 # class: bounds the work at (proposals x 100) pairs even for 1600-class detectors.
@@ -155,7 +158,7 @@ class Regions:
     """One image's regions. Detected regions are sorted by ``scores``, highest first; given
     boxes keep the given order."""
 
-    boxes: torch.Tensor  # float32 [N, 4] x1, y1, x2, y2 in original-image pixels
+    boxes: torch.Tensor  # float32 [N, 4] x1, y1, x2, y2 in the given image's pixels
     features: torch.Tensor  # float32 [N, D] the box head's pooled representation at each box
     cls_prob: torch.Tensor  # float32 [N, C] class distribution, background excluded, rows sum to 1
     scores: torch.Tensor  # float32 [N] best non-background probability (background included in the softmax)
@@ -187,7 +190,7 @@ class RegionDetector:
         """Regions for each image (uint8 [3, H, W] RGB, any sizes): one batched forward pass
         (one per orientation with ``fixed_canvas``).
 
-        ``given_boxes[i]`` (float [K, 4], original pixels) replaces detection for image ``i``.
+        ``given_boxes[i]`` (float [K, 4], the given image's pixels) replaces detection for image ``i``.
         """
         raise NotImplementedError
 
@@ -329,9 +332,9 @@ def choose_boxes(
 ) -> torch.Tensor:
     """Pick ``min_boxes..max_boxes`` boxes for one image (bottom-up attention's rule).
 
-    ``class_boxes`` [P, C, 4]: each proposal's class-specific regressed box, ORIGINAL pixels,
-    clipped; ``class_scores`` [P, C]: non-background class probabilities; ``input_pixel``:
-    the (width, height) of one detector-input pixel in original pixels. Returns [n, 4].
+    ``class_boxes`` [P, C, 4]: each proposal's class-specific regressed box in the given image's
+    pixels, clipped; ``class_scores`` [P, C]: non-background class probabilities; ``input_pixel``:
+    the (width, height) of one detector-input pixel in the given image's pixels. Returns [n, 4].
     """
     num_props, num_classes = class_scores.shape
     device = class_scores.device
@@ -452,7 +455,7 @@ class TwoStageDetector(RegionDetector):
     def _detect_batch(self, images, given, labels, canvas: tuple[int, int] | None) -> list[Regions]:
         orig_hw = [(int(im.shape[1]), int(im.shape[2])) for im in images]
         state, sizes = self._prepare(images, canvas)
-        final = [g.to(self.device) if g is not None else None for g in given]  # original pixels
+        final = [g.to(self.device) if g is not None else None for g in given]  # the given image's pixels
         if any(g is None for g in given):
             proposals = self._propose(state)
             props = [p if g is None else p[:0] for p, g in zip(proposals, given)]

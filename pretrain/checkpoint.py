@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from preprocess import atomic
+
 log = logging.getLogger(__name__)
 
 LATEST_FILE = "latest"
@@ -54,15 +56,6 @@ class TrainerState:
 
 def tag_for(global_step: int) -> str:
     return f"{TAG_PREFIX}{global_step}"
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def latest_state(ckpt_dir: str | Path) -> TrainerState | None:
@@ -98,8 +91,8 @@ def save(engine, ckpt_dir: str | Path, state: TrainerState, keep: int) -> None:
     # Every rank's shard must be on disk before `latest` may name the tag.
     dist.barrier()
     if dist.get_rank() == 0:
-        write_atomic(ckpt_dir / state.tag / TRAINER_STATE_FILE, json.dumps(asdict(state), indent=2) + "\n")
-        write_atomic(ckpt_dir / LATEST_FILE, state.tag + "\n")
+        atomic.write_json(ckpt_dir / state.tag / TRAINER_STATE_FILE, asdict(state))
+        atomic.write_text(ckpt_dir / LATEST_FILE, state.tag + "\n")
         prune(ckpt_dir, keep, state.global_step)
     dist.barrier()
 

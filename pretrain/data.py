@@ -219,9 +219,7 @@ class PretrainCollate:
             batch["input_ids"], maskable, self.masking, self.mask_token_id, self.vocab_size, generator
         )
         region_maskable = batch["region_mask"].bool() & mask_region_rows[:, None]
-        batch["region_features"], batch["region_masked"] = mask_regions(
-            batch["region_target_features"], region_maskable, self.masking, generator
-        )
+        batch["region_blanked"], batch["region_masked"] = mask_regions(region_maskable, self.masking, generator)
         batch["itm_labels"] = itm_labels
         return batch
 
@@ -261,7 +259,7 @@ def pad_samples(samples: list[dict[str, Any]], caption_of: list[int], pad_token_
         "input_ids": torch.from_numpy(input_ids),
         "attention_mask": torch.from_numpy(attention_mask),
         "maskable": torch.from_numpy(maskable),
-        "region_target_features": torch.from_numpy(features),
+        "region_features": torch.from_numpy(features),
         "region_geometry": torch.from_numpy(geometry),
         "region_mask": torch.from_numpy(region_mask),
         "region_cls_prob": torch.from_numpy(cls_prob),
@@ -389,13 +387,7 @@ def build_eval_batches(
     return collate_eval_batches(samples, tokenizer, data, masking, seed)
 
 
-def to_device(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-    """Tensors moved to ``device``; floating ones cast to the training precision (labels stay integer)."""
-    out = {}
-    for name, value in batch.items():
-        if isinstance(value, torch.Tensor):
-            value = value.to(device, non_blocking=True)
-            if value.is_floating_point():
-                value = value.to(dtype)
-        out[name] = value
-    return out
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Tensors moved to ``device`` as they are: the model casts its inputs to its own precision,
+    and targets (MRFR features, MOC distributions) keep theirs."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

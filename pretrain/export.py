@@ -19,36 +19,28 @@ log = logging.getLogger("pretrain.export")
 
 def export(run_dir: str | Path, out_dir: str | Path, tag: str | None = None) -> Path:
     """Write the release of ``run_dir``'s checkpoint ``tag`` (default: latest) to ``out_dir``."""
-    from transformers import AutoTokenizer, BertConfig
+    from transformers import AutoTokenizer
 
     from preprocess.feature_format import FeatureSpec
     from pretrain import checkpoint
-    from pretrain.model import ImageBertForPretraining, check_region_config
-    from pretrain.release import TIED_KEY, save_release
-    from pretrain.trainer import RunPaths
+    from pretrain.engine import RunPaths
+    from pretrain.model import ImageBertConfig, ImageBertForPretraining
+    from pretrain.release import save_release
+    from pretrain.weights import load_model
 
-    paths = RunPaths(Path(run_dir))
-    model_dir = paths.model
-    if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{run_dir} is not a pretraining run directory: {model_dir / 'config.json'} is missing")
+    paths = RunPaths(run_dir)
+    if not (paths.model / "config.json").is_file():
+        raise FileNotFoundError(f"{run_dir} is not a pretraining run directory: {paths.model / 'config.json'} is missing")
     if tag is None:
         state = checkpoint.latest_state(paths.checkpoints)
         if state is None:
             raise FileNotFoundError(f"{paths.checkpoints} has no checkpoint ({checkpoint.LATEST_FILE} is missing)")
         tag = state.tag
-    config = BertConfig.from_pretrained(model_dir)
-    check_region_config(config)
-    config._attn_implementation = "sdpa"
-    model = ImageBertForPretraining(config)
-    weights = checkpoint.consolidated_weights(paths.checkpoints, tag)
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    missing = [k for k in missing if k != TIED_KEY]
-    if missing or unexpected:
-        raise ValueError(f"checkpoint {tag} of {run_dir} does not fit {model_dir / 'config.json'}: "
-                         f"missing {missing[:5]}, unexpected {unexpected[:5]}")
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    spec = FeatureSpec.load(paths.root)
-    out = save_release(model, tokenizer, spec, out_dir)
+    model = load_model(
+        ImageBertForPretraining, None, config=ImageBertConfig.from_pretrained(paths.model),
+        state_dict=checkpoint.consolidated_weights(paths.checkpoints, tag), what=f"checkpoint {tag} of {run_dir}",
+    )
+    out = save_release(model, AutoTokenizer.from_pretrained(paths.model), FeatureSpec.load(paths.root), out_dir)
     log.info("exported %s of %s to %s", tag, run_dir, out)
     return out
 

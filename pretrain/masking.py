@@ -2,7 +2,7 @@
 
 Text: 15% of the real (non-special) tokens are chosen; of those 80% become [MASK], 10% a
 random token, 10% stay unchanged (BERT). Regions: 15% of the real regions are chosen; of
-those 90% have their feature zeroed and 10% stay unchanged. The labels mark every chosen
+those 90% are blanked (the model sees the box, not the feature) and 10% stay unchanged. The labels mark every chosen
 position, changed or not. With ``conditional`` (UNITER) each sample masks one modality only,
 so the other is seen whole.
 """
@@ -22,11 +22,11 @@ class MaskingConfig:
     text_mask_token: float = 0.8  # share of chosen tokens replaced by [MASK]
     text_random_token: float = 0.1  # share replaced by a random token (the rest stay unchanged)
     region_rate: float = 0.15
-    region_zero: float = 0.9  # share of chosen regions whose feature is zeroed (the rest stay unchanged)
+    region_blank: float = 0.9  # share of chosen regions whose feature is hidden (the rest stay unchanged)
     conditional: bool = False  # UNITER: mask either text or regions in a sample, never both
 
     def __post_init__(self) -> None:
-        for name in ("text_rate", "text_mask_token", "text_random_token", "region_rate", "region_zero"):
+        for name in ("text_rate", "text_mask_token", "text_random_token", "region_rate", "region_blank"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"masking.{name} must be in [0, 1], got {value}")
@@ -59,15 +59,19 @@ def mask_text(
 
 
 def mask_regions(
-    region_features: torch.Tensor, region_mask: torch.Tensor, config: MaskingConfig, generator: torch.Generator
+    region_mask: torch.Tensor, config: MaskingConfig, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return (features with chosen regions zeroed, boolean ``region_masked`` of chosen regions)."""
+    """Return boolean ``(region_blanked, region_masked)``: the regions whose feature the model does
+    not see (90 % of the chosen), and every chosen region (the MOC/MRFR targets).
+
+    ``region_mask`` is True at real regions. The features themselves are left as they are: the
+    model replaces a blanked region's feature by its learned blank embedding, and MRFR regresses
+    the unchanged feature.
+    """
     shape = region_mask.shape
     chosen = (torch.rand(shape, generator=generator) < config.region_rate) & region_mask.bool()
-    zero = chosen & (torch.rand(shape, generator=generator) < config.region_zero)
-    masked = region_features.clone()
-    masked[zero] = 0
-    return masked, chosen
+    blanked = chosen & (torch.rand(shape, generator=generator) < config.region_blank)
+    return blanked, chosen
 
 
 def choose_modality(batch_size: int, config: MaskingConfig, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

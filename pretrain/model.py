@@ -1,70 +1,94 @@
-"""ImageBERT: one BERT encoder over ``[CLS] text [SEP] regions`` and its pretraining heads.
+"""ImageBERT: one BERT encoder over ``[CLS] text [SEP] regions``, and its pretraining heads.
 
-The encoder is transformers' ``BertModel`` (SDPA attention), initialised from a local
-pretrained checkpoint or from a config. Regions enter as ``inputs_embeds``: the projected
-ROI feature plus the projected 5-d geometry, each layer-normed; BERT's own embedding layer
-then adds the segment embedding (text 0, regions 1) and the position embedding (text tokens
-sequential, all regions one shared position, since regions are unordered), and applies its
-LayerNorm. Model code takes tensors only: no DeepSpeed, no argparse, no environment.
+These are ``transformers`` models. ``ImageBertConfig`` is a ``BertConfig`` with the region
+fields and a ``model_type`` of its own; ``ImageBertModel`` (the encoder) and
+``ImageBertForPretraining`` (the encoder with the MLM, MOC, MRFR and ITM heads) are
+``PreTrainedModel``s: ``save_pretrained`` / ``from_pretrained`` write and read a release, the
+library ties the MLM decoder to the word embeddings and initialises every module through
+``_init_weights``. Importing this module registers them, so ``AutoConfig`` / ``AutoModel`` /
+``AutoModelForPreTraining.from_pretrained(RELEASE)`` work.
 
-The model's hyper-parameters live in a ``transformers.BertConfig`` with three extra fields
-(``feature_dim``, ``num_region_classes``, ``region_position_id``), so a release's
-``config.json`` is an ordinary BERT config that says how to embed regions.
+The encoder is transformers' ``BertModel`` (SDPA attention). Regions enter as ``inputs_embeds``:
+the projected ROI feature plus the projected 5-d geometry, each layer-normed; BERT's own
+embedding layer then adds the segment embedding (text 0, regions 1) and the position embedding
+(text tokens sequential, all regions one shared position, since regions are unordered), and
+applies its LayerNorm. Model code takes tensors only: no DeepSpeed, no argparse, no environment.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import BertConfig, BertModel
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForPreTraining,
+    BertConfig,
+    BertModel,
+    PreTrainedModel,
+)
+from transformers import initialization as init
 from transformers.models.bert.modeling_bert import BertLMPredictionHead, BertPredictionHeadTransform
 
 GEOMETRY_DIM = 5
 IGNORE_INDEX = -100
-
-
 POOLINGS = ("cls", "mean")
 
 
-def imagebert_config(
-    bert_config: BertConfig, feature_dim: int, num_region_classes: int, pooling: str = "cls"
-) -> BertConfig:
-    """Copy of ``bert_config`` extended with the region fields ImageBERT needs."""
-    if pooling not in POOLINGS:
-        raise ValueError(f"pooling must be one of {list(POOLINGS)}, got {pooling!r}")
-    config = BertConfig.from_dict(bert_config.to_dict())
-    config.feature_dim = int(feature_dim)
-    config.num_region_classes = int(num_region_classes)
-    config.summary_pooling = pooling
-    # All regions share one position; the last row of the table is one text never reaches.
-    config.region_position_id = config.max_position_embeddings - 1
-    config._attn_implementation = "sdpa"
-    return config
+class ImageBertConfig(BertConfig):
+    """A BERT config plus what it takes to embed regions.
 
+    ``feature_dim``: ROI feature width; ``num_region_classes``: detector classes (the MOC
+    target); ``region_position_id``: the one position every region shares (default: the last
+    row of the position table, which text never reaches); ``summary_pooling``: what the ITM and
+    task heads read, BERT's pooler on [CLS] (``cls``, ImageBERT) or on the mean over the real
+    positions (``mean``, for checkpoints trained with mean pooling).
+    """
 
-def check_region_config(config: BertConfig) -> None:
-    missing = [k for k in ("feature_dim", "num_region_classes", "region_position_id") if not hasattr(config, k)]
-    if missing:
-        raise ValueError(f"model config lacks {missing}: build it with pretrain.model.imagebert_config")
-    if config.type_vocab_size < 2:
-        raise ValueError(f"type_vocab_size is {config.type_vocab_size}; ImageBERT needs 2 segments (text, regions)")
+    model_type = "imagebert"
+
+    def __init__(
+        self,
+        feature_dim: int = 2048,
+        num_region_classes: int = 1601,
+        region_position_id: int | None = None,
+        summary_pooling: str = "cls",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if summary_pooling not in POOLINGS:
+            raise ValueError(f"summary_pooling must be one of {list(POOLINGS)}, got {summary_pooling!r}")
+        if self.type_vocab_size < 2:
+            raise ValueError(f"type_vocab_size is {self.type_vocab_size}; ImageBERT needs 2 segments (text, regions)")
+        self.feature_dim = int(feature_dim)
+        self.num_region_classes = int(num_region_classes)
+        self.summary_pooling = summary_pooling
+        last = self.max_position_embeddings - 1
+        self.region_position_id = last if region_position_id is None else int(region_position_id)
+
+    @classmethod
+    def from_bert(cls, bert: BertConfig, **fields) -> "ImageBertConfig":
+        """``bert``'s values with the region fields (and any other overrides) in ``fields``."""
+        values = {k: v for k, v in bert.to_dict().items() if k not in ("model_type", "architectures")}
+        return cls(**{**values, **fields})
 
 
 class ImageBertRegionEmbeddings(nn.Module):
     """LayerNorm(Linear(ROI feature)) + LayerNorm(Linear(5-d geometry)).
 
-    A region whose feature is all zeros (a masked region: masking zeroes the feature, as in
-    UNITER; or a degenerate detector output) gets the learned ``blank_feature`` in place of its
-    feature term. LayerNorm(Linear(0)) = LayerNorm(bias) normalises a near-constant vector:
-    with the bias at its zero init, its gradient was measured at ~1e5x every other parameter's,
-    so global-norm clipping scaled the rest of the step below Adam's epsilon and ITM never left
-    chance. Zero-initialised, so a masked region starts as its geometry alone.
+    A masked region (``region_blanked``, set by the masking in ``pretrain.data``) gets the
+    learned ``blank_feature`` in place of its feature term, so only its box is seen. Masking by
+    zeroing the feature instead (UNITER) gives LayerNorm(Linear(0)) = LayerNorm(bias), a
+    near-constant vector whose bias gradient was measured at ~1e5x every other parameter's:
+    global-norm clipping then scaled the rest of the step below Adam's epsilon and ITM never
+    left chance. Zero-initialised, so a masked region starts as its geometry alone.
     """
 
-    def __init__(self, config: BertConfig):
+    def __init__(self, config: ImageBertConfig):
         super().__init__()
         self.feature_proj = nn.Linear(config.feature_dim, config.hidden_size)
         self.feature_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
@@ -72,78 +96,88 @@ class ImageBertRegionEmbeddings(nn.Module):
         self.geometry_proj = nn.Linear(GEOMETRY_DIM, config.hidden_size)
         self.geometry_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
-    def forward(self, region_features: torch.Tensor, region_geometry: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, region_features: torch.Tensor, region_geometry: torch.Tensor, region_blanked: torch.Tensor | None = None
+    ) -> torch.Tensor:
         dtype = self.feature_proj.weight.dtype
-        region_features = region_features.to(dtype)
-        blank = (region_features == 0).all(dim=-1, keepdim=True)
-        features = self.feature_norm(self.feature_proj(region_features))
-        features = torch.where(blank, self.blank_feature.to(dtype), features)
+        features = self.feature_norm(self.feature_proj(region_features.to(dtype)))
+        if region_blanked is not None:
+            features = torch.where(region_blanked.bool().unsqueeze(-1), self.blank_feature.to(dtype), features)
         geometry = self.geometry_norm(self.geometry_proj(region_geometry.to(dtype)))
         return features + geometry
 
 
+class ImageBertPreTrainedModel(PreTrainedModel):
+    config_class = ImageBertConfig
+    base_model_prefix = "imagebert"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # The library's default: Linear and Embedding normal(0, initializer_range), LayerNorm (1, 0).
+        super()._init_weights(module)
+        if isinstance(module, ImageBertRegionEmbeddings):
+            init.zeros_(module.blank_feature)
+        elif isinstance(module, BertLMPredictionHead):
+            init.zeros_(module.bias)
+
+
 @dataclass
 class ImageBertOutput:
-    sequence_output: torch.Tensor  # [B, T + R, H]: text positions first, then regions
-    pooled_output: torch.Tensor  # [B, H]: BERT pooler on [CLS]
-    text_length: int  # T, so regions are sequence_output[:, T:]
+    last_hidden_state: torch.Tensor  # [B, T + R, H]: text positions first, then regions
+    pooler_output: torch.Tensor  # [B, H]: the summary (``ImageBertModel.pool``)
+    text_length: int  # T, so regions are last_hidden_state[:, T:]
 
 
-class ImageBertModel(nn.Module):
+class ImageBertModel(ImageBertPreTrainedModel):
     """Single-stream encoder: BERT over text tokens followed by image regions."""
 
-    def __init__(self, config: BertConfig, bert: BertModel | None = None):
-        super().__init__()
-        check_region_config(config)
-        self.config = config
-        self.bert = bert if bert is not None else BertModel(config, add_pooling_layer=True)
+    def __init__(self, config: ImageBertConfig):
+        super().__init__(config)
+        self.bert = BertModel(config, add_pooling_layer=True)
         self.region_embeddings = ImageBertRegionEmbeddings(config)
-        init_new_modules(self.region_embeddings, config)
+        self.post_init()
 
-    @classmethod
-    def from_pretrained_bert(
-        cls, path: str, feature_dim: int, num_region_classes: int, pooling: str = "cls"
-    ) -> "ImageBertModel":
-        """Text side from a local Hugging Face BERT directory; region embeddings freshly initialised."""
-        bert = BertModel.from_pretrained(path, add_pooling_layer=True, attn_implementation="sdpa")
-        config = imagebert_config(bert.config, feature_dim, num_region_classes, pooling)
-        bert.config = config
-        return cls(config, bert=bert)
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.bert.embeddings.word_embeddings
 
-    def embed_text(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Word embeddings of text tokens (before position/segment/LayerNorm)."""
-        return self.bert.embeddings.word_embeddings(input_ids)
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.bert.embeddings.word_embeddings = value
 
-    def embed_regions(self, region_features: torch.Tensor, region_geometry: torch.Tensor) -> torch.Tensor:
-        """Region embeddings (before position/segment/LayerNorm)."""
-        return self.region_embeddings(region_features, region_geometry)
+    # ------------------------------------------------------------ embedding streams (fusion builds on these)
 
-    def finish_embeddings(self, inputs_embeds: torch.Tensor, segment: int, positions: torch.Tensor) -> torch.Tensor:
-        """Add segment and position embeddings, then BERT's LayerNorm and dropout."""
-        batch, length = inputs_embeds.shape[:2]
-        token_type_ids = torch.full((batch, length), segment, dtype=torch.long, device=inputs_embeds.device)
+    def embed_tokens(self, input_ids: torch.Tensor, segment: int) -> torch.Tensor:
+        """Embedded tokens ``[B, T, H]`` at positions 0..T-1 in ``segment`` (0 text, 1 image), BERT's LayerNorm applied."""
+        batch, length = input_ids.shape
+        positions = torch.arange(length, device=input_ids.device).expand(batch, -1)
+        segments = torch.full_like(input_ids, segment)
+        return self.bert.embeddings(input_ids=input_ids, token_type_ids=segments, position_ids=positions)
+
+    def embed_regions(
+        self, region_features: torch.Tensor, region_geometry: torch.Tensor, region_blanked: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Embedded regions ``[B, R, H]``: segment 1, the one shared region position, BERT's LayerNorm applied."""
+        batch, length = region_features.shape[:2]
+        inputs = self.region_embeddings(region_features, region_geometry, region_blanked)
+        positions = torch.full((batch, length), self.config.region_position_id, device=inputs.device)
+        segments = torch.ones((batch, length), dtype=torch.long, device=inputs.device)
         return self.bert.embeddings(
-            inputs_embeds=inputs_embeds, token_type_ids=token_type_ids, position_ids=positions.expand(batch, -1)
+            inputs_embeds=inputs.to(self.get_input_embeddings().weight.dtype),
+            token_type_ids=segments, position_ids=positions,
         )
 
     def pool(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """The summary the ITM and task heads read: BERT's pooler (dense + tanh) on [CLS]
-        (ImageBERT, ``summary_pooling: cls``) or on the mean over the real positions (``mean``).
+        """The summary the ITM and task heads read: BERT's pooler (dense + tanh) on token 0
+        (``summary_pooling: cls``, ImageBERT) or on the mean over the real positions (``mean``).
 
         ``mean`` is for text checkpoints whose [CLS] was never trained as a summary, such as
         sentence-transformers models (trained with mean pooling): in MiniLM-L6's first layers
         [CLS] barely moves with the input (swapping the image changed it by 0.07 %), so ITM
         stayed at chance; on the mean it learned within 100 steps (docs/pretrain.md).
         """
-        if getattr(self.config, "summary_pooling", "cls") == "mean":
+        if self.config.summary_pooling == "mean":
             return self.bert.pooler.activation(self.bert.pooler.dense(masked_mean(states, mask)))
         return self.bert.pooler(states)
-
-    def text_positions(self, length: int, device: torch.device) -> torch.Tensor:
-        return torch.arange(length, device=device).unsqueeze(0)
-
-    def region_positions(self, length: int, device: torch.device) -> torch.Tensor:
-        return torch.full((1, length), self.config.region_position_id, dtype=torch.long, device=device)
 
     def forward(
         self,
@@ -152,34 +186,45 @@ class ImageBertModel(nn.Module):
         region_features: torch.Tensor,  # [B, R, D]
         region_geometry: torch.Tensor,  # [B, R, 5]
         region_mask: torch.Tensor,  # [B, R] 1 for real regions
+        region_blanked: torch.Tensor | None = None,  # [B, R] True where the model must not see the feature
     ) -> ImageBertOutput:
-        if region_features.shape[-1] != self.config.feature_dim:
-            raise ValueError(
-                f"region features have dim {region_features.shape[-1]} but the model expects "
-                f"{self.config.feature_dim} (feature_spec.json of the shards vs the model config)"
-            )
-        text_length, region_length = input_ids.shape[1], region_features.shape[1]
+        check_feature_dim(region_features, self.config)
+        batch, text_length = input_ids.shape
+        region_length = region_features.shape[1]
         device = input_ids.device
-        text = self.embed_text(input_ids)
-        regions = self.embed_regions(region_features, region_geometry)
-        inputs_embeds = torch.cat([text, regions.to(text.dtype)], dim=1)
-        token_type_ids = torch.cat(
-            [torch.zeros_like(input_ids), torch.ones(region_mask.shape, dtype=torch.long, device=device)], dim=1
+        # Raw embeddings of both modalities; BertModel adds segments and positions and normalises.
+        text = self.get_input_embeddings()(input_ids)
+        regions = self.region_embeddings(region_features, region_geometry, region_blanked)
+        segments = torch.cat(
+            [torch.zeros_like(input_ids), torch.ones((batch, region_length), dtype=torch.long, device=device)], dim=1
         )
-        position_ids = torch.cat(
-            [self.text_positions(text_length, device), self.region_positions(region_length, device)], dim=1
-        ).expand(input_ids.shape[0], -1)
+        positions = torch.cat(
+            [
+                torch.arange(text_length, device=device),
+                torch.full((region_length,), self.config.region_position_id, device=device),
+            ]
+        ).expand(batch, -1)
         mask = torch.cat([attention_mask.long(), region_mask.long()], dim=1)
         out = self.bert(
-            inputs_embeds=inputs_embeds, attention_mask=mask, token_type_ids=token_type_ids, position_ids=position_ids
+            inputs_embeds=torch.cat([text, regions.to(text.dtype)], dim=1),
+            attention_mask=mask, token_type_ids=segments, position_ids=positions,
         )
-        return ImageBertOutput(out.last_hidden_state, self.pool(out.last_hidden_state, mask), text_length)
+        states = out.last_hidden_state
+        return ImageBertOutput(states, self.pool(states, mask), text_length)
+
+
+def check_feature_dim(region_features: torch.Tensor, config: ImageBertConfig) -> None:
+    if region_features.shape[-1] != config.feature_dim:
+        raise ValueError(
+            f"region features have dim {region_features.shape[-1]} but the model expects "
+            f"{config.feature_dim} (feature_spec.json of the shards vs the model config)"
+        )
 
 
 class RegionHead(nn.Module):
     """BERT-style transform (dense, GELU, LayerNorm) then a linear output: used by MOC and MRFR."""
 
-    def __init__(self, config: BertConfig, out_dim: int):
+    def __init__(self, config: ImageBertConfig, out_dim: int):
         super().__init__()
         self.transform = BertPredictionHeadTransform(config)
         self.out = nn.Linear(config.hidden_size, out_dim)
@@ -192,9 +237,9 @@ class RegionHead(nn.Module):
 class PretrainingOutput:
     loss: torch.Tensor  # weighted sum of the enabled objectives
     losses: dict[str, torch.Tensor] = field(default_factory=dict)  # per objective, unweighted
-    # Counts for accuracy metrics (correct, total) per objective: summed over batches by evaluation.
-    counts: dict[str, tuple[int, int]] = field(default_factory=dict)
-    itm_logits: torch.Tensor | None = None  # [B, 2]
+    # Per objective (correct predictions, positions scored): the count stays a tensor so the
+    # training step never waits for the device; evaluation sums them.
+    counts: dict[str, tuple[torch.Tensor, int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -206,40 +251,78 @@ class ObjectiveWeights:
     moc_kl: bool = False  # False: cross-entropy to the detector's top label; True: KL to its distribution (UNITER)
 
 
-class ImageBertForPretraining(nn.Module):
-    """ImageBERT with MLM (tied to the word embeddings), MOC, MRFR and ITM heads.
+# Where a BERT checkpoint's weights go in ImageBertForPretraining: the encoder (saved by BertModel
+# or by BertForPreTraining) and the MLM head's transform and bias (BertForPreTraining only).
+BERT_KEY_MAPPING = {
+    r"^bert\.": "imagebert.bert.",
+    r"^(embeddings|encoder|pooler)\.": r"imagebert.bert.\1.",
+    r"^cls\.predictions\.(transform\.|bias)": r"mlm_head.\1",
+}
+
+
+class ImageBertForPretraining(ImageBertPreTrainedModel):
+    """ImageBERT with MLM (decoder tied to the word embeddings), MOC, MRFR and ITM heads.
 
     ``forward`` takes a batch from ``pretrain.data`` (already masked) and returns the losses.
     Masked-modelling losses count on matched pairs only (``itm_labels == 1``).
     """
 
-    def __init__(self, config: BertConfig, encoder: ImageBertModel | None = None):
-        super().__init__()
-        self.imagebert = encoder if encoder is not None else ImageBertModel(config)
-        self.config = self.imagebert.config
-        self.mlm_head = BertLMPredictionHead(self.config)
-        self.mlm_head.decoder.weight = self.imagebert.bert.embeddings.word_embeddings.weight
-        self.moc_head = RegionHead(self.config, self.config.num_region_classes)
-        self.mrfr_head = RegionHead(self.config, self.config.feature_dim)
-        self.itm_head = nn.Linear(self.config.hidden_size, 2)
-        for module in (self.mlm_head.transform, self.moc_head, self.mrfr_head, self.itm_head):
-            init_new_modules(module, self.config)
-        nn.init.zeros_(self.mlm_head.bias)
+    _tied_weights_keys = {
+        "mlm_head.decoder.weight": "imagebert.bert.embeddings.word_embeddings.weight",
+        "mlm_head.decoder.bias": "mlm_head.bias",
+    }
+
+    def __init__(self, config: ImageBertConfig):
+        super().__init__(config)
+        self.imagebert = ImageBertModel(config)
+        self.mlm_head = BertLMPredictionHead(config)
+        self.moc_head = RegionHead(config, config.num_region_classes)
+        self.mrfr_head = RegionHead(config, config.feature_dim)
+        self.itm_head = nn.Linear(config.hidden_size, 2)
+        self.post_init()
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.mlm_head.decoder
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.mlm_head.decoder = value
+
+    @classmethod
+    def from_bert(
+        cls, path: str | Path, feature_dim: int, num_region_classes: int, pooling: str = "cls",
+        num_layers: int | None = None,
+    ) -> "ImageBertForPretraining":
+        """Text side (and, from a ``BertForPreTraining`` checkpoint, the MLM head) from a local
+        Hugging Face BERT directory; region embeddings and the other heads freshly initialised.
+        ``num_layers`` keeps only the first N encoder layers."""
+        from pretrain.weights import load_model
+
+        bert = BertConfig.from_pretrained(path)
+        if num_layers is not None and not 1 <= num_layers <= bert.num_hidden_layers:
+            raise ValueError(f"num_layers={num_layers} but {path} has {bert.num_hidden_layers} layers")
+        config = ImageBertConfig.from_bert(
+            bert, feature_dim=feature_dim, num_region_classes=num_region_classes, summary_pooling=pooling,
+            num_hidden_layers=num_layers or bert.num_hidden_layers,
+        )
+        kept = config.num_hidden_layers
+        return load_model(
+            cls, path, config=config, key_mapping=BERT_KEY_MAPPING,
+            may_be_missing=[r"^imagebert\.region_embeddings\.", r"^(mlm|moc|mrfr|itm)_head\."],
+            may_be_unused=[rf"^imagebert\.bert\.encoder\.layer\.(?!({'|'.join(map(str, range(kept)))})\.)", r"^cls\."],
+            what=f"BERT checkpoint {path}",
+        )
 
     def forward(self, batch: dict[str, torch.Tensor], weights: ObjectiveWeights | None = None) -> PretrainingOutput:
         weights = weights or ObjectiveWeights()
         enc = self.imagebert(
-            batch["input_ids"],
-            batch["attention_mask"],
-            batch["region_features"],
-            batch["region_geometry"],
-            batch["region_mask"],
+            batch["input_ids"], batch["attention_mask"], batch["region_features"], batch["region_geometry"],
+            batch["region_mask"], batch["region_blanked"],
         )
-        text_states = enc.sequence_output[:, : enc.text_length]
-        region_states = enc.sequence_output[:, enc.text_length :]
+        text_states = enc.last_hidden_state[:, : enc.text_length]
+        region_states = enc.last_hidden_state[:, enc.text_length :]
         matched = batch["itm_labels"].bool()
         losses: dict[str, torch.Tensor] = {}
-        counts: dict[str, tuple[int, int]] = {}
+        counts: dict[str, tuple[torch.Tensor, int]] = {}
 
         # Only the selected positions go through the heads: the MLM vocabulary projection is the
         # most expensive matmul of the step and most positions are not masked.
@@ -248,7 +331,7 @@ class ImageBertForPretraining(nn.Module):
             logits = self.mlm_head(text_states[select]).float()
             targets = batch["mlm_labels"][select]
             losses["mlm"] = _mean_or_zero(F.cross_entropy(logits, targets, reduction="sum"), len(targets), logits)
-            counts["mlm"] = ((logits.argmax(-1) == targets).sum().item(), len(targets))
+            counts["mlm"] = ((logits.argmax(-1) == targets).sum(), len(targets))
 
         select_regions = batch["region_masked"].bool() & batch["region_mask"].bool() & matched[:, None]
         if weights.moc:
@@ -260,19 +343,19 @@ class ImageBertForPretraining(nn.Module):
             else:
                 loss_sum = F.cross_entropy(logits, target_label, reduction="sum")
             losses["moc"] = _mean_or_zero(loss_sum, len(target_label), logits)
-            counts["moc"] = ((logits.argmax(-1) == target_label).sum().item(), len(target_label))
+            counts["moc"] = ((logits.argmax(-1) == target_label).sum(), len(target_label))
         if weights.mrfr:
             predicted = self.mrfr_head(region_states[select_regions]).float()
-            target = batch["region_target_features"][select_regions].float()
+            target = batch["region_features"][select_regions].float()  # the features before masking
             loss_sum = F.mse_loss(predicted, target, reduction="none").mean(-1).sum()
             losses["mrfr"] = _mean_or_zero(loss_sum, len(target), predicted)
-        itm_logits = self.itm_head(enc.pooled_output).float()
         if weights.itm:
+            itm_logits = self.itm_head(enc.pooler_output).float()
             losses["itm"] = F.cross_entropy(itm_logits, batch["itm_labels"].long())
-            counts["itm"] = ((itm_logits.argmax(-1) == batch["itm_labels"]).sum().item(), len(itm_logits))
+            counts["itm"] = ((itm_logits.argmax(-1) == batch["itm_labels"]).sum(), len(itm_logits))
 
         total = sum(getattr(weights, name) * value for name, value in losses.items())
-        return PretrainingOutput(loss=total, losses=losses, counts=counts, itm_logits=itm_logits)
+        return PretrainingOutput(loss=total, losses=losses, counts=counts)
 
     def itm_scores(
         self,
@@ -284,7 +367,7 @@ class ImageBertForPretraining(nn.Module):
     ) -> torch.Tensor:
         """Matching score per (text, image) pair: log-odds of 'matched'; used for retrieval ranking."""
         enc = self.imagebert(input_ids, attention_mask, region_features, region_geometry, region_mask)
-        logits = self.itm_head(enc.pooled_output).float()
+        logits = self.itm_head(enc.pooler_output).float()
         return logits[:, 1] - logits[:, 0]
 
 
@@ -302,13 +385,6 @@ def _mean_or_zero(loss_sum: torch.Tensor, count: int, like: torch.Tensor) -> tor
     return loss_sum / count
 
 
-def init_new_modules(module: nn.Module, config: BertConfig) -> None:
-    """BERT's initialisation for modules that do not come from the pretrained checkpoint."""
-    for sub in module.modules():
-        if isinstance(sub, nn.Linear):
-            nn.init.normal_(sub.weight, std=config.initializer_range)
-            if sub.bias is not None:
-                nn.init.zeros_(sub.bias)
-        elif isinstance(sub, nn.LayerNorm):
-            nn.init.ones_(sub.weight)
-            nn.init.zeros_(sub.bias)
+AutoConfig.register(ImageBertConfig.model_type, ImageBertConfig)
+AutoModel.register(ImageBertConfig, ImageBertModel)
+AutoModelForPreTraining.register(ImageBertConfig, ImageBertForPretraining)

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import webdataset as wds
-from transformers import AutoTokenizer, BertConfig
+from transformers import AutoTokenizer
 
 from finetune.synth_tasks import label_names, make_task_sample
 from preprocess.feature_format import FeatureSpec, encode_feature_sample
 from preprocess.synth_scenes import COLOURS, SYNTH_CLASS_NAMES
-from pretrain.model import ImageBertForPretraining, imagebert_config
+from pretrain.model import ImageBertConfig, ImageBertForPretraining
 from pretrain.release import save_release
 
 FEATURE_DIM = 16
@@ -44,11 +44,11 @@ def tiny_release(out: Path, spec: FeatureSpec | None = None, seed: int = 0) -> P
     spec = spec or symbolic_spec()
     tokenizer = minilm_tokenizer()
     torch.manual_seed(seed)
-    config = imagebert_config(
-        BertConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
-                   vocab_size=tokenizer.vocab_size, max_position_embeddings=64, initializer_range=INIT,
-                   hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
-        spec.feature_dim, spec.num_classes,
+    config = ImageBertConfig(
+        hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
+        vocab_size=tokenizer.vocab_size, max_position_embeddings=64, initializer_range=INIT,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        feature_dim=spec.feature_dim, num_region_classes=spec.num_classes,
     )
     return save_release(ImageBertForPretraining(config), tokenizer, spec, out)
 

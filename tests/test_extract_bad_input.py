@@ -3,11 +3,9 @@ valid), the good samples around it are written, every input key lands in exactly
 
 from __future__ import annotations
 
-import io
 import json
 import struct
 import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest

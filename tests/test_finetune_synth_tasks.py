@@ -7,7 +7,7 @@ import pytest
 import webdataset as wds
 
 from finetune.metrics import entity_spans
-from finetune.synth_tasks import TASK_FILE, TASKS, SynthTaskConfig, make_task_sample, write_task_shards
+from finetune.synth_tasks import TASK_FILE, SynthTaskConfig, make_task_sample, write_task_shards
 from preprocess.synth_scenes import COLOUR_WORDS, SYNTH_CLASS_NAMES
 
 

@@ -15,9 +15,9 @@ from pretrain.release import load_release
 from tests.finetune_fixtures import symbolic_spec, task_config_dict, tiny_release, write_symbolic_task_shards
 
 STEPS = 10
-RETRIEVAL_STEPS = 40  # matching pairs from a random tiny encoder takes longer than a label
+RETRIEVAL_STEPS = 60  # matching pairs from a random tiny encoder takes longer than a label
 LR = 3e-3
-RETRIEVAL_LR = 3e-3
+RETRIEVAL_LR = 1e-3  # at 3e-3 some strategies collapse to one score for every pair
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -1,14 +1,20 @@
-"""Fusion strategies over a tiny random ImageBERT: routing properties, exact reproductions, gradients."""
+"""Fusion strategies over a tiny random ImageBERT: routing properties, exact reproductions, gradients.
+
+Layers are observed with forward hooks on the pretrained ``BertLayer``s and sub-blocks, so the
+strategies carry no test code. Each strategy is built as the fine-tuning model builds (and
+initialises) it.
+"""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from transformers import BertConfig
 
-from finetune.fusion import STRATEGY_NAMES, FusionConfig, build_fusion
+from finetune.config import TaskConfig
+from finetune.fusion import STRATEGY_NAMES, FusionConfig
 from finetune.fusion.muse import exchange_counts
-from pretrain.model import ImageBertModel, imagebert_config
+from finetune.tasks import FinetuneModel
+from pretrain.model import ImageBertConfig, ImageBertModel
 
 HIDDEN, FEATURE_DIM, NUM_CLASSES, VOCAB = 32, 16, 5, 30522
 CLS_ID, SEP_ID = 101, 102
@@ -16,7 +22,7 @@ CLS_ID, SEP_ID = 101, 102
 
 def tiny_encoder(layers: int = 3, seed: int = 0, dropout: float = 0.1) -> ImageBertModel:
     torch.manual_seed(seed)
-    bert = BertConfig(
+    config = ImageBertConfig(
         hidden_dropout_prob=dropout,
         attention_probs_dropout_prob=dropout,
         hidden_size=HIDDEN,
@@ -25,8 +31,16 @@ def tiny_encoder(layers: int = 3, seed: int = 0, dropout: float = 0.1) -> ImageB
         intermediate_size=64,
         vocab_size=VOCAB,
         max_position_embeddings=64,
+        feature_dim=FEATURE_DIM,
+        num_region_classes=NUM_CLASSES,
     )
-    return ImageBertModel(imagebert_config(bert, FEATURE_DIM, NUM_CLASSES)).eval()
+    return ImageBertModel(config).eval()
+
+
+def build_fusion(cfg: FusionConfig, encoder: ImageBertModel):
+    """The strategy as ``FinetuneModel`` builds and initialises it (over ``encoder``, in place)."""
+    task = TaskConfig(name="classification", label_names=["a", "b"])
+    return FinetuneModel(encoder.config, task, cfg, encoder=encoder).fusion.eval()
 
 
 def make_batch(seed: int = 1, padded: bool = True) -> dict[str, torch.Tensor]:
@@ -61,11 +75,20 @@ def with_other_image(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return changed
 
 
-def traced(fusion, batch):
-    fusion.start_trace()
-    with torch.no_grad():
-        out = fusion(**batch)
-    return out, fusion.trace
+def layer_calls(fusion, batch) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+    """Every call of a pretrained layer during one forward: (layer index, input states, output states)."""
+    calls = []
+    hooks = [
+        layer.register_forward_hook(lambda m, args, out, i=index: calls.append((i, args[0].detach(), out.detach())))
+        for index, layer in enumerate(fusion.layers)
+    ]
+    try:
+        with torch.no_grad():
+            fusion(**batch)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return calls
 
 
 @pytest.mark.parametrize("padded", [False, True])
@@ -76,9 +99,9 @@ def test_single_stream_reproduces_imagebert(padded):
     with torch.no_grad():
         expected = encoder(**batch)
         out = fusion(**batch)
-    assert torch.equal(out.text_states, expected.sequence_output[:, :10])
-    assert torch.equal(out.region_states, expected.sequence_output[:, 10:])
-    assert torch.equal(out.pooled[0], expected.pooled_output)
+    assert torch.equal(out.text_states, expected.last_hidden_state[:, :10])
+    assert torch.equal(out.region_states, expected.last_hidden_state[:, 10:])
+    assert torch.equal(out.pooled[0], expected.pooler_output)
 
 
 @pytest.mark.parametrize("name", STRATEGY_NAMES)
@@ -106,32 +129,35 @@ def test_output_shapes_and_pooled_dims(name):
 
 
 def test_mbt_without_bottlenecks_lets_nothing_cross():
-    fusion = build_fusion(FusionConfig(name="mbt", mbt_bottlenecks=0, mbt_fusion_layer=1), tiny_encoder()).eval()
+    fusion = build_fusion(FusionConfig(name="mbt", mbt_bottlenecks=0, mbt_fusion_layer=1), tiny_encoder())
     batch = make_batch()
-    out_a, trace_a = traced(fusion, batch)
-    out_b, trace_b = traced(fusion, with_other_image(batch))
-    assert len(trace_a) == 3
-    for layer_a, layer_b in zip(trace_a, trace_b):
-        assert torch.equal(layer_a["text"], layer_b["text"]), f"text moved in layer {layer_a['layer']}"
-        assert not torch.allclose(layer_a["image"], layer_b["image"])  # the change did reach the image stream
+    calls_a, calls_b = layer_calls(fusion, batch), layer_calls(fusion, with_other_image(batch))
+    # Each layer runs twice, the text stream then the image stream.
+    assert [i for i, _, _ in calls_a] == [0, 0, 1, 1, 2, 2]
+    for (index, _, text_a), (_, _, text_b) in zip(calls_a[0::2], calls_b[0::2]):
+        assert torch.equal(text_a, text_b), f"text moved in layer {index}"
+    for (index, _, image_a), (_, _, image_b) in zip(calls_a[1::2], calls_b[1::2]):
+        assert not torch.allclose(image_a, image_b), f"the change did not reach the image stream in layer {index}"
+    with torch.no_grad():
+        out_a, out_b = fusion(**batch), fusion(**with_other_image(batch))
     assert torch.equal(out_a.text_states, out_b.text_states)
     assert torch.equal(out_a.pooled[0], out_b.pooled[0])
     assert not torch.allclose(out_a.pooled[1], out_b.pooled[1])
 
 
 def test_mbt_bottlenecks_carry_image_into_text_only_after_fusion_layer():
-    fusion_layer = 1
-    encoder = tiny_encoder(layers=4)
-    fusion = build_fusion(FusionConfig(name="mbt", mbt_bottlenecks=4, mbt_fusion_layer=fusion_layer), encoder).eval()
+    fusion_layer, text_length, bottlenecks = 1, 10, 4
+    cfg = FusionConfig(name="mbt", mbt_bottlenecks=bottlenecks, mbt_fusion_layer=fusion_layer)
+    fusion = build_fusion(cfg, tiny_encoder(layers=4))
     batch = make_batch()
-    _, trace_a = traced(fusion, batch)
-    _, trace_b = traced(fusion, with_other_image(batch))
-    for layer_a, layer_b in zip(trace_a, trace_b):
-        same = torch.equal(layer_a["text"], layer_b["text"])
-        # In layer L_f the bottlenecks are still the learned initial tokens; image content reaches them there
-        # and the text from layer L_f + 1 on.
-        assert same == (layer_a["layer"] <= fusion_layer), f"layer {layer_a['layer']}"
-    assert "bottlenecks" not in trace_a[0] and trace_a[fusion_layer]["bottlenecks"].shape == (2, 4, HIDDEN)
+    calls_a, calls_b = layer_calls(fusion, batch), layer_calls(fusion, with_other_image(batch))
+    for (index, text_in, text_a), (_, _, text_b) in zip(calls_a[0::2], calls_b[0::2]):
+        # From L_f on the text's call of the layer also holds the B bottleneck tokens.
+        assert text_in.shape[1] == text_length + (bottlenecks if index >= fusion_layer else 0)
+        # In layer L_f the bottlenecks are still the learned initial tokens; image content reaches
+        # them there, and the text from layer L_f + 1 on.
+        same = torch.equal(text_a[:, :text_length], text_b[:, :text_length])
+        assert same == (index <= fusion_layer), f"layer {index}"
 
 
 def test_mbt_default_fusion_layer_is_two_thirds_of_depth_with_one_layer_after_it():
@@ -163,7 +189,8 @@ def test_muse_exchanges_exact_fraction_in_exact_layers():
                 lambda m, a, i=index: ffn_in.setdefault(i, []).append(a[0].detach())
             )
         )
-    _, trace = traced(fusion, batch)
+    with torch.no_grad():
+        fusion(**batch)
     for hook in hooks:
         hook.remove()
 
@@ -189,11 +216,6 @@ def test_muse_exchanges_exact_fraction_in_exact_layers():
         expected_image = image_att + text_mean[:, None]
         assert torch.allclose(text_ffn[text_changed], expected_text[text_changed], atol=1e-6)
         assert torch.allclose(image_ffn[image_changed], expected_image[image_changed], atol=1e-6)
-        # The recorded trace agrees with what the hooks saw.
-        record = trace[index]
-        assert torch.equal(record["text_exchanged"], text_changed)
-        assert torch.equal(record["image_exchanged"], image_changed)
-    assert [r["layer"] for r in trace if "text_exchanged" in r] == [1, 2]
 
 
 def test_exchange_counts_round_half_to_even_like_python():
@@ -229,8 +251,8 @@ def test_muse_auxiliary_losses_follow_their_weights():
 
 def image_stream_reference(encoder: ImageBertModel, batch) -> torch.Tensor:
     """The image alone through the plain BertModel: image [CLS] (segment 1, position 0), then regions."""
-    cls = encoder.embed_text(batch["input_ids"][:, :1])
-    regions = encoder.embed_regions(batch["region_features"], batch["region_geometry"])
+    cls = encoder.get_input_embeddings()(batch["input_ids"][:, :1])
+    regions = encoder.region_embeddings(batch["region_features"], batch["region_geometry"])
     length = regions.shape[1] + 1
     positions = torch.full((1, length), encoder.config.region_position_id)
     positions[0, 0] = 0
@@ -268,7 +290,8 @@ def test_mi2p_with_zero_plugins_reproduces_the_host_streams():
 def test_late_fusion_streams_never_meet():
     fusion = build_fusion(FusionConfig(name="late"), tiny_encoder()).eval()
     batch = make_batch()
-    out_a, out_b = traced(fusion, batch)[0], traced(fusion, with_other_image(batch))[0]
+    with torch.no_grad():
+        out_a, out_b = fusion(**batch), fusion(**with_other_image(batch))
     assert torch.equal(out_a.text_states, out_b.text_states)
     assert torch.equal(out_a.pooled[0][:, :HIDDEN], out_b.pooled[0][:, :HIDDEN])
     assert not torch.allclose(out_a.pooled[0][:, HIDDEN:], out_b.pooled[0][:, HIDDEN:])

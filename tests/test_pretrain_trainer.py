@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from preprocess.config import ConfigError, load_config
-from pretrain.checkpoint import LATEST_FILE, TrainerState, latest_state, prune, tag_for
+from pretrain.checkpoint import LATEST_FILE, latest_state, prune, tag_for
 from pretrain.config import PretrainConfig, resolve_model_path
 from pretrain_shards import write_feature_shards
 
@@ -122,19 +122,26 @@ def test_config_errors_name_the_key(overrides, message):
     assert message in str(err.value)
 
 
+def test_a_config_must_name_its_model(tmp_path):
+    config = tmp_path / "no-model.yaml"
+    config.write_text("stages: [{name: a, shards: x.tar, eval_shards: y.tar, steps: 2}]\n")
+    with pytest.raises(ConfigError, match="set exactly one of model.bert"):
+        load_config(PretrainConfig, config)
+
+
 def test_model_path_from_missing_package_is_a_clear_error():
     with pytest.raises(ValueError, match="not installed"):
         resolve_model_path("pkg:no_such_package_for_vlpretrain")
 
 
 def test_deepspeed_config_follows_the_job_config():
-    from pretrain.trainer import deepspeed_config
+    from pretrain.engine import deepspeed_config
 
     cfg = load_config(PretrainConfig, TINY, [
         "deepspeed.zero_stage=3", "deepspeed.precision=bf16", "deepspeed.gradient_accumulation_steps=4",
         "deepspeed.gradient_clipping=0.5", "deepspeed.extra={zero_optimization: {overlap_comm: true}}",
     ])
-    linear = deepspeed_config(cfg, cfg.stages[0])
+    linear = deepspeed_config(cfg.deepspeed, cfg.stages[0], cfg.data.batch_size)
     assert linear["zero_optimization"] == {"stage": 3, "overlap_comm": True}
     assert linear["bf16"]["enabled"] and not linear["fp16"]["enabled"]
     assert linear["gradient_accumulation_steps"] == 4 and linear["gradient_clipping"] == 0.5
@@ -143,7 +150,7 @@ def test_deepspeed_config_follows_the_job_config():
     assert linear["scheduler"]["params"]["total_num_steps"] == cfg.stages[0].steps
     assert linear["optimizer"]["params"]["lr"] == cfg.stages[0].lr
     cosine_stage = cfg.stages[1].__class__(**{**cfg.stages[1].__dict__, "schedule": "cosine", "min_lr_ratio": 0.1})
-    cosine = deepspeed_config(cfg, cosine_stage, load_universal=True)
+    cosine = deepspeed_config(cfg.deepspeed, cosine_stage, cfg.data.batch_size, load_universal=True)
     assert cosine["scheduler"]["type"] == "WarmupCosineLR"
     assert cosine["scheduler"]["params"]["cos_min_ratio"] == 0.1
     assert cosine["checkpoint"]["load_universal"] is True
@@ -218,7 +225,7 @@ def test_zero2_sigterm_then_resume_on_one_rank_then_export(shards, tmp_path):
     assert [(r["step"], r["stage"]) for r in records] == [(n + 2, 0), (n + 4, 1)]
     for record in records:
         for key in ("itm_acc", "mlm_acc", "moc_acc", "mrfr_loss", "i2t_r1", "i2t_r5", "i2t_r10",
-                    "t2i_r1", "t2i_r5", "t2i_r10", "num_candidates"):
+                    "t2i_r1", "t2i_r5", "t2i_r10", "num_images"):
             assert math.isfinite(record[key]), key
         assert 0 < record["mrfr_loss"] < 10  # features are O(1): a sane regression loss, not a blow-up
     assert json.loads((run_dir / "done.json").read_text()) == {"global_step": n + 4}
@@ -248,19 +255,27 @@ def test_zero2_sigterm_then_resume_on_one_rank_then_export(shards, tmp_path):
         assert again[key] == pytest.approx(last[key], rel=1e-4), key
 
 
-# Runs in a fresh interpreter: load the release (no DeepSpeed import), evaluate as the trainer did.
+# Runs in a fresh interpreter: load the release (no DeepSpeed import), evaluate as the trainer did,
+# and load it again through the transformers Auto classes.
 _REEVALUATE = """
 import json, sys
+import torch
 from preprocess.config import load_config
 from pretrain.release import load_release
 release = load_release(sys.argv[1])
 print("modules: " + ("deepspeed" if "deepspeed" in sys.modules else "no-ds"))
+from transformers import AutoConfig, AutoModel, AutoModelForPreTraining
 from pretrain.config import PretrainConfig
 from pretrain.evaluate import evaluate
-import torch
+from pretrain.model import ImageBertForPretraining, ImageBertModel
+encoder, whole = AutoModel.from_pretrained(sys.argv[1]), ImageBertForPretraining.from_pretrained(sys.argv[1])
+assert type(encoder) is ImageBertModel and type(AutoModelForPreTraining.from_pretrained(sys.argv[1])) is ImageBertForPretraining
+assert AutoConfig.from_pretrained(sys.argv[1]).model_type == "imagebert"
+assert all(torch.equal(a, b) for a, b in zip(whole.state_dict().values(), release.model.state_dict().values()))
+assert all(torch.equal(a, b) for a, b in zip(encoder.state_dict().values(), release.model.imagebert.state_dict().values()))
 cfg = load_config(PretrainConfig, sys.argv[2])
 metrics = evaluate(release.model, cfg.shard_path(cfg.stages[-1].eval_shards), release.tokenizer, release.feature_spec,
-                   cfg.data, cfg.masking, cfg.eval, torch.device("cpu"), torch.float32, objectives=cfg.objectives)
+                   cfg.data, cfg.masking, cfg.eval, torch.device("cpu"), objectives=cfg.objectives)
 print(json.dumps(metrics))
 """
 
@@ -276,9 +291,9 @@ def test_zero3_bf16_two_ranks_then_resume_into_the_next_stage(shards, tmp_path):
     assert (state.global_step, state.stage, state.zero_stage, state.world_size) == (3, 0, 3, 2)
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("global_step*")) == [tag_for(2), tag_for(3)]
 
-    # The same run with a second stage added: --resume starts stage 1 from stage 0's ZeRO-3
-    # checkpoint (weights and Adam moments, same world size).
-    (run_dir / "done.json").unlink()
+    # The same run with a second stage added: done.json (step 3) is short of the new 5 steps, so
+    # --resume goes on: stage 1 starts from stage 0's ZeRO-3 checkpoint (weights and Adam moments,
+    # same world size).
     two_stages = _write_config(tmp_path / "two.yaml", shards, [_stage("web", 3), _stage("indomain", 2, reset_optimizer=False)],
                                deepspeed={"zero_stage": 3, "precision": "bf16"}, checkpoint={"every_steps": 2},
                                eval={"every_steps": 10000})
@@ -287,12 +302,13 @@ def test_zero3_bf16_two_ranks_then_resume_into_the_next_stage(shards, tmp_path):
     records = _metrics(run_dir)
     assert [(r["step"], r["stage"]) for r in records] == [(3, 0), (5, 1)]
     assert all(math.isfinite(r["mrfr_loss"]) and math.isfinite(r["itm_loss"]) for r in records)
+    assert json.loads((run_dir / "done.json").read_text()) == {"global_step": 5}
     # A ZeRO-3 checkpoint consolidates into full weights: every parameter has its full shape.
     from pretrain.checkpoint import consolidated_weights
-    from transformers import BertConfig
+    from pretrain.model import ImageBertConfig
 
     weights = consolidated_weights(run_dir / "checkpoints", tag_for(5))
-    config = BertConfig.from_pretrained(run_dir / "model")
+    config = ImageBertConfig.from_pretrained(run_dir / "model")
     word = weights["imagebert.bert.embeddings.word_embeddings.weight"]
     assert tuple(word.shape) == (config.vocab_size, config.hidden_size)
     assert tuple(weights["mrfr_head.out.weight"].shape) == (config.feature_dim, config.hidden_size)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from finetune.fusion.config import FusionConfig
-from finetune.fusion.routing import FusedOutput, FusionEncoder, Stream, run_layer
+from finetune.fusion.routing import FusedOutput, FusionEncoder, FusionInputs, Stream, run_layer
 from pretrain.model import ImageBertModel
 
 
@@ -24,23 +24,12 @@ class BottleneckFusion(FusionEncoder):
         hidden = encoder.config.hidden_size
         super().__init__(encoder, pooled_dims=[hidden, hidden])
         self.fusion_layer = cfg.mbt_fusion_layer
-        # New tokens, initialised small like BERT's own embeddings (MBT: normal, std 0.02). None for
-        # B = 0: an empty parameter would be one more thing for ZeRO to partition for nothing.
-        init = torch.randn(1, cfg.mbt_bottlenecks, hidden) * encoder.config.initializer_range
-        self.bottlenecks = nn.Parameter(init) if cfg.mbt_bottlenecks else None
+        # New tokens, initialised small like BERT's own embeddings (MBT: normal, std 0.02; see
+        # finetune.tasks.FinetuneModel._init_weights). None for B = 0: an empty parameter would be
+        # one more thing for ZeRO to partition for nothing.
+        self.bottlenecks = nn.Parameter(torch.empty(1, cfg.mbt_bottlenecks, hidden)) if cfg.mbt_bottlenecks else None
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        region_features: torch.Tensor,
-        region_geometry: torch.Tensor,
-        region_mask: torch.Tensor,
-        caption_labels: torch.Tensor | None = None,
-    ) -> FusedOutput:
-        self.check_features(region_features)
-        text = self.embed_text(input_ids, attention_mask)
-        image = self.embed_image(input_ids[:, :1], region_features, region_geometry, region_mask)
+    def route(self, text: Stream, image: Stream, inputs: FusionInputs) -> FusedOutput:
         batch, text_length, image_length = text.states.shape[0], text.states.shape[1], image.states.shape[1]
         if self.bottlenecks is not None:
             bottlenecks = self.bottlenecks.to(text.states.dtype).expand(batch, -1, -1)
@@ -48,14 +37,12 @@ class BottleneckFusion(FusionEncoder):
         for index, layer in enumerate(self.layers):
             if index < self.fusion_layer or self.bottlenecks is None:
                 text, image = run_layer(layer, text), run_layer(layer, image)
-                self.record(index, text=text.states, image=image.states)
                 continue
             text_out = run_layer(layer, _join(text, bottlenecks, bottleneck_mask))
             image_out = run_layer(layer, _join(image, bottlenecks, bottleneck_mask))
             text = Stream(text_out.states[:, :text_length], text.mask)
             image = Stream(image_out.states[:, :image_length], image.mask)
             bottlenecks = (text_out.states[:, text_length:] + image_out.states[:, image_length:]) / 2
-            self.record(index, text=text.states, image=image.states, bottlenecks=bottlenecks)
         return FusedOutput(
             text_states=text.states,
             region_states=image.states[:, 1:],

@@ -25,12 +25,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from finetune.fusion.config import FusionConfig
-from finetune.fusion.routing import FusedOutput, FusionEncoder, Stream, run_layer
-from pretrain.model import ImageBertModel, init_new_modules
+from finetune.fusion.routing import FusedOutput, FusionEncoder, FusionInputs, Stream, run_layer
+from pretrain.model import ImageBertModel
+
+
+class ZeroInitLinear(nn.Linear):
+    """A linear layer that starts at zero (``finetune.tasks.FinetuneModel._init_weights``)."""
 
 
 class InjectionPlugin(nn.Module):
-    """host + out(attention(query=host, key/value=foreign)); ``out`` zero-initialised."""
+    """host + out(attention(query=host, key/value=foreign)); ``out`` starts at zero."""
 
     def __init__(self, hidden: int, heads: int):
         super().__init__()
@@ -40,11 +44,7 @@ class InjectionPlugin(nn.Module):
         self.query = nn.Linear(hidden, hidden)
         self.key = nn.Linear(hidden, hidden)
         self.value = nn.Linear(hidden, hidden)
-        self.out = nn.Linear(hidden, hidden)
-
-    def reset_output(self) -> None:
-        nn.init.zeros_(self.out.weight)
-        nn.init.zeros_(self.out.bias)
+        self.out = ZeroInitLinear(hidden, hidden)
 
     def forward(self, host: torch.Tensor, foreign: Stream) -> torch.Tensor:
         batch, host_length, hidden = host.shape
@@ -82,25 +82,9 @@ class InjectionFusion(FusionEncoder):
         self.image_into_text = nn.ModuleList(InjectionPlugin(hidden, cfg.mi2p_heads) for _ in range(layers))
         self.text_into_image = nn.ModuleList(InjectionPlugin(hidden, cfg.mi2p_heads) for _ in range(layers))
         self.combine = AttentionWeightedCombination(hidden)
-        init_new_modules(self.image_into_text, encoder.config)
-        init_new_modules(self.text_into_image, encoder.config)
-        init_new_modules(self.combine, encoder.config)
-        for plugin in (*self.image_into_text, *self.text_into_image):
-            plugin.reset_output()
         self.freeze_foreign = cfg.mi2p_freeze_foreign
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        region_features: torch.Tensor,
-        region_geometry: torch.Tensor,
-        region_mask: torch.Tensor,
-        caption_labels: torch.Tensor | None = None,
-    ) -> FusedOutput:
-        self.check_features(region_features)
-        text = self.embed_text(input_ids, attention_mask)
-        image = self.embed_image(input_ids[:, :1], region_features, region_geometry, region_mask)
+    def route(self, text: Stream, image: Stream, inputs: FusionInputs) -> FusedOutput:
         with torch.no_grad() if self.freeze_foreign else contextlib.nullcontext():
             foreign_text, foreign_image = text, image
             for layer in self.layers:
@@ -109,6 +93,5 @@ class InjectionFusion(FusionEncoder):
             text_host, image_host = run_layer(layer, text), run_layer(layer, image)
             text = Stream(self.image_into_text[index](text_host.states, foreign_image), text.mask)
             image = Stream(self.text_into_image[index](image_host.states, foreign_text), image.mask)
-            self.record(index, text=text.states, image=image.states)
         summaries = torch.stack([self.pool(text), self.pool(image)], dim=1)
         return FusedOutput(text_states=text.states, region_states=image.states[:, 1:], pooled=[self.combine(summaries)])

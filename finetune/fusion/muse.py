@@ -26,6 +26,7 @@ from finetune.fusion.muse_decoders import CaptionDecoder, RegionFeatureGenerator
 from finetune.fusion.routing import (
     FusedOutput,
     FusionEncoder,
+    FusionInputs,
     Stream,
     cls_attention,
     run_attention_block,
@@ -55,25 +56,13 @@ class ExchangeFusion(FusionEncoder):
             RegionFeatureGenerator(encoder.config, cfg.muse_aux_noise) if cfg.muse_generation_weight else None
         )
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        region_features: torch.Tensor,
-        region_geometry: torch.Tensor,
-        region_mask: torch.Tensor,
-        caption_labels: torch.Tensor | None = None,
-    ) -> FusedOutput:
-        self.check_features(region_features)
-        text = self.embed_text(input_ids, attention_mask)
-        image = self.embed_image(input_ids[:, :1], region_features, region_geometry, region_mask)
+    def route(self, text: Stream, image: Stream, inputs: FusionInputs) -> FusedOutput:
         aux_loss = None
         if self.training:  # the decoders regularise training; inference does not pay for them
-            aux_loss = self.auxiliary_loss(text, image, input_ids, region_features, region_geometry, caption_labels)
+            aux_loss = self.auxiliary_loss(text, image, inputs)
         for index, layer in enumerate(self.layers):
             if not self.exchange_start <= index <= self.exchange_end:
                 text, image = run_layer(layer, text), run_layer(layer, image)
-                self.record(index, text=text.states, image=image.states)
                 continue
             with torch.no_grad():
                 text_selected = lowest_attended(cls_attention(layer, text), text.mask, self.exchange_fraction)
@@ -86,37 +75,23 @@ class ExchangeFusion(FusionEncoder):
             image_mid = image_mid + image_selected[..., None] * text_mean[:, None]
             text = Stream(run_feed_forward_block(layer, text_mid), text.mask)
             image = Stream(run_feed_forward_block(layer, image_mid), image.mask)
-            self.record(
-                index,
-                text=text.states,
-                image=image.states,
-                text_exchanged=text_selected,
-                image_exchanged=image_selected,
-            )
         pooled = torch.cat([self.pool(text), self.pool(image)], dim=-1)
         return FusedOutput(
             text_states=text.states, region_states=image.states[:, 1:], pooled=[pooled], aux_loss=aux_loss
         )
 
-    def auxiliary_loss(
-        self,
-        text: Stream,
-        image: Stream,
-        input_ids: torch.Tensor,
-        region_features: torch.Tensor,
-        region_geometry: torch.Tensor,
-        caption_labels: torch.Tensor | None,
-    ) -> torch.Tensor | None:
+    def auxiliary_loss(self, text: Stream, image: Stream, inputs: FusionInputs) -> torch.Tensor | None:
         losses = []
         if self.caption_decoder is not None:
+            caption_labels = inputs.caption_labels
             if caption_labels is None:
                 # The paired text is the caption to reconstruct; padding is not.
-                caption_labels = input_ids.masked_fill(~text.mask, IGNORE_INDEX)
+                caption_labels = inputs.input_ids.masked_fill(~text.mask, IGNORE_INDEX)
             caption = self.caption_decoder(image, caption_labels, self.encoder)
             losses.append(self.caption_weight * caption)
         if self.region_generator is not None:
             regions = image.mask[:, 1:]
-            generation = self.region_generator(text, region_geometry, region_features, regions)
+            generation = self.region_generator(text, inputs.region_geometry, inputs.region_features, regions)
             losses.append(self.generation_weight * generation)
         return sum(losses) if losses else None
 

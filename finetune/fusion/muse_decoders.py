@@ -13,10 +13,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import BertConfig
 
 from finetune.fusion.routing import Stream
-from pretrain.model import GEOMETRY_DIM, IGNORE_INDEX, ImageBertModel, init_new_modules
+from pretrain.model import GEOMETRY_DIM, IGNORE_INDEX, ImageBertConfig, ImageBertModel
 
 
 class NoisyProjection(nn.Module):
@@ -40,7 +39,7 @@ class CaptionDecoder(nn.Module):
     tied to the word embeddings, so the only new parameters are the decoder layer and the MLP.
     """
 
-    def __init__(self, config: BertConfig, noise_std: float, word_embeddings: nn.Embedding):
+    def __init__(self, config: ImageBertConfig, noise_std: float, word_embeddings: nn.Embedding):
         super().__init__()
         self.project = NoisyProjection(config.hidden_size, noise_std)
         self.layer = nn.TransformerDecoderLayer(
@@ -51,31 +50,29 @@ class CaptionDecoder(nn.Module):
             activation="gelu",
             batch_first=True,
         )
-        init_new_modules(self, config)
-        # Tied like the MLM decoder: registering the shared Parameter here (not reading it from
-        # another module in forward) lets ZeRO-3 gather it when this projection runs.
-        self.vocab = nn.Linear(config.hidden_size, config.vocab_size, bias=False, device="meta")
-        self.vocab.weight = word_embeddings.weight
+        # The word embedding matrix, shared like the MLM decoder's (declared to the library in
+        # finetune.tasks.FinetuneModel). Registered here, not read from the encoder in forward, so
+        # that ZeRO-3 gathers it when this module runs.
+        self.vocab_weight = word_embeddings.weight
 
     def forward(self, image: Stream, caption_labels: torch.Tensor, encoder: ImageBertModel) -> torch.Tensor:
         """Mean cross-entropy of predicting caption token t+1 from tokens <= t and the image."""
         inputs = caption_labels[:, :-1].clamp(min=0)  # ignored positions feed some real token id; never a target
         targets = caption_labels[:, 1:]
-        positions = encoder.text_positions(inputs.shape[1], inputs.device)
-        embedded = encoder.finish_embeddings(encoder.embed_text(inputs), 0, positions)
+        embedded = encoder.embed_tokens(inputs, segment=0)
         causal = torch.ones(inputs.shape[1], inputs.shape[1], dtype=torch.bool, device=inputs.device).triu(1)
         memory = self.project(image.states)
         # Padding sits after the caption, so the causal mask alone keeps it out of every target's context.
         decoded = self.layer(embedded, memory, tgt_mask=causal, memory_key_padding_mask=~image.mask)
         selected = targets != IGNORE_INDEX
-        logits = self.vocab(decoded[selected])
+        logits = F.linear(decoded[selected], self.vocab_weight)
         return _mean_or_zero(F.cross_entropy(logits.float(), targets[selected], reduction="sum"), logits)
 
 
 class RegionFeatureGenerator(nn.Module):
     """Region-feature generation from the text stream's embeddings, one query per region box."""
 
-    def __init__(self, config: BertConfig, noise_std: float):
+    def __init__(self, config: ImageBertConfig, noise_std: float):
         super().__init__()
         hidden = config.hidden_size
         self.project = NoisyProjection(hidden, noise_std)
@@ -84,7 +81,6 @@ class RegionFeatureGenerator(nn.Module):
         self.norm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
         self.out = nn.Sequential(nn.Linear(hidden, config.intermediate_size), nn.GELU())
         self.feature = nn.Linear(config.intermediate_size, config.feature_dim)
-        init_new_modules(self, config)
 
     def forward(
         self, text: Stream, region_geometry: torch.Tensor, region_features: torch.Tensor, region_mask: torch.Tensor

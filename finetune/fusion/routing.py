@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import apply_chunking_to_forward
 
-from pretrain.model import ImageBertModel
+from pretrain.model import ImageBertModel, check_feature_dim
 
 
 @dataclass
@@ -81,11 +81,26 @@ def cls_attention(layer: nn.Module, stream: Stream) -> torch.Tensor:
     return scores.softmax(-1).mean(1)
 
 
-class FusionEncoder(nn.Module):
-    """Base of every strategy: the pretrained encoder, stream embedding, pooling and a layer trace.
+@dataclass
+class FusionInputs:
+    """What a strategy reads from a batch besides the embedded streams."""
 
-    Subclasses implement ``forward(input_ids, attention_mask, region_features, region_geometry,
-    region_mask, caption_labels=None) -> FusedOutput`` and set ``pooled_dims``.
+    input_ids: torch.Tensor  # [B, T]
+    attention_mask: torch.Tensor  # [B, T]
+    region_features: torch.Tensor  # [B, R, D]
+    region_geometry: torch.Tensor  # [B, R, 5]
+    region_mask: torch.Tensor  # [B, R]
+    region_blanked: torch.Tensor | None = None  # [B, R] regions whose feature is hidden (text-only baseline)
+    caption_labels: torch.Tensor | None = None  # [B, T] MuSE's captioning targets (None: the paired caption)
+
+
+class FusionEncoder(nn.Module):
+    """Base of every strategy: embeds both modalities once, then ``route``s the streams.
+
+    ``forward`` embeds the text stream (``[CLS] text [SEP]``) and the image stream (an image
+    [CLS], then the regions) with the release's own embeddings and hands both to ``route``,
+    which each strategy implements: which tokens share an attention call in which layer, and
+    what crosses between the modalities. Subclasses also set ``pooled_dims``.
     """
 
     def __init__(self, encoder: ImageBertModel, pooled_dims: list[int]):
@@ -93,62 +108,43 @@ class FusionEncoder(nn.Module):
         self.encoder = encoder
         self.hidden_size = encoder.config.hidden_size
         self.pooled_dims = pooled_dims
-        # Tests and the benchmark set this to a list to record per-layer states (see ``record``).
-        self.trace: list[dict[str, torch.Tensor]] | None = None
 
     @property
     def layers(self) -> nn.ModuleList:
         return self.encoder.bert.encoder.layer
 
-    def start_trace(self) -> None:
-        self.trace = []
-
-    def record(self, layer_index: int, **tensors: torch.Tensor) -> None:
-        """Keep detached copies of this layer's outputs when tracing is on; free otherwise."""
-        if self.trace is not None:
-            self.trace.append({"layer": layer_index, **{k: v.detach().clone() for k, v in tensors.items()}})
-
-    def check_features(self, region_features: torch.Tensor) -> None:
-        expected = self.encoder.config.feature_dim
-        if region_features.shape[-1] != expected:
-            raise ValueError(
-                f"region features have dim {region_features.shape[-1]} but the release expects {expected} "
-                "(feature_spec.json of the task shards vs the release)"
-            )
-
-    def embed_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Stream:
-        """``[CLS] text [SEP]`` with segment 0 and sequential positions, as ImageBERT embeds it."""
-        positions = self.encoder.text_positions(input_ids.shape[1], input_ids.device)
-        states = self.encoder.finish_embeddings(self.encoder.embed_text(input_ids), 0, positions)
-        return Stream(states, attention_mask.bool())
-
-    def embed_regions(
-        self, region_features: torch.Tensor, region_geometry: torch.Tensor, region_mask: torch.Tensor, dtype
-    ) -> Stream:
-        """Regions with segment 1 and the one shared region position, as ImageBERT embeds them."""
-        positions = self.encoder.region_positions(region_features.shape[1], region_features.device)
-        inputs = self.encoder.embed_regions(region_features, region_geometry).to(dtype)
-        return Stream(self.encoder.finish_embeddings(inputs, 1, positions), region_mask.bool())
-
-    def embed_image(
+    def forward(
         self,
-        cls_ids: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
         region_features: torch.Tensor,
         region_geometry: torch.Tensor,
         region_mask: torch.Tensor,
-    ) -> Stream:
-        """An image stream of its own: an image [CLS] followed by the regions.
+        region_blanked: torch.Tensor | None = None,
+        caption_labels: torch.Tensor | None = None,
+    ) -> FusedOutput:
+        inputs = FusionInputs(
+            input_ids, attention_mask, region_features, region_geometry, region_mask, region_blanked, caption_labels
+        )
+        check_feature_dim(region_features, self.encoder.config)
+        text = Stream(self.encoder.embed_tokens(input_ids, segment=0), attention_mask.bool())
+        return self.route(text, self.embed_image(inputs), inputs)
+
+    def route(self, text: Stream, image: Stream, inputs: FusionInputs) -> FusedOutput:
+        raise NotImplementedError
+
+    def embed_image(self, inputs: FusionInputs) -> Stream:
+        """The image stream: an image [CLS] followed by the regions.
 
         Two-stream strategies need a summary token per modality. The image [CLS] is the text's
-        [CLS] word embedding (``cls_ids``, the tokenizer's first token) with the image segment
-        and position 0, so it starts from pretrained weights and differs from every region
-        (those share the region position).
+        [CLS] word embedding (the tokenizer's first token) with the image segment and position 0,
+        so it starts from pretrained weights and differs from every region (those share the
+        region position). Single stream drops it: its regions follow the text.
         """
-        cls_positions = self.encoder.text_positions(1, cls_ids.device)
-        cls = self.encoder.finish_embeddings(self.encoder.embed_text(cls_ids), 1, cls_positions)
-        regions = self.embed_regions(region_features, region_geometry, region_mask, cls.dtype)
-        cls_mask = torch.ones_like(regions.mask[:, :1])
-        return Stream(torch.cat([cls, regions.states], 1), torch.cat([cls_mask, regions.mask], 1))
+        cls = self.encoder.embed_tokens(inputs.input_ids[:, :1], segment=1)
+        regions = self.encoder.embed_regions(inputs.region_features, inputs.region_geometry, inputs.region_blanked)
+        cls_mask = torch.ones_like(inputs.region_mask[:, :1], dtype=torch.bool)
+        return Stream(torch.cat([cls, regions.to(cls.dtype)], 1), torch.cat([cls_mask, inputs.region_mask.bool()], 1))
 
     def pool(self, stream: Stream) -> torch.Tensor:
         """The release's summary of a stream: the pretrained pooler on its token 0 or its mean

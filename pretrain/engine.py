@@ -1,0 +1,355 @@
+"""The training engine: what pretraining and fine-tuning share, from DeepSpeed to the run directory.
+
+A job (``pretrain.trainer``, ``finetune.trainer``) builds its model and its data, then hands
+``Trainer.run`` one *phase* at a time (a pretraining stage, or a whole fine-tuning run) with two
+functions of its own: ``step(engine, batch) -> losses`` (the batch-to-loss forward; ``losses``
+holds ``"loss``", what backward runs on, and any parts to log) and ``evaluate() -> metrics``
+(called on every rank). The engine does the rest: the DeepSpeed engine from the ``deepspeed:``
+section and a schedule (``build_engine``), the step loop (gradient accumulation, logging,
+evaluation cadence, preemption, checkpoint cadence), ``metrics.jsonl`` and TensorBoard.
+
+Run directory, the same for both jobs (``RunPaths``)::
+
+    config.yaml        the resolved job config (rewritten on each start)
+    feature_spec.json  the spec of the shards the model reads
+    model/             the model config and the tokenizer: what rebuilds the model without the job
+    metrics.jsonl      one JSON object per evaluation
+    tb/                TensorBoard events
+    checkpoints/       DeepSpeed checkpoints (``pretrain.checkpoint``)
+    done.json          {"global_step": N}, written once the job's last step is done
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import yaml
+from tqdm import tqdm
+
+from preprocess import atomic
+from preprocess.config import dump_yaml, merge, to_dict
+from preprocess.feature_format import FeatureSpec
+from preprocess.launch_env import LaunchEnv
+from pretrain import checkpoint
+from pretrain.data import to_device
+from pretrain.engine_config import CheckpointConfig, DeepSpeedConfig, LoggingConfig, ScheduleConfig
+
+log = logging.getLogger("engine")
+
+StepFn = Callable[[Any, dict[str, Any]], dict[str, torch.Tensor]]
+EvalFn = Callable[[], dict[str, float]]
+
+
+class RunPaths:
+    """Where everything of a run lives (module docstring)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.config = self.root / "config.yaml"
+        self.model = self.root / "model"
+        self.metrics = self.root / "metrics.jsonl"
+        self.tensorboard = self.root / "tb"
+        self.checkpoints = self.root / "checkpoints"
+        self.done = self.root / "done.json"
+
+    def resume_point(self, resume: bool) -> checkpoint.TrainerState | None:
+        """The checkpoint to continue from (None: start fresh); refuses a fresh start over checkpoints."""
+        if not resume:
+            if (self.checkpoints / checkpoint.LATEST_FILE).is_file():
+                raise SystemExit(f"{self.root} already has checkpoints: pass --resume to continue it, or use a new --run-dir")
+            return None
+        return checkpoint.latest_state(self.checkpoints)
+
+    def finished_at(self, total_steps: int) -> int | None:
+        """The final global step when ``done.json`` says the run reached ``total_steps``, else None.
+
+        A ``done.json`` below ``total_steps`` is from before the config grew: the run goes on, and
+        ``write_run_files`` removes it (schedulers read its presence as "finished").
+        """
+        if not self.done.is_file():
+            return None
+        step = json.loads(self.done.read_text(encoding="utf-8"))["global_step"]
+        return step if step >= total_steps else None
+
+    def write_done(self, global_step: int) -> None:
+        atomic.write_json(self.done, {"global_step": global_step})
+
+    def write_run_files(self, cfg: Any, spec: FeatureSpec, model_config, tokenizer) -> None:
+        """Rank 0, before training: the resolved config, the feature spec, the model config and tokenizer."""
+        for directory in (self.root, self.checkpoints, self.tensorboard, self.model):
+            directory.mkdir(parents=True, exist_ok=True)
+        self.done.unlink(missing_ok=True)  # a run that trains is not done (see finished_at)
+        if self.config.is_file():
+            changed = _changed_keys(yaml.safe_load(self.config.read_text(encoding="utf-8")), to_dict(cfg))
+            if changed:
+                log.warning("resuming with a changed config; keys: %s", ", ".join(changed))
+        dump_yaml(cfg, self.config)
+        spec.save(self.root)
+        model_config.save_pretrained(self.model)
+        tokenizer.save_pretrained(self.model)
+
+
+def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = sorted(set(old) | set(new))
+        return [c for k in keys for c in _changed_keys(old.get(k), new.get(k), f"{prefix}{k}.")]
+    return [] if old == new else [prefix.rstrip(".")]
+
+
+def setup_logging(rank: int) -> None:
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s [rank{rank}] %(name)s %(levelname)s: %(message)s",
+        force=True,
+    )
+    # DeepSpeed logs every engine detail at INFO on every rank.
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+
+
+# ---------------------------------------------------------------- DeepSpeed
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices only: biases and LayerNorm gains are left alone (BERT's recipe)."""
+    decay, no_decay = [], []
+    for param in model.parameters():  # yields a tied matrix once
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def deepspeed_config(
+    ds: DeepSpeedConfig, schedule: ScheduleConfig, micro_batch_size: int, load_universal: bool = False
+) -> dict[str, Any]:
+    """DeepSpeed's config for training ``schedule`` with the ``deepspeed:`` section ``ds``."""
+    warmup = max(1, schedule.warmup_steps)  # DeepSpeed's schedulers refuse 0; one step of warm-up is no warm-up
+    if schedule.schedule == "linear":
+        scheduler = {
+            "type": "WarmupDecayLR",
+            "params": {
+                "warmup_min_lr": 0.0, "warmup_max_lr": schedule.lr, "warmup_num_steps": warmup,
+                "total_num_steps": schedule.steps, "warmup_type": "linear",
+            },
+        }
+    else:
+        scheduler = {
+            "type": "WarmupCosineLR",
+            "params": {
+                "warmup_min_ratio": 0.0, "warmup_num_steps": warmup, "total_num_steps": schedule.steps,
+                "cos_min_ratio": schedule.min_lr_ratio, "warmup_type": "linear",
+            },
+        }
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": ds.gradient_accumulation_steps,
+        "gradient_clipping": ds.gradient_clipping,
+        "zero_optimization": {"stage": ds.zero_stage},
+        "bf16": {"enabled": ds.precision == "bf16"},
+        "fp16": {"enabled": ds.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": schedule.lr, "betas": list(ds.betas), "eps": ds.eps, "weight_decay": ds.weight_decay,
+                # DeepSpeed's fused Adam needs CUDA; on the CPU the torch implementation does the same maths.
+                "torch_adam": not torch.cuda.is_available(),
+            },
+        },
+        "scheduler": scheduler,
+        "checkpoint": {"load_universal": load_universal},
+        "steps_per_print": 10**9,  # the engine logs itself
+        "wall_clock_breakdown": False,
+    }
+    return merge(config, ds.extra)
+
+
+def build_engine(
+    model: torch.nn.Module, ds: DeepSpeedConfig, schedule: ScheduleConfig, micro_batch_size: int,
+    checkpoints: Path, resume: checkpoint.TrainerState | None = None, load_schedule: bool = True,
+):
+    """The DeepSpeed engine over ``model``; with ``resume``, its weights, optimizer state and (with
+    ``load_schedule``) learning-rate schedule loaded from that checkpoint, through a universal
+    checkpoint when it was written by another number of ranks."""
+    import deepspeed
+
+    universal = resume is not None and checkpoint.needs_universal(checkpoints, resume, dist.get_world_size())
+    load_tag = checkpoint.convert_to_universal(checkpoints, resume.tag) if universal else None
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=param_groups(model, ds.weight_decay),
+        config=deepspeed_config(ds, schedule, micro_batch_size, load_universal=universal),
+    )
+    if resume is not None:
+        load_path, _ = engine.load_checkpoint(
+            str(checkpoints), tag=load_tag or resume.tag, load_optimizer_states=True,
+            load_lr_scheduler_states=load_schedule,
+        )
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {resume.tag} from {checkpoints}")
+    return engine
+
+
+# ---------------------------------------------------------------- the step loop
+
+
+@dataclass
+class Phase:
+    """A stretch of training with one engine and one schedule."""
+
+    index: int  # pretraining stage (0 for fine-tuning); recorded in each checkpoint
+    name: str
+    steps: int  # optimizer steps in the phase
+    done: int = 0  # steps already done (a resumed phase)
+    first_global_step: int = 0  # global step before the phase's first step
+    record: dict[str, Any] = field(default_factory=dict)  # added to every metrics.jsonl line
+    log_keys: tuple[str, ...] = ()  # evaluation values the log line shows
+
+
+@dataclass
+class PhaseResult:
+    state: checkpoint.TrainerState | None  # the last checkpoint written (None: none was)
+    stopped_by: str | None  # the signal that ended the phase early, or None
+    last_eval: dict[str, Any] | None  # the last metrics.jsonl record
+
+
+class IntervalSums:
+    """What a logging interval adds up, kept on the device so the step never waits for it:
+    each loss, micro-steps, samples, and real tokens plus regions."""
+
+    def __init__(self, device: torch.device):
+        self.losses: dict[str, torch.Tensor] = {}
+        self.counts = torch.zeros(3, dtype=torch.float64, device=device)
+
+    def add(self, losses: dict[str, torch.Tensor], batch: dict[str, Any]) -> None:
+        for name, value in losses.items():
+            self.losses[name] = self.losses.get(name, 0.0) + value.detach().double()
+        self.counts[0] += 1
+        self.counts[1] += batch["input_ids"].shape[0]
+        self.counts[2] += batch["attention_mask"].sum() + batch["region_mask"].sum()
+
+    def all_reduced(self) -> dict[str, float]:
+        """The sums over every rank (one all-reduce), then zeroed for the next interval."""
+        names = sorted(self.losses)
+        sums = torch.stack([self.losses[n] for n in names] + list(self.counts))
+        dist.all_reduce(sums)
+        values = dict(zip(names + ["micro_steps", "samples", "tokens"], sums.tolist()))
+        self.losses, self.counts = {}, torch.zeros_like(self.counts)
+        return values
+
+
+def train_micro_step(engine, step: StepFn, batch: dict[str, Any], sums: IntervalSums) -> None:
+    """Forward, backward and DeepSpeed's step (which updates only at the accumulation boundary)."""
+    losses = step(engine, batch)
+    engine.backward(losses["loss"])
+    engine.step()
+    sums.add(losses, batch)
+
+
+class Trainer:
+    """Runs phases: the step loop, its logging, evaluations and checkpoints (module docstring)."""
+
+    def __init__(
+        self, paths: RunPaths, env: LaunchEnv, device: torch.device, logging_cfg: LoggingConfig,
+        checkpoint_cfg: CheckpointConfig, eval_every: int, zero_stage: int,
+    ):
+        self.paths, self.env, self.device = paths, env, device
+        self.logging_cfg, self.checkpoint_cfg = logging_cfg, checkpoint_cfg
+        self.eval_every, self.zero_stage = eval_every, zero_stage
+        self.writer = None
+        if env.rank == 0:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(paths.tensorboard))
+        self.preemption = checkpoint.PreemptionFlag()
+
+    def close(self) -> None:
+        self.preemption.restore()
+        if self.writer is not None:
+            self.writer.close()
+
+    def run(
+        self, engine, phase: Phase, batches: Iterator[dict[str, Any]], step: StepFn, evaluate: EvalFn | None
+    ) -> PhaseResult:
+        """Train ``phase`` from ``phase.done`` to ``phase.steps``; stops early, after a checkpoint,
+        when any rank received SIGTERM or SIGUSR1."""
+        accumulation = engine.gradient_accumulation_steps()
+        bar = tqdm(
+            total=phase.steps, initial=phase.done, desc=phase.name, dynamic_ncols=True,
+            disable=self.env.rank != 0 or not self.logging_cfg.progress_bar,
+        )
+        sums = IntervalSums(self.device)
+        interval_start = time.perf_counter()
+        result = PhaseResult(None, None, None)
+        engine.train()
+
+        for step_in_phase in range(phase.done + 1, phase.steps + 1):
+            global_step = phase.first_global_step + step_in_phase
+            last = step_in_phase == phase.steps
+            for _ in range(accumulation):
+                train_micro_step(engine, step, to_device(next(batches), self.device), sums)
+            bar.update(1)
+
+            if global_step % self.logging_cfg.every_steps == 0 or last:
+                self._log(engine, phase, global_step, sums.all_reduced(), time.perf_counter() - interval_start, bar)
+                interval_start = time.perf_counter()
+            if evaluate is not None and (global_step % self.eval_every == 0 or last):
+                result.last_eval = self._evaluate(evaluate, phase, global_step)
+                engine.train()
+                interval_start = time.perf_counter()  # evaluation time is not training throughput
+            stop = self.preemption.agreed(self.device)
+            if stop or global_step % self.checkpoint_cfg.every_steps == 0 or last:
+                result.state = checkpoint.TrainerState(
+                    global_step=global_step, stage=phase.index, step_in_stage=step_in_phase,
+                    world_size=self.env.world_size, zero_stage=self.zero_stage,
+                )
+                checkpoint.save(engine, self.paths.checkpoints, result.state, self.checkpoint_cfg.keep)
+                interval_start = time.perf_counter()
+            if stop:
+                result.stopped_by = stop
+                break
+        bar.close()
+        return result
+
+    def _log(self, engine, phase: Phase, global_step: int, values: dict[str, float], seconds: float, bar) -> None:
+        names = [n for n in values if n not in ("micro_steps", "samples", "tokens")]
+        scalars = {f"train/{n}": values[n] / max(values["micro_steps"], 1) for n in names}
+        scalars["train/lr"] = engine.get_lr()[0]
+        grad_norm = engine.get_global_grad_norm()
+        if grad_norm is not None:
+            scalars["train/grad_norm"] = float(grad_norm)
+        scalars["perf/samples_per_s"] = values["samples"] / seconds
+        scalars["perf/tokens_per_s"] = values["tokens"] / seconds
+        if self.writer is not None:
+            for tag, value in scalars.items():
+                self.writer.add_scalar(tag, value, global_step)
+            self.writer.add_scalar("train/stage", phase.index, global_step)
+        bar.set_postfix(loss=f"{scalars['train/loss']:.3f}", lr=f"{scalars['train/lr']:.2e}")
+        if not self.logging_cfg.progress_bar:  # e.g. batch jobs: the log is the only record besides TensorBoard
+            log.info("step %d: %s", global_step, ", ".join(f"{k.split('/')[1]}={v:.4g}" for k, v in scalars.items()))
+
+    def _evaluate(self, evaluate: EvalFn, phase: Phase, global_step: int) -> dict[str, Any]:
+        metrics = evaluate()  # every rank: evaluation shares its forwards out over them
+        record = {"step": global_step, **phase.record, **metrics}
+        if self.env.rank == 0:
+            append_metrics(self.paths.metrics, record)
+            for name, value in metrics.items():
+                self.writer.add_scalar(f"eval/{name}", value, global_step)
+            shown = ", ".join(f"{k}={metrics[k]:.2f}" for k in phase.log_keys if k in metrics)
+            log.info("eval at step %d: %s", global_step, shown)
+        return record
+
+
+def append_metrics(path: Path, record: dict[str, Any]) -> None:
+    """One JSON line per evaluation, flushed and fsynced so a killed job keeps what it measured."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
