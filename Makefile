@@ -1,5 +1,6 @@
 # The project's two commands: `make quickstart` and `make test`.
-# Both create a virtual environment in $(VENV) first (pip only; torch/torchvision pinned as a pair).
+# Both create a virtual environment in $(VENV) first (pip only; torch/torchvision pinned as a pair,
+# everything else at the versions the tests pass on, constraints.txt).
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -19,10 +20,10 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: venv test quickstart clean-quickstart
 
-$(VENV)/.installed: pyproject.toml Makefile
+$(VENV)/.installed: pyproject.toml constraints.txt Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH_PIN)
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
 	touch $@
 
 venv: $(VENV)/.installed
