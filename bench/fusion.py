@@ -100,7 +100,7 @@ def make_batch(batch: int, tokens: int, regions: int) -> dict[str, torch.Tensor]
 def count_flops(fusion, batch: dict[str, torch.Tensor], fusion_layer: int) -> tuple[int, int, int]:
     """(total, attention in layers >= fusion_layer, cross-modal plug-in attention) forward FLOPs."""
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        fusion(**batch)
+        fusion(FusionInputs(**batch))
     per_module = counter.get_flop_counts()
     fusion_attention = 0
     for index in range(fusion_layer, len(fusion.layers)):
@@ -121,11 +121,11 @@ def samples_per_second(fusions: dict, batch: dict[str, torch.Tensor], repeats: i
     best = {label: float("inf") for label in fusions}
     with torch.inference_mode():
         for fusion in fusions.values():
-            fusion(**batch)  # warm-up
+            fusion(FusionInputs(**batch))  # warm-up
         for _ in range(repeats):
             for label, fusion in fusions.items():
                 start = time.perf_counter()
-                fusion(**batch)
+                fusion(FusionInputs(**batch))
                 best[label] = min(best[label], time.perf_counter() - start)
     return {label: size / seconds for label, seconds in best.items()}
 

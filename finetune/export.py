@@ -17,9 +17,7 @@ A fine-tuned model is found in one of three places:
 
 from __future__ import annotations
 
-import argparse
 import logging
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,20 +112,9 @@ def export(run: str | Path, out_dir: str | Path, tag: str | None = None) -> Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m finetune.export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--run", required=True, help="the fine-tuning run directory")
-    parser.add_argument("--out", required=True, help="directory to write (replaced atomically)")
-    parser.add_argument("--tag", default=None, help="checkpoint tag, e.g. global_step300 (default: latest)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # reading a checkpoint needs no GPU
-    try:
-        out = export(args.run, args.out, args.tag)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"finetune.export: error: {err}", file=sys.stderr)
-        return 2
-    print(out)
-    return 0
+    from pretrain.export import export_command
+
+    return export_command("python -m finetune.export", __doc__.split("\n\n")[0], export, argv)
 
 
 if __name__ == "__main__":

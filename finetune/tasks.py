@@ -24,6 +24,7 @@ from finetune.fusion import FusionConfig
 from finetune.fusion.build import build_fusion
 from finetune.fusion.mbt import BottleneckFusion
 from finetune.fusion.mi2p import ZeroInitLinear
+from finetune.fusion.routing import FusionInputs
 from finetune.heads import PooledHead, WordTagger, retrieval_loss
 from pretrain.model import IGNORE_INDEX, ImageBertConfig, ImageBertForPretraining, ImageBertModel, ImageBertPreTrainedModel
 
@@ -69,7 +70,7 @@ class FinetuneModel(ImageBertPreTrainedModel):
             init.zeros_(module.bias)
 
     def encode(self, batch: dict[str, Any], caption_labels: torch.Tensor | None = None):
-        return self.fusion(**{k: batch[k] for k in _INPUTS}, caption_labels=caption_labels)
+        return self.fusion(FusionInputs(**{k: batch[k] for k in _INPUTS}, caption_labels=caption_labels))
 
     def forward(self, batch: dict[str, Any]) -> TaskOutput:
         kind = self.task.name

@@ -12,6 +12,7 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger("pretrain.export")
@@ -45,21 +46,27 @@ def export(run_dir: str | Path, out_dir: str | Path, tag: str | None = None) -> 
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pretrain.export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--run", required=True, help="the pretraining run directory")
-    parser.add_argument("--out", required=True, help="release directory to write (replaced atomically)")
-    parser.add_argument("--tag", default=None, help="checkpoint tag, e.g. global_step1000 (default: latest)")
+def export_command(prog: str, description: str, export_run: Callable[..., Path], argv: list[str] | None) -> int:
+    """The command line of an export (``python -m pretrain.export`` and ``python -m finetune.export``):
+    ``--run RUN_DIR --out DIR [--tag TAG]``; exit 2 with a one-line error when the run cannot be read."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--run", required=True, help="the run directory")
+    parser.add_argument("--out", required=True, help="the directory to write (replaced atomically)")
+    parser.add_argument("--tag", default=None, help="checkpoint tag, e.g. global_step1000 (default: the latest)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # reading a checkpoint needs no GPU
     try:
-        out = export(args.run, args.out, args.tag)
+        out = export_run(args.run, args.out, args.tag)
     except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"{prog.split()[-1]}: error: {err}", file=sys.stderr)
         return 2
     print(out)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return export_command("python -m pretrain.export", __doc__.split("\n\n")[0], export, argv)
 
 
 if __name__ == "__main__":

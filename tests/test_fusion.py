@@ -13,6 +13,7 @@ import torch
 from finetune.config import TaskConfig
 from finetune.fusion import STRATEGY_NAMES, FusionConfig
 from finetune.fusion.muse import exchange_counts
+from finetune.fusion.routing import FusionInputs
 from finetune.tasks import FinetuneModel
 from pretrain.model import ImageBertConfig, ImageBertModel
 
@@ -84,7 +85,7 @@ def layer_calls(fusion, batch) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
     ]
     try:
         with torch.no_grad():
-            fusion(**batch)
+            fusion(FusionInputs(**batch))
     finally:
         for hook in hooks:
             hook.remove()
@@ -98,7 +99,7 @@ def test_single_stream_reproduces_imagebert(padded):
     fusion = build_fusion(FusionConfig(name="single_stream"), encoder).eval()
     with torch.no_grad():
         expected = encoder(**batch)
-        out = fusion(**batch)
+        out = fusion(FusionInputs(**batch))
     assert torch.equal(out.text_states, expected.last_hidden_state[:, :10])
     assert torch.equal(out.region_states, expected.last_hidden_state[:, 10:])
     assert torch.equal(out.pooled[0], expected.pooler_output)
@@ -108,7 +109,7 @@ def test_single_stream_reproduces_imagebert(padded):
 def test_output_shapes_and_pooled_dims(name):
     fusion = build_fusion(FusionConfig(name=name), tiny_encoder()).eval()
     with torch.no_grad():
-        out = fusion(**make_batch())
+        out = fusion(FusionInputs(**make_batch()))
     assert out.text_states.shape == (2, 10, HIDDEN)
     assert out.region_states.shape == (2, 6, HIDDEN)
     expected_dims = {
@@ -124,7 +125,7 @@ def test_output_shapes_and_pooled_dims(name):
     assert out.aux_loss is None  # MuSE's auxiliary losses are for training only
     if name == "muse":
         fusion.train()
-        assert fusion(**make_batch()).aux_loss.item() > 0
+        assert fusion(FusionInputs(**make_batch())).aux_loss.item() > 0
     assert fusion.hidden_size == HIDDEN
 
 
@@ -139,7 +140,7 @@ def test_mbt_without_bottlenecks_lets_nothing_cross():
     for (index, _, image_a), (_, _, image_b) in zip(calls_a[1::2], calls_b[1::2]):
         assert not torch.allclose(image_a, image_b), f"the change did not reach the image stream in layer {index}"
     with torch.no_grad():
-        out_a, out_b = fusion(**batch), fusion(**with_other_image(batch))
+        out_a, out_b = fusion(FusionInputs(**batch)), fusion(FusionInputs(**with_other_image(batch)))
     assert torch.equal(out_a.text_states, out_b.text_states)
     assert torch.equal(out_a.pooled[0], out_b.pooled[0])
     assert not torch.allclose(out_a.pooled[1], out_b.pooled[1])
@@ -190,7 +191,7 @@ def test_muse_exchanges_exact_fraction_in_exact_layers():
             )
         )
     with torch.no_grad():
-        fusion(**batch)
+        fusion(FusionInputs(**batch))
     for hook in hooks:
         hook.remove()
 
@@ -236,17 +237,17 @@ def test_muse_auxiliary_losses_follow_their_weights():
 
     off = muse(0, 0)
     assert off.caption_decoder is None and off.region_generator is None
-    assert off(**batch).aux_loss is None
+    assert off(FusionInputs(**batch)).aux_loss is None
     caption_only, both, half = muse(1, 0), muse(1, 1), muse(0.5, 0.5)
     both.caption_decoder.load_state_dict(caption_only.caption_decoder.state_dict())
     half.caption_decoder.load_state_dict(caption_only.caption_decoder.state_dict())
     half.region_generator.load_state_dict(both.region_generator.state_dict())
-    caption_loss = caption_only(**batch).aux_loss
+    caption_loss = caption_only(FusionInputs(**batch)).aux_loss
     # An untrained caption decoder is near-uniform over the vocabulary: cross-entropy close to log(V).
     assert abs(caption_loss.item() - torch.log(torch.tensor(float(VOCAB))).item()) < 1.0
-    total = both(**batch).aux_loss
+    total = both(FusionInputs(**batch)).aux_loss
     assert (total - caption_loss).item() > 0  # the generation loss
-    assert torch.allclose(half(**batch).aux_loss, total / 2, rtol=1e-5)
+    assert torch.allclose(half(FusionInputs(**batch)).aux_loss, total / 2, rtol=1e-5)
 
 
 def image_stream_reference(encoder: ImageBertModel, batch) -> torch.Tensor:
@@ -271,19 +272,19 @@ def test_mi2p_with_zero_plugins_reproduces_the_host_streams():
     batch = make_batch()
     fusion = build_fusion(FusionConfig(name="mi2p"), encoder).eval()
     with torch.no_grad():
-        out = fusion(**batch)
+        out = fusion(FusionInputs(**batch))
         text_alone = encoder.bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         image_alone = image_stream_reference(encoder, batch)
     assert torch.equal(out.text_states, text_alone.last_hidden_state)
     assert torch.equal(out.region_states, image_alone[:, 1:])
     # So at initialisation the text host ignores the image entirely...
     with torch.no_grad():
-        other = fusion(**with_other_image(batch))
+        other = fusion(FusionInputs(**with_other_image(batch)))
     assert torch.equal(other.text_states, out.text_states)
     # ...and once a plug-in's output projection is non-zero, the image reaches the text.
     with torch.no_grad():
         fusion.image_into_text[0].out.weight.normal_(std=0.5)
-        injected_a, injected_b = fusion(**batch), fusion(**with_other_image(batch))
+        injected_a, injected_b = fusion(FusionInputs(**batch)), fusion(FusionInputs(**with_other_image(batch)))
     assert not torch.allclose(injected_a.text_states, injected_b.text_states)
 
 
@@ -291,7 +292,7 @@ def test_late_fusion_streams_never_meet():
     fusion = build_fusion(FusionConfig(name="late"), tiny_encoder()).eval()
     batch = make_batch()
     with torch.no_grad():
-        out_a, out_b = fusion(**batch), fusion(**with_other_image(batch))
+        out_a, out_b = fusion(FusionInputs(**batch)), fusion(FusionInputs(**with_other_image(batch)))
     assert torch.equal(out_a.text_states, out_b.text_states)
     assert torch.equal(out_a.pooled[0][:, :HIDDEN], out_b.pooled[0][:, :HIDDEN])
     assert not torch.allclose(out_a.pooled[0][:, HIDDEN:], out_b.pooled[0][:, HIDDEN:])
@@ -313,7 +314,7 @@ def test_gradients_reach_new_and_pretrained_parameters(name):
     # Zero-initialised outputs (MI2P) pass no gradient to what feeds them until after one step.
     for _ in range(2):
         optimizer.zero_grad()
-        _objective(fusion(**batch), heads).backward()
+        _objective(fusion(FusionInputs(**batch)), heads).backward()
         optimizer.step()
     new = {n: p for n, p in fusion.named_parameters() if not n.startswith("encoder.")}
     if name in ("single_stream", "late"):
@@ -340,7 +341,7 @@ def test_a_few_steps_fit_a_label_that_needs_both_modalities(name):
     losses = []
     for _ in range(15):
         optimizer.zero_grad()
-        out = fusion(**batch)
+        out = fusion(FusionInputs(**batch))
         logits = torch.stack([head(p) for head, p in zip(heads, out.pooled)]).mean(0)
         loss = torch.nn.functional.cross_entropy(logits, labels)
         losses.append(loss.item())

@@ -83,7 +83,7 @@ def cls_attention(layer: nn.Module, stream: Stream) -> torch.Tensor:
 
 @dataclass
 class FusionInputs:
-    """What a strategy reads from a batch besides the embedded streams."""
+    """What a strategy reads from a batch: the model inputs, and MuSE's captioning targets."""
 
     input_ids: torch.Tensor  # [B, T]
     attention_mask: torch.Tensor  # [B, T]
@@ -113,21 +113,9 @@ class FusionEncoder(nn.Module):
     def layers(self) -> nn.ModuleList:
         return self.encoder.bert.encoder.layer
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        region_features: torch.Tensor,
-        region_geometry: torch.Tensor,
-        region_mask: torch.Tensor,
-        region_blanked: torch.Tensor | None = None,
-        caption_labels: torch.Tensor | None = None,
-    ) -> FusedOutput:
-        inputs = FusionInputs(
-            input_ids, attention_mask, region_features, region_geometry, region_mask, region_blanked, caption_labels
-        )
-        check_feature_dim(region_features, self.encoder.config)
-        text = Stream(self.encoder.embed_tokens(input_ids, segment=0), attention_mask.bool())
+    def forward(self, inputs: FusionInputs) -> FusedOutput:
+        check_feature_dim(inputs.region_features, self.encoder.config)
+        text = Stream(self.encoder.embed_tokens(inputs.input_ids, segment=0), inputs.attention_mask.bool())
         return self.route(text, self.embed_image(inputs), inputs)
 
     def route(self, text: Stream, image: Stream, inputs: FusionInputs) -> FusedOutput:
