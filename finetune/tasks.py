@@ -16,7 +16,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-
 from transformers import initialization as init
 
 from finetune.config import TaskConfig

@@ -7,8 +7,9 @@ own slice of the draws, so the split is disjoint and a run is reproducible for a
 workers, then batched there too: the collate pads text and regions, draws ITM negatives from
 other samples of the batch and applies the masking of ``pretrain.masking``.
 
-Evaluation reads the validation shards once, in order, with a fixed masking seed, so every
-rank sees the same batches (ZeRO-3 needs every rank in each forward).
+Evaluation reads the validation shards once, in order, with a fixed masking seed, so two
+evaluations compare and every rank builds the same batches; ``pretrain.evaluate`` then shares
+them out over the ranks.
 
 A sample that cannot be read (truncated tar, missing member, wrong shapes, empty caption) is
 logged, rate-limited, and counted; it never stops training.
@@ -368,7 +369,7 @@ def read_eval_samples(shards: str, tokenizer, spec: FeatureSpec, data: DataConfi
 def collate_eval_batches(
     samples: list[dict], tokenizer, data: DataConfig, masking: MaskingConfig, seed: int
 ) -> list[dict]:
-    """Masked batches with ITM negatives from a fixed seed: the same on every rank and every call."""
+    """Masked batches with ITM negatives from a fixed seed: the same on every call (and every rank)."""
     collate = PretrainCollate(tokenizer, data, masking, seed)
     generator = torch.Generator().manual_seed(seed)
     batches = []
@@ -382,7 +383,7 @@ def collate_eval_batches(
 def build_eval_batches(
     shards: str, tokenizer, spec: FeatureSpec, data: DataConfig, masking: MaskingConfig, seed: int, max_samples: int
 ) -> list[dict]:
-    """Finite, deterministic validation batches (fixed masking seed), the same on every rank."""
+    """Finite, deterministic validation batches (fixed masking seed)."""
     samples = read_eval_samples(shards, tokenizer, spec, data, max_samples)
     return collate_eval_batches(samples, tokenizer, data, masking, seed)
 

@@ -3,7 +3,7 @@
 A job (``pretrain.trainer``, ``finetune.trainer``) builds its model and its data, then hands
 ``Trainer.run`` one *phase* at a time (a pretraining stage, or a whole fine-tuning run) with two
 functions of its own: ``step(engine, batch) -> losses`` (the batch-to-loss forward; ``losses``
-holds ``"loss``", what backward runs on, and any parts to log) and ``evaluate() -> metrics``
+holds ``"loss"``, what backward runs on, and any parts to log) and ``evaluate() -> metrics``
 (called on every rank). The engine does the rest: the DeepSpeed engine from the ``deepspeed:``
 section and a schedule (``build_engine``), the step loop (gradient accumulation, logging,
 evaluation cadence, preemption, checkpoint cadence), ``metrics.jsonl`` and TensorBoard.
@@ -43,7 +43,7 @@ from pretrain import checkpoint
 from pretrain.data import to_device
 from pretrain.engine_config import CheckpointConfig, DeepSpeedConfig, LoggingConfig, ScheduleConfig
 
-log = logging.getLogger("engine")
+log = logging.getLogger("pretrain.engine")
 
 StepFn = Callable[[Any, dict[str, Any]], dict[str, torch.Tensor]]
 EvalFn = Callable[[], dict[str, float]]

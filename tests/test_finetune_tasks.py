@@ -116,3 +116,24 @@ def test_retrieval_losses_by_hand():
     labels = torch.tensor([1.0, 1, 0, 0, 0, 0])
     bce = torch.nn.functional.binary_cross_entropy_with_logits(scores, labels)
     assert retrieval_loss(pos, neg, "binary", 0.2).item() == pytest.approx(bce.item())
+
+
+@pytest.mark.parametrize("strategy", STRATEGY_NAMES)
+def test_a_fine_tuned_model_saves_and_loads_back_exactly(strategy, release, task_batches, tmp_path):
+    """save_pretrained / load_model (what finetune.export and finetune.evaluate use) round-trip every
+    strategy's parameters, with MuSE's caption decoder still sharing the word embeddings."""
+    from finetune.tasks import FinetuneModel
+    from pretrain.weights import load_model
+
+    task_cfg, batch = task_batches["classification"]
+    fusion = FusionConfig(name=strategy, mbt_fusion_layer=1)
+    torch.manual_seed(0)
+    model = build_finetune_model(copy.deepcopy(release.model), task_cfg, fusion).eval()
+    model.save_pretrained(tmp_path)
+    loaded = load_model(FinetuneModel, tmp_path, task_cfg, fusion)
+    assert loaded.state_dict().keys() == model.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    if strategy == "muse":
+        assert loaded.fusion.caption_decoder.vocab_weight is loaded.fusion.encoder.bert.embeddings.word_embeddings.weight
+    with torch.no_grad():
+        assert torch.equal(loaded.predict(batch), model.predict(batch))
