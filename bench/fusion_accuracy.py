@@ -47,6 +47,7 @@ from finetune.evaluate import HEADLINE, evaluate_samples  # noqa: E402
 from finetune.fusion import FusionConfig  # noqa: E402
 from finetune.synth_tasks import TASK_FILE, TASKS, SynthTaskConfig, label_names, write_task_shards  # noqa: E402
 from finetune.tasks import build_finetune_model  # noqa: E402
+from preprocess import atomic  # noqa: E402
 from preprocess.feature_format import FeatureSpec  # noqa: E402
 from pretrain.model import ImageBertForPretraining  # noqa: E402
 from pretrain.release import load_release, save_release  # noqa: E402
@@ -170,9 +171,7 @@ def main() -> int:
             metrics, seconds = run_variant(release, task, fusion_name, modalities, roots[task], args)
             results[key] = {"metrics": metrics, "seconds": round(seconds, 1), "baselines": stats, "settings": settings}
             print(f"{key}: {HEADLINE[task]}={metrics[HEADLINE[task]]:.2f} ({seconds:.0f} s)", flush=True)
-            tmp = results_file.with_suffix(".tmp")
-            tmp.write_text(json.dumps(results, indent=2))
-            tmp.replace(results_file)
+            atomic.write_json(results_file, results)
     print(table(results, args.tasks, args.variants))
     return 0
 

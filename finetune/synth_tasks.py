@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -42,6 +41,7 @@ import numpy as np
 from tqdm import tqdm
 
 from finetune.config import TASKS
+from preprocess import atomic
 from preprocess.synth import encode_image, scene_metadata, shard_name, write_shard
 from preprocess.synth_scenes import (
     COLOUR_WORDS,
@@ -308,9 +308,7 @@ def write_task_shards(config: SynthTaskConfig, out: Path, progress: bool = True)
     bar.close()
     info = {"task": config.task, "label_names": label_names(config.task), "num_samples": len(metas),
             "statistics": task_statistics(config.task, metas), "config": asdict(config)}
-    tmp = task_file.with_name(task_file.name + ".tmp")
-    tmp.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, task_file)
+    atomic.write_json(task_file, info)
     return task_file
 
 

@@ -264,3 +264,18 @@ def test_release_keeps_the_pooling(tokenizer, tmp_path):
     assert loaded.config.summary_pooling == "mean"
     with torch.no_grad():
         assert torch.equal(loaded.imagebert(*args).pooler_output, model.imagebert(*args).pooler_output)
+
+
+def test_targets_keep_their_precision_and_the_step_waits_for_nothing(tokenizer):
+    """The batch reaches the device as it is (the model casts its inputs): a bf16 model regresses the
+    float32 features, and the counts evaluation reads stay tensors (no host sync in the step)."""
+    from pretrain.data import to_device
+
+    batch = to_device(batches_of(tokenizer, 16, 16, seed=10)[0], torch.device("cpu"))
+    assert batch["region_features"].dtype == batch["region_cls_prob"].dtype == torch.float32
+    model = tiny_model(tokenizer, dropout=0.0).to(torch.bfloat16)
+    out = model(batch)
+    assert all(torch.isfinite(loss) for loss in out.losses.values())
+    assert all(isinstance(correct, torch.Tensor) and isinstance(seen, int) for correct, seen in out.counts.values())
+    out.loss.backward()
+    assert model.imagebert.region_embeddings.feature_proj.weight.grad.dtype == torch.bfloat16
