@@ -205,8 +205,3 @@ def read_samples(shards: str, tokenizer, spec: FeatureSpec, data: DataConfig, ta
     if not samples:
         raise ValueError(f"shards {shards}: no readable sample")
     return samples
-
-
-def batches_of(samples: list[dict], batch_size: int, collate: TaskCollate):
-    for start in range(0, len(samples), batch_size):
-        yield collate(samples[start : start + batch_size])
