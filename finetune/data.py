@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader
 
 from finetune.config import DataConfig, TaskConfig
 from preprocess.feature_format import FeatureSpec, decode_feature_sample
+from preprocess.shard_reader import tar_samples
 from pretrain.data import BadSampleHandler, shuffled_raw_samples
 from pretrain.model import IGNORE_INDEX
 
@@ -198,7 +199,7 @@ def read_samples(shards: str, tokenizer, spec: FeatureSpec, data: DataConfig, ta
     bad = BadSampleHandler(f"shards {shards}")
     pipeline = wds.DataPipeline(
         wds.SimpleShardList(shards),
-        wds.tarfile_to_samples(handler=bad),
+        tar_samples(bad),
         wds.map(TaskSampleDecoder(tokenizer, spec, data, task), handler=bad),
     )
     samples = list(itertools.islice(pipeline, max_samples) if max_samples else pipeline)

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from preprocess.atomic import write_json
+from preprocess.shard_reader import read_npy
 
 FORMAT_VERSION = 1
 FEATURE_SPEC_FILE = "feature_spec.json"
@@ -176,7 +177,10 @@ def decode_feature_sample(sample: dict[str, Any], num_classes: int) -> FeatureSa
         return sample[name]
 
     def array(name: str) -> np.ndarray:
-        return np.load(io.BytesIO(member(name)), allow_pickle=False)
+        try:
+            return read_npy(member(name))
+        except ValueError as exn:
+            raise ValueError(f"sample {key} in {sample.get('__url__', '?')}: member {name}: {exn}") from None
 
     info = json.loads(member("info.json"))
     if "cls_prob.npy" in sample:
