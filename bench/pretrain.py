@@ -1,26 +1,25 @@
 """Pretraining benchmark: (a) trainer vs a bare PyTorch loop, (b) vs VisualBERT, (c) FLOP/s over the
-matmul peak, (d) per-rank peak memory with 2 ranks at ZeRO 0, 2 and 3.
+matmul peak, on one rank (GPU if there is one, else CPU with gloo).
 
-    python bench/pretrain.py --out bench-pretrain.json            # everything, the sizes below
-    python bench/pretrain.py --skip-memory --hidden 128 --layers 2 # quick look
+    python bench/pretrain.py --out bench-pretrain.json              # the sizes below, fp32
+    python bench/pretrain.py --precision auto --hidden 128 --layers 2 # quick look, bf16 where native
 
-(a)-(c) run in this process on one rank (GPU if there is one, else CPU with gloo):
-
-(a) samples/s of the trainer's step (DeepSpeed engine forward/backward/step, the trainer's
-    per-step loss bookkeeping and its preemption all-reduce) against a bare PyTorch loop
-    (``loss.backward()``, grad clipping, ``torch.optim.AdamW``, LR scheduler) on the same model,
-    batch and precision. The two are timed in alternating rounds so a noisy machine hits both.
+(a) samples/s of the trainer's step (``pretrain.engine.train_micro_step`` on the DeepSpeed engine
+    ``pretrain.engine.build_engine`` makes from a job config, plus the preemption check every
+    step) against a bare PyTorch loop on the same model, batch and precision: ``loss.backward()``,
+    grad clipping, ``torch.optim.AdamW(fused=True)`` (the trainer's optimizer), LR schedule. In
+    bf16/fp16 the bare loop is mixed precision as the trainer's is: fp32 weights and optimizer,
+    the forward under ``torch.autocast``. A third loop, "bare_pure", keeps the weights themselves
+    in bf16/fp16 with no fp32 copy (a different, less accurate algorithm: the floor of what a step
+    can cost, reported for reference). Loops are timed in alternating rounds so a noisy machine
+    hits all of them.
 (b) our bare loop against ``transformers``' ``VisualBertForPreTraining`` (MLM + image-text
     matching) at the same hidden size, layers, heads, text and region lengths and precision.
 (c) FLOPs of one training step (``torch.utils.flop_counter``: forward + backward) divided by its
-    time, over the best matmul FLOP/s measured in the same run at the same dtype.
+    time in the bare loop, over the best matmul FLOP/s measured in the same run at the same dtype.
 
-(d) launches ``torchrun --nproc_per_node 2`` once per ZeRO stage; each rank reports its peak
-    memory (CUDA: ``max_memory_allocated``; CPU: peak RSS growth over the process before the
-    model was built, which includes allocator caching).
-
-Data loading is not part of these numbers (the batch is fixed and already on the device);
-``bench/pretrain_data.py`` measures the loader.
+Memory per ZeRO stage is ``bench/zero_memory.py``; data loading is not part of these numbers (the
+batch is fixed and already on the device): ``bench/pretrain_data.py`` measures the loader.
 """
 
 from __future__ import annotations
@@ -28,9 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -63,13 +60,13 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--text", type=int, default=32, help="text tokens per sample")
     p.add_argument("--regions", type=int, default=10, help="regions per sample")
-    p.add_argument("--precision", choices=DTYPES, default="fp32")
+    p.add_argument("--precision", choices=["auto", *DTYPES], default="fp32",
+                   help="auto: bf16 where the device computes it natively (the trainer's default), else fp32")
     p.add_argument("--zero", type=int, default=2, help="ZeRO stage of the trainer in (a)")
     p.add_argument("--steps", type=int, default=6, help="timed steps per round")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--skip-memory", action="store_true")
-    p.add_argument("--memory-worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--skip-visualbert", action="store_true", help="leave out (b)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     return p.parse_args(argv)
 
@@ -122,17 +119,24 @@ def make_batch(args, dev: torch.device) -> dict:
 
 
 class BareLoop:
-    """Plain PyTorch: forward, backward, clip, AdamW, schedule (what the trainer must not be slower than)."""
+    """Plain PyTorch: forward, backward, clip, AdamW, schedule (what the trainer must not be slower than).
+    ``autocast``: fp32 weights, the forward in ``dtype`` (mixed precision); else weights in ``dtype``."""
 
-    def __init__(self, model: torch.nn.Module, forward, dtype: torch.dtype):
-        self.model = model.to(device(), dtype)
+    def __init__(self, model: torch.nn.Module, forward, dtype: torch.dtype, autocast: bool = False):
+        self.autocast = autocast and dtype != torch.float32
+        self.dtype = dtype
+        self.model = model.to(device(), torch.float32 if self.autocast else dtype)
         self.model.train()
         self.forward = forward
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, fused=True)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / 10))
 
+    def loss(self) -> torch.Tensor:
+        with torch.autocast(device().type, dtype=self.dtype, enabled=self.autocast):
+            return self.forward(self.model)
+
     def step(self) -> None:
-        loss = self.forward(self.model)
+        loss = self.loss()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.optimizer.step()
@@ -192,8 +196,8 @@ def visualbert_loop(args, dtype: torch.dtype) -> BareLoop:
         "visual_token_type_ids": torch.ones(b, r, dtype=torch.long),
         "labels": labels, "sentence_image_labels": (torch.rand(b, generator=g) < 0.5).long(),
     }
-    inputs = {k: (v.to(dev).to(dtype) if v.is_floating_point() else v.to(dev)) for k, v in inputs.items()}
-    return BareLoop(model, lambda m: m(**inputs).loss, dtype)
+    inputs = {k: v.to(dev) for k, v in inputs.items()}
+    return BareLoop(model, lambda m: m(**inputs).loss, dtype, autocast=True)
 
 
 def time_rounds(loops: dict, args) -> dict[str, float]:
@@ -218,7 +222,7 @@ def step_flops(loop: BareLoop) -> int:
 
     counter = FlopCounterMode(display=False)
     with counter:
-        loss = loop.forward(loop.model)
+        loss = loop.loss()
         loss.backward()
     loop.optimizer.zero_grad(set_to_none=True)
     return counter.get_total_flops()
@@ -252,74 +256,27 @@ def init_single_rank() -> None:
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
 
 
-# ---------------------------------------------------------------- (d) memory
-
-
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
-def memory_worker(args) -> None:
-    """One rank of the memory run (under torchrun): build the engine, train a few steps, report the peak."""
-    import deepspeed
-    import torch.distributed as dist
-
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
-    baseline = peak_rss_bytes()
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    loop = TrainerLoop(args, make_batch(args, device()))
-    for _ in range(3):
-        loop.step()
-    synchronize()
-    result = {"rank": dist.get_rank(), "zero": args.zero}
-    if torch.cuda.is_available():
-        result["peak_bytes"] = torch.cuda.max_memory_allocated()
-        result["kind"] = "cuda max_memory_allocated"
-    else:
-        result["peak_bytes"] = peak_rss_bytes() - baseline
-        result["kind"] = "peak RSS growth"
-    print("MEMORY " + json.dumps(result), flush=True)
-    dist.barrier()
-
-
-def run_memory(args) -> list[dict]:
-    results = []
-    for zero in (0, 2, 3):
-        cmd = [
-            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(29540 + zero),
-            str(Path(__file__).resolve()), "--memory-worker", "--zero", str(zero), "--precision", args.precision,
-            "--hidden", str(args.hidden), "--layers", str(args.layers), "--heads", str(args.heads),
-            "--vocab", str(args.vocab), "--feature-dim", str(args.feature_dim), "--classes", str(args.classes),
-            "--batch", str(args.batch), "--text", str(args.text), "--regions", str(args.regions),
-        ]
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
-            env.pop(name, None)
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"memory run at ZeRO-{zero} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-        ranks = [json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("MEMORY ")]
-        results.extend(sorted(ranks, key=lambda r: r["rank"]))
-    return results
-
-
 # ---------------------------------------------------------------- main
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.memory_worker:
-        memory_worker(args)
-        return 0
-    dtype = DTYPES[args.precision]
     dev = device()
     init_single_rank()
+    if args.precision == "auto":
+        from pretrain.engine import choose_precision
+
+        args.precision = choose_precision("auto", dev)
+    dtype = DTYPES[args.precision]
     batch = make_batch(args, dev)
     weights = ObjectiveWeights()
-    ours = BareLoop(imagebert(args), lambda m: m(batch, weights).loss, dtype)
+    ours = BareLoop(imagebert(args), lambda m: m(batch, weights).loss, dtype, autocast=True)
     params = sum(p.numel() for p in ours.model.parameters())
-    loops = {"trainer": TrainerLoop(args, batch), "bare": ours, "visualbert": visualbert_loop(args, dtype)}
+    loops = {"trainer": TrainerLoop(args, batch), "bare": ours}
+    if dtype != torch.float32:
+        loops["bare_pure"] = BareLoop(imagebert(args), lambda m: m(batch, weights).loss, dtype)
+    if not args.skip_visualbert:
+        loops["visualbert"] = visualbert_loop(args, dtype)
     rates = time_rounds(loops, args)
 
     flops = step_flops(ours)
@@ -332,6 +289,7 @@ def main(argv=None) -> int:
     peak = matmul_peak(dtype, dev)
     result = {
         "device": torch.cuda.get_device_name() if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "model": {"hidden": args.hidden, "layers": args.layers, "heads": args.heads, "params": params,
                   "feature_dim": args.feature_dim},
@@ -339,13 +297,14 @@ def main(argv=None) -> int:
         "trainer_zero_stage": args.zero,
         "samples_per_s": rates,
         "a_trainer_over_bare": rates["trainer"] / rates["bare"],
-        "b_ours_over_visualbert": rates["bare"] / rates["visualbert"],
-        "visualbert_attention": loops["visualbert"].model.config._attn_implementation,
         "c_step_flops": flops, "c_step_seconds": step_seconds, "c_achieved_flops_per_s": flops / step_seconds,
         "c_matmul_peak_flops_per_s": peak, "c_utilisation": flops / step_seconds / peak,
     }
-    if not args.skip_memory:
-        result["d_memory_per_rank"] = run_memory(args)
+    if "bare_pure" in rates:
+        result["a_trainer_over_bare_pure"] = rates["trainer"] / rates["bare_pure"]
+    if "visualbert" in rates:
+        result["b_ours_over_visualbert"] = rates["bare"] / rates["visualbert"]
+        result["visualbert_attention"] = loops["visualbert"].model.config._attn_implementation
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:

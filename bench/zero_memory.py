@@ -1,7 +1,7 @@
 """ZeRO memory per rank: ZeRO-0, ZeRO-2, ZeRO-3 and ZeRO-2 with the optimizer offloaded to the CPU.
 
     python bench/zero_memory.py --json zero-memory.json                    # BERT-base, 2 ranks, fp32
-    python bench/zero_memory.py --precision bf16 --buckets model           # buckets sized to the model
+    python bench/zero_memory.py --precision bf16 --buckets deepspeed       # DeepSpeed's 5e8-element buckets
     python bench/zero_memory.py --nproc 1                                  # one GPU: only the offload saves
     python bench/zero_memory.py --quick                                    # tiny model, 2 steps (the test)
 
@@ -79,8 +79,8 @@ def parse_args(argv=None):
     p.add_argument("--nproc", type=int, default=2, help="ranks per launch (1 on a one-GPU machine)")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {list(CONFIGS)}")
-    p.add_argument("--buckets", choices=("deepspeed", "model"), default="deepspeed",
-                   help="DeepSpeed's default bucket sizes (5e8 elements), or sized to the model (bucket_sizes())")
+    p.add_argument("--buckets", choices=("deepspeed", "model"), default="model",
+                   help="sized to the model (the engine's pretrain.engine.bucket_elements), or DeepSpeed's defaults (5e8)")
     p.add_argument("--extra", default="{}", help="JSON merged last into the DeepSpeed config (a knob to try)")
     p.add_argument("--quick", action="store_true", help="tiny model, 2 steps (the test)")
     for name, value in BERT_BASE.items():
@@ -99,14 +99,11 @@ def device() -> torch.device:
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def bucket_sizes(num_params: int) -> dict:
-    """Buckets sized to the model: 1/16 of its parameters (at least 1e6 elements, at most DeepSpeed's
-    5e8). DeepSpeed allocates a reduce bucket of ``reduce_bucket_size`` elements whatever the model;
-    at 5e8 it is larger than BERT-base itself, i.e. a whole extra gradient that ZeRO was meant to save."""
-    size = int(min(5e8, max(1e6, num_params // 16)))
-    return {"zero_optimization": {
-        "reduce_bucket_size": size, "allgather_bucket_size": size, "stage3_prefetch_bucket_size": size,
-    }}
+# DeepSpeed's own defaults, which the engine replaces with buckets sized to the model
+# (pretrain.engine.bucket_elements): --buckets deepspeed puts them back to show what they cost.
+DEEPSPEED_BUCKETS = {"zero_optimization": {
+    "reduce_bucket_size": int(5e8), "allgather_bucket_size": int(5e8), "stage3_prefetch_bucket_size": int(5e7),
+}}
 
 
 def analytic_bytes_per_param(precision: str, stage: int, offload: bool, ranks: int, on_cuda: bool) -> float:
@@ -142,13 +139,9 @@ def build(args, stage: int, offload: bool):
 
     model = bench_pretrain().imagebert(args)
     num_params = sum(p.numel() for p in model.parameters())
-    extra = merge(bucket_sizes(num_params) if args.buckets == "model" else {}, json.loads(args.extra))
+    extra = merge(DEEPSPEED_BUCKETS if args.buckets == "deepspeed" else {}, json.loads(args.extra))
     if offload:
         extra = merge(extra, {"zero_optimization": {"offload_optimizer": {"device": "cpu"}}})
-        if not torch.cuda.is_available():
-            # The engine uses torch's AdamW on the CPU (no fused kernels there); DeepSpeed refuses a
-            # non-DeepSpeed optimizer under offload unless told this is meant.
-            extra["zero_force_ds_cpu_optimizer"] = False
     cfg = from_dict(PretrainConfig, {
         "model": {"bert_config": {}, "tokenizer": "unused"},
         "data": {"batch_size": args.batch},
@@ -352,7 +345,7 @@ def launch(args, name: str) -> list[dict]:
            "--classes", str(args.classes), "--extra", args.extra]
     for field in BERT_BASE:
         cmd += ["--" + field.replace("_", "-"), str(getattr(args, field))]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     env.setdefault("OMP_NUM_THREADS", "1")  # ranks share the cores
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
@@ -440,7 +433,7 @@ def notes(args, on_cuda: bool) -> list[str]:
         out.append("CPU run: the offload moves the optimizer state to the CPU, where it already is; expect little change.")
     if args.buckets == "deepspeed":
         out.append("Buckets at DeepSpeed's defaults (reduce_bucket_size 5e8 elements): the ZeRO-2/3 reduce bucket is "
-                   "allocated in full and counted under buffers and peak allocated (try --buckets model).")
+                   "allocated in full and counted under buffers and peak allocated (the engine sizes them to the model).")
     return out
 
 

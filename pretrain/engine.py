@@ -26,7 +26,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -127,10 +127,61 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux lists them (empty where /proc/cpuinfo cannot be read)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return set()
+    return next((set(line.split(":", 1)[1].split()) for line in lines if line.startswith("flags")), set())
+
+
+def native_bf16(device: torch.device) -> str | None:
+    """What computes bf16 natively on ``device`` (said in the log), or None where bf16 would be
+    emulated and slower than fp32."""
+    if device.type == "cuda":
+        supported = torch.cuda.is_bf16_supported(including_emulation=False)
+        return torch.cuda.get_device_name(device) if supported else None
+    found = [flag for flag in ("amx_bf16", "avx512_bf16") if flag in cpu_flags()]
+    return "a CPU with " + " and ".join(found) if found else None
+
+
+def choose_precision(requested: str, device: torch.device) -> str:
+    """``requested`` itself, or for ``auto`` bf16 where every rank computes it natively, else fp32.
+    The ranks agree (one all-reduce) so that a job across unlike nodes cannot mix precisions."""
+    if requested != "auto":
+        return requested
+    native = native_bf16(device)
+    everywhere = torch.tensor([1 if native else 0], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(everywhere, op=dist.ReduceOp.MIN)
+    if everywhere.item():
+        log.info("precision: bf16 (auto: %s%s)", native, " on every rank" if dist.is_initialized() and dist.get_world_size() > 1 else "")
+        return "bf16"
+    log.info("precision: fp32 (auto: %s)", "no native bf16 here" if native is None else "a rank has no native bf16")
+    return "fp32"
+
+
+def bucket_elements(num_params: int) -> int:
+    """ZeRO's reduce, all-gather and prefetch bucket size for a model of ``num_params``: 1/16 of it,
+    within [1e6, 5e8]. DeepSpeed allocates a reduce bucket of that many elements whatever the model;
+    its default, 5e8, is more than a whole BERT-base gradient (1.9 GiB in fp32), which ZeRO-2/3
+    would then hold on top of what they save (docs/benchmarks.md, "ZeRO memory")."""
+    return int(min(5e8, max(1e6, num_params // 16)))
+
+
 def deepspeed_config(
-    ds: DeepSpeedConfig, schedule: ScheduleConfig, micro_batch_size: int, load_universal: bool = False
+    ds: DeepSpeedConfig, schedule: ScheduleConfig, micro_batch_size: int, load_universal: bool = False,
+    num_params: int | None = None,
 ) -> dict[str, Any]:
-    """DeepSpeed's config for training ``schedule`` with the ``deepspeed:`` section ``ds``."""
+    """DeepSpeed's config for training ``schedule`` with the ``deepspeed:`` section ``ds`` (its
+    precision decided: ``choose_precision``); ZeRO's buckets sized to a model of ``num_params``."""
+    if ds.precision == "auto":
+        raise ValueError("deepspeed_config needs a decided precision: pass choose_precision's answer")
+    buckets = {}
+    if num_params is not None:
+        size = bucket_elements(num_params)
+        buckets = {"reduce_bucket_size": size, "allgather_bucket_size": size, "stage3_prefetch_bucket_size": size}
     warmup = max(1, schedule.warmup_steps)  # DeepSpeed's schedulers refuse 0; one step of warm-up is no warm-up
     if schedule.schedule == "linear":
         scheduler = {
@@ -152,17 +203,24 @@ def deepspeed_config(
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": ds.gradient_accumulation_steps,
         "gradient_clipping": ds.gradient_clipping,
-        "zero_optimization": {"stage": ds.zero_stage},
-        "bf16": {"enabled": ds.precision == "bf16"},
+        "zero_optimization": {"stage": ds.zero_stage, **buckets},
+        # bf16 has fp32's range: the overflow check (two passes over every gradient per step, 8 % of
+        # a CPU step) could only catch a model already diverged, which its loss shows.
+        "bf16": {"enabled": ds.precision == "bf16", "check_grad_overflow": False},
         "fp16": {"enabled": ds.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         "optimizer": {
             "type": "AdamW",
             "params": {
                 "lr": schedule.lr, "betas": list(ds.betas), "eps": ds.eps, "weight_decay": ds.weight_decay,
-                # DeepSpeed's fused Adam needs CUDA; on the CPU the torch implementation does the same maths.
-                "torch_adam": not torch.cuda.is_available(),
+                # torch's fused AdamW, on GPUs and CPUs alike: one kernel over each (flat, under
+                # ZeRO) tensor, 7x faster than the foreach version on a CPU, and on a GPU it
+                # needs no JIT build of DeepSpeed's fused Adam at start.
+                "torch_adam": True, "fused": True,
             },
         },
+        # Under ZeRO-Offload the same torch AdamW runs on the host (fused kernels exist for CPUs
+        # too) instead of DeepSpeed's CPU Adam, which would be compiled at start.
+        "zero_force_ds_cpu_optimizer": False,
         "scheduler": scheduler,
         "checkpoint": {"load_universal": load_universal},
         "steps_per_print": 10**9,  # the engine logs itself
@@ -180,12 +238,17 @@ def build_engine(
     checkpoint when it was written by another number of ranks."""
     import deepspeed
 
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    ds = replace(ds, precision=choose_precision(ds.precision, device))
     universal = resume is not None and checkpoint.needs_universal(checkpoints, resume, dist.get_world_size())
     load_tag = checkpoint.convert_to_universal(checkpoints, resume.tag) if universal else None
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=param_groups(model, ds.weight_decay),
-        config=deepspeed_config(ds, schedule, micro_batch_size, load_universal=universal),
+        config=deepspeed_config(
+            ds, schedule, micro_batch_size, load_universal=universal,
+            num_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
+        ),
     )
     if resume is not None:
         load_path, _ = engine.load_checkpoint(

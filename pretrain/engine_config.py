@@ -44,7 +44,9 @@ class DeepSpeedConfig:
     """The ``deepspeed:`` section: ZeRO, precision and the AdamW optimizer."""
 
     zero_stage: int = 2
-    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    # auto: bf16 where the hardware computes it natively (a GPU with bf16, a CPU with AVX-512 BF16
+    # or AMX), else fp32; decided at start by every rank together (pretrain.engine.choose_precision).
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     gradient_accumulation_steps: int = 1
     gradient_clipping: float = 1.0  # max global grad norm; 0 disables
     weight_decay: float = 0.01  # not applied to biases and LayerNorm weights

@@ -186,9 +186,9 @@ def start_stage(
     )
     done = source.step_in_stage if mid_stage else 0
     log.info(
-        "stage %d (%s): %d/%d steps done, %s, ZeRO-%d, %s", index, stage.name, done, stage.steps,
+        "stage %d (%s): %d/%d steps done, %s, ZeRO-%d", index, stage.name, done, stage.steps,
         "resumed" if mid_stage else ("from previous stage" if source else "from initial weights"),
-        cfg.deepspeed.zero_stage, cfg.deepspeed.precision,
+        cfg.deepspeed.zero_stage,
     )
     first_global_step = source.global_step - done if source is not None else 0
     phase = Phase(

@@ -156,6 +156,24 @@ def test_deepspeed_config_follows_the_job_config():
     assert cosine["checkpoint"]["load_universal"] is True
 
 
+def test_precision_auto_is_bf16_only_where_the_hardware_computes_it(monkeypatch, caplog):
+    from pretrain import engine
+
+    import torch
+
+    cpu = torch.device("cpu")
+    assert engine.choose_precision("fp16", cpu) == "fp16"  # an explicit choice is kept
+    monkeypatch.setattr(engine, "cpu_flags", lambda: {"avx2", "avx512f"})
+    assert engine.native_bf16(cpu) is None and engine.choose_precision("auto", cpu) == "fp32"
+    monkeypatch.setattr(engine, "cpu_flags", lambda: {"avx512f", "avx512_bf16", "amx_bf16"})
+    with caplog.at_level("INFO", logger="pretrain.engine"):
+        assert engine.choose_precision("auto", cpu) == "bf16"
+    assert "precision: bf16 (auto: a CPU with amx_bf16 and avx512_bf16)" in caplog.text
+    with pytest.raises(ValueError, match="decided precision"):
+        cfg = load_config(PretrainConfig, TINY, ["deepspeed.precision=auto"])
+        engine.deepspeed_config(cfg.deepspeed, cfg.stages[0], cfg.data.batch_size)
+
+
 def test_prune_keeps_the_newest_and_drops_stale_tags(tmp_path):
     for step in (2, 4, 6, 8, 10):
         (tmp_path / tag_for(step)).mkdir()
