@@ -204,8 +204,8 @@ def deepspeed_config(
         "gradient_accumulation_steps": ds.gradient_accumulation_steps,
         "gradient_clipping": ds.gradient_clipping,
         "zero_optimization": {"stage": ds.zero_stage, **buckets},
-        # bf16 has fp32's range: the overflow check (two passes over every gradient per step, 8 % of
-        # a CPU step) could only catch a model already diverged, which its loss shows.
+        # bf16 has fp32's range: the overflow check (two passes over every gradient per step, a few
+        # percent of a CPU step) could only catch a model already diverged, which its loss shows.
         "bf16": {"enabled": ds.precision == "bf16", "check_grad_overflow": False},
         "fp16": {"enabled": ds.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         "optimizer": {
@@ -213,7 +213,7 @@ def deepspeed_config(
             "params": {
                 "lr": schedule.lr, "betas": list(ds.betas), "eps": ds.eps, "weight_decay": ds.weight_decay,
                 # torch's fused AdamW, on GPUs and CPUs alike: one kernel over each (flat, under
-                # ZeRO) tensor, 7x faster than the foreach version on a CPU, and on a GPU it
+                # ZeRO) tensor, 7x faster than the unfused one on a CPU, and on a GPU it
                 # needs no JIT build of DeepSpeed's fused Adam at start.
                 "torch_adam": True, "fused": True,
             },
