@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # One machine's figures in one go: extraction, training, the loader and ZeRO memory.
 #
-#   bench/gpu.sh --out DIR             # on a machine with one GPU: about 6 minutes
+#   bench/gpu.sh --out DIR             # on a machine with one GPU: about 3 minutes on an H200
 #   bench/gpu.sh --cpu-smoke --out DIR # anywhere: tiny sizes, every step once (the test suite runs it)
 #
-# Writes DIR/gpu.json (every figure, with the machine and package versions) and DIR/gpu.md (the
+# Writes DIR/gpu.json (every step's figures, exit status and seconds) and DIR/gpu.md (the
 # table docs/benchmarks.md shows), plus each benchmark's own JSON and log in DIR:
 #
 #   extract.json   bench/extract_speed.py: detector images/s, torchvision ResNet-50 FPN and
@@ -30,7 +30,7 @@ while [[ $# -gt 0 ]]; do
   case "$1" in
     --out) OUT="$2"; shift 2 ;;
     --cpu-smoke) SMOKE=1; shift ;;
-    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
     *) echo "bench/gpu.sh: unknown argument $1 (use --out DIR [--cpu-smoke])" >&2; exit 2 ;;
   esac
 done
