@@ -1,8 +1,13 @@
 """Pretraining benchmark: (a) trainer vs a bare PyTorch loop, (b) vs VisualBERT, (c) FLOP/s over the
-matmul peak, on one rank (GPU if there is one, else CPU with gloo).
+matmul peak, on one rank (GPU if there is one, else CPU with gloo) or, under torchrun, on several.
 
     python bench/pretrain.py --out bench-pretrain.json              # the sizes below, fp32
     python bench/pretrain.py --precision auto --hidden 128 --layers 2 # quick look, bf16 where native
+    torchrun --nproc_per_node 2 bench/pretrain.py --batch 16          # 2 ranks, the same global batch
+
+With several ranks ``--batch`` is per rank, the bare loops are wrapped in
+``DistributedDataParallel`` (what the trainer must not be slower than there) and samples/s count
+all ranks.
 
 (a) samples/s of the trainer's step (``pretrain.engine.train_micro_step`` on the DeepSpeed engine
     ``pretrain.engine.build_engine`` makes from a job config, plus the preemption check every
@@ -38,6 +43,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -127,6 +133,9 @@ class BareLoop:
         self.dtype = dtype
         self.model = model.to(device(), torch.float32 if self.autocast else dtype)
         self.model.train()
+        self.module = self.model  # unwrapped, for its config
+        if dist.get_world_size() > 1:
+            self.model = torch.nn.parallel.DistributedDataParallel(self.model)
         self.forward = forward
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, fused=True)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / 10))
@@ -209,11 +218,12 @@ def time_rounds(loops: dict, args) -> dict[str, float]:
     for _ in range(args.rounds):
         for name, loop in loops.items():
             synchronize()
+            dist.barrier()
             start = time.perf_counter()
             for _ in range(args.steps):
                 loop.step()
             synchronize()
-            rates[name].append(args.steps * args.batch / (time.perf_counter() - start))
+            rates[name].append(args.steps * args.batch * dist.get_world_size() / (time.perf_counter() - start))
     return {name: statistics.median(r) for name, r in rates.items()}
 
 
@@ -245,7 +255,8 @@ def matmul_peak(dtype: torch.dtype, dev: torch.device) -> float:
     return best
 
 
-def init_single_rank() -> None:
+def init_ranks() -> None:
+    """The process group: torchrun's, or one rank of this process alone."""
     import deepspeed
 
     os.environ.setdefault("RANK", "0")
@@ -262,7 +273,7 @@ def init_single_rank() -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     dev = device()
-    init_single_rank()
+    init_ranks()
     if args.precision == "auto":
         from pretrain.engine import choose_precision
 
@@ -293,7 +304,8 @@ def main(argv=None) -> int:
         "torch_threads": torch.get_num_threads(),
         "model": {"hidden": args.hidden, "layers": args.layers, "heads": args.heads, "params": params,
                   "feature_dim": args.feature_dim},
-        "batch": args.batch, "text": args.text, "regions": args.regions, "precision": args.precision,
+        "ranks": dist.get_world_size(), "batch": args.batch, "text": args.text, "regions": args.regions,
+        "precision": args.precision,
         "trainer_zero_stage": args.zero,
         "samples_per_s": rates,
         "a_trainer_over_bare": rates["trainer"] / rates["bare"],
@@ -304,7 +316,9 @@ def main(argv=None) -> int:
         result["a_trainer_over_bare_pure"] = rates["trainer"] / rates["bare_pure"]
     if "visualbert" in rates:
         result["b_ours_over_visualbert"] = rates["bare"] / rates["visualbert"]
-        result["visualbert_attention"] = loops["visualbert"].model.config._attn_implementation
+        result["visualbert_attention"] = loops["visualbert"].module.config._attn_implementation
+    if dist.get_rank() != 0:
+        return 0
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:
