@@ -67,7 +67,7 @@ sys.path.insert(0, str(REPO))
 
 from preprocess.detector import DetectorConfig, resolve_device  # noqa: E402
 from preprocess.extract import ExtractConfig, detector_inputs, load_detector, plan_job  # noqa: E402
-from preprocess.launch_env import WorkShare  # noqa: E402
+from preprocess.launch_env import WorkShare, cpu_info  # noqa: E402
 from preprocess.raw_input import RawSample, plan_input_shards, read_shard  # noqa: E402
 
 DEFAULT_DETECTORS = ("torchvision:fasterrcnn_resnet50_fpn", "detectron2:COCO-Detection/faster_rcnn_R_101_C4_3x.yaml")
@@ -102,7 +102,8 @@ def synth_pool(work: Path, args) -> tuple[str, int]:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads of {os.cpu_count()} CPUs"
+    model = cpu_info().get("model name", platform.machine())
+    return f"cpu: {model}, {torch.get_num_threads()} torch threads of {os.cpu_count()} CPUs"
 
 
 def sync(device: torch.device) -> None:
@@ -113,13 +114,10 @@ def sync(device: torch.device) -> None:
 def proposals_per_image(detector) -> int | None:
     """The model's post-NMS proposal count at test time (what the box head runs on), if known."""
     model = getattr(detector, "model", None)
-    try:
-        if hasattr(model, "rpn"):  # torchvision
-            return int(model.rpn._post_nms_top_n["testing"])
-        if hasattr(model, "proposal_generator"):  # detectron2's RPN: (train, test)
-            return int(model.proposal_generator.post_nms_topk[False])
-    except (AttributeError, KeyError, IndexError, TypeError):
-        pass
+    if hasattr(model, "rpn"):  # torchvision: {"training": n, "testing": n}
+        return int(model.rpn._post_nms_top_n["testing"])
+    if hasattr(model, "proposal_generator"):  # detectron2's RPN: (train, test)
+        return int(model.proposal_generator.post_nms_topk[False])
     return None
 
 

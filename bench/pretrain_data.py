@@ -49,6 +49,7 @@ from transformers import AutoTokenizer  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from preprocess.feature_format import FeatureSpec, encode_feature_sample  # noqa: E402
+from preprocess.launch_env import cpu_info  # noqa: E402
 from pretrain.data import DataConfig, build_train_loader, feature_spec_of  # noqa: E402
 from pretrain.masking import MaskingConfig  # noqa: E402
 
@@ -98,16 +99,6 @@ def loader_rate(shards, tokenizer, spec, data: DataConfig, batches: int) -> tupl
     return samples / wall, samples / cpu, batch
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shards", help="feature shards (brace pattern); default: random shards written to a temp dir")
@@ -149,7 +140,7 @@ def main() -> None:
     per_worker_cpu = statistics.median(per_cpu_second["workers"])
     needed = math.ceil(args.target_rate * args.margin / per_worker)
     result = {
-        "cpu": f"{cpu_model()} ({os.cpu_count()} cores)",
+        "cpu": f"{cpu_info().get('model name', 'unknown CPU')} ({os.cpu_count()} cores)",
         "load_average_1min_before_after": [round(load_before[0], 2), round(load_after[0], 2)],
         "shards": args.shards or f"random: {args.regions} regions x {args.feature_dim}-d float16, {args.num_classes} classes",
         "batch_size": args.batch_size,

@@ -34,8 +34,8 @@ Adam: 2+2+12 at stage 0, 2+(2+12)/N at stage 2, (2+2+12)/N at stage 3; fp32: 4+4
 
 Partitioning needs N >= 2 ranks, and two ranks cannot share one GPU under NCCL: on a machine with
 one GPU run ``--nproc 1``, where only the offload saves device memory. On the CPU the offload moves
-the optimizer to where it already is, so it changes little there (it runs torch's AdamW, as the
-engine does on the CPU; on CUDA DeepSpeed's CPU Adam, which DeepSpeed compiles at first use).
+the optimizer to where it already is, so it changes little there; on either, the offloaded step
+is the engine's own optimizer, torch's fused AdamW, on the host (nothing is compiled).
 """
 
 from __future__ import annotations
@@ -45,9 +45,7 @@ import contextlib
 import functools
 import json
 import os
-import platform
 import resource
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -96,7 +94,7 @@ def parse_args(argv=None):
 
 
 def device() -> torch.device:
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() else torch.device("cpu")
+    return bench_pretrain().device()
 
 
 # DeepSpeed's own defaults, which the engine replaces with buckets sized to the model
@@ -331,16 +329,10 @@ def worker(args) -> None:
 # ---------------------------------------------------------------- the launches
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(args, name: str) -> list[dict]:
     """One torchrun of ``name``; each rank's result, by rank."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+           "--standalone",  # torchrun's own rendezvous on a free local port
            str(Path(__file__).resolve()), "--worker", name, "--precision", args.precision, "--buckets", args.buckets,
            "--classes", str(args.classes), "--extra", args.extra]
     for field in BERT_BASE:
@@ -359,24 +351,13 @@ def launch(args, name: str) -> list[dict]:
 
 
 def machine() -> dict:
-    info = {"load_average": os.getloadavg(), "cpus": os.cpu_count(), "torch": torch.__version__}
-    try:
-        import deepspeed
+    import deepspeed
 
-        info["deepspeed"] = deepspeed.__version__
-    except ImportError:
-        pass
-    if torch.cuda.is_available():
-        info["device"] = torch.cuda.get_device_name()
-    else:
-        model = platform.processor()
-        try:
-            with open("/proc/cpuinfo") as f:
-                model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
-        except OSError:
-            pass
-        info["device"] = f"cpu: {model}"
-    return info
+    from preprocess.launch_env import cpu_info
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu: {cpu_info().get('model name', '?')}"
+    return {"load_average": os.getloadavg(), "cpus": os.cpu_count(), "torch": torch.__version__,
+            "deepspeed": deepspeed.__version__, "device": device}
 
 
 def summarise(runs: dict[str, list[dict]]) -> list[dict]:

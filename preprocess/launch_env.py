@@ -1,4 +1,5 @@
-"""Where this process sits in a job: read from torchrun, the deepspeed launcher or SLURM.
+"""Where this process sits in a job: read from torchrun, the deepspeed launcher or SLURM; and
+what the machine's CPU is (``cpu_info``).
 
 This is the one place that reads launcher environment variables. Everything else takes a
 ``LaunchEnv`` (distributed training) or a ``WorkShare`` (embarrassingly parallel work such as
@@ -7,9 +8,11 @@ feature extraction) as an argument.
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Mapping
 
 
@@ -110,3 +113,17 @@ def read_work_share(env: Mapping[str, str] | None = None) -> WorkShare:
                 raise ValueError(f"{index_var}={index} is outside 0..{count_var}-1 (={count - 1})")
             return WorkShare(index=index, count=count, source=index_var)
     return WorkShare(index=0, count=1, source="single")
+
+
+def cpu_info() -> dict[str, str]:
+    """The first processor's fields in /proc/cpuinfo ("model name", "flags", ...); empty where
+    it cannot be read (not Linux)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return {}
+    info: dict[str, str] = {}
+    for line in itertools.takewhile(str.strip, lines):  # a blank line ends the first processor
+        name, _, value = line.partition(":")
+        info[name.strip()] = value.strip()
+    return info

@@ -38,7 +38,7 @@ from tqdm import tqdm
 from preprocess import atomic
 from preprocess.config import dump_yaml, merge, to_dict
 from preprocess.feature_format import FeatureSpec
-from preprocess.launch_env import LaunchEnv
+from preprocess.launch_env import LaunchEnv, cpu_info
 from pretrain import checkpoint
 from pretrain.data import to_device
 from pretrain.engine_config import CheckpointConfig, DeepSpeedConfig, LoggingConfig, ScheduleConfig
@@ -128,12 +128,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
 
 
 def cpu_flags() -> set[str]:
-    """The CPU's feature flags as Linux lists them (empty where /proc/cpuinfo cannot be read)."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return set()
-    return next((set(line.split(":", 1)[1].split()) for line in lines if line.startswith("flags")), set())
+    """The CPU's feature flags as Linux lists them (empty where unknown)."""
+    return set(cpu_info().get("flags", "").split())
 
 
 def native_bf16(device: torch.device) -> str | None:
