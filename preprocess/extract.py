@@ -31,7 +31,6 @@ from torch.utils.data import DataLoader
 from torchvision.ops import clip_boxes_to_image
 from tqdm import tqdm
 
-from preprocess.atomic import write_json, write_text
 from preprocess.config import ConfigError, load_config, to_dict
 from preprocess.detector import DetectorConfig, RegionDetector, Regions, build_detector
 from preprocess.feature_format import FEATURE_SPEC_FILE, MANIFEST_FILE, SKIPPED_FILE, FeatureSpec
@@ -48,14 +47,8 @@ from preprocess.raw_input import (
     pass_through,
     plan_input_shards,
 )
-from preprocess.shard_output import (
-    PARTS_DIR,
-    SUMMARY_FILE,
-    assemble_tables,
-    incomplete_tar,
-    is_complete,
-    prepare_output_dir,
-)
+from preprocess.shard_output import PARTS_DIR, SUMMARY_FILE, assemble_tables, complete_shards
+from preprocess.storage import Location, StorageError
 
 log = logging.getLogger("preprocess.extract")
 
@@ -136,7 +129,7 @@ class ExtractJob:
 
     cfg: ExtractConfig
     input_spec: str
-    output_dir: Path
+    output: Location
     shards: list[InputShard]  # every input shard, in --input order
     todo: list[InputShard]  # this worker's share, minus shards already complete
     share: WorkShare
@@ -153,12 +146,14 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def check_saved_config(output_dir: Path, cfg: ExtractConfig) -> None:
+def check_saved_config(output: Location, cfg: ExtractConfig) -> None:
     """Refuse to continue a directory started with settings that change the output."""
-    path = output_dir / CONFIG_FILE
-    if not path.is_file():
+    try:
+        saved_text = output.read_text(CONFIG_FILE)
+    except FileNotFoundError:
         return
-    saved = _flatten(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
+    path = output.url(CONFIG_FILE)
+    saved = _flatten(yaml.safe_load(saved_text) or {})
     now = _flatten(to_dict(cfg))
     for key in sorted(set(saved) | set(now)):
         if key in SPEED_ONLY_KEYS:
@@ -170,25 +165,22 @@ def check_saved_config(output_dir: Path, cfg: ExtractConfig) -> None:
             )
 
 
-def plan_job(input_spec: str, output_dir: str | Path, cfg: ExtractConfig, share: WorkShare | None = None) -> ExtractJob:
-    """Validate inputs, output dir and earlier runs (no model is loaded); save the config."""
+def plan_job(input_spec: str, output: str | Path, cfg: ExtractConfig, share: WorkShare | None = None) -> ExtractJob:
+    """Validate inputs, the output location and earlier runs (no model is loaded); save the config."""
     share = share or read_work_share()
-    output_dir = Path(output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise ExtractError(f"--output {output_dir} exists and is not a directory")
     try:
         shards = plan_input_shards(input_spec)
-    except InputError as err:
+        location = Location(output)
+        if not location.remote and location.dir.exists() and not location.dir.is_dir():
+            raise ExtractError(f"--output {output} exists and is not a directory")
+        location.prepare(PARTS_DIR)
+        check_saved_config(location, cfg)
+        location.write_text(CONFIG_FILE, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        complete = complete_shards(location)
+    except (InputError, StorageError) as err:
         raise ExtractError(str(err)) from None
-    try:
-        prepare_output_dir(output_dir)
-    except OSError as err:
-        raise ExtractError(str(err)) from None
-    check_saved_config(output_dir, cfg)
-    write_text(output_dir / CONFIG_FILE, yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    mine = share.take(shards)
-    todo = [s for s in mine if not is_complete(output_dir, s.name)]
-    return ExtractJob(cfg=cfg, input_spec=input_spec, output_dir=output_dir, shards=shards, todo=todo, share=share)
+    todo = [s for s in share.take(shards) if s.name not in complete]
+    return ExtractJob(cfg=cfg, input_spec=input_spec, output=location, shards=shards, todo=todo, share=share)
 
 
 def feature_spec_for(detector: RegionDetector, cfg: ExtractConfig) -> FeatureSpec:
@@ -207,9 +199,9 @@ def feature_spec_for(detector: RegionDetector, cfg: ExtractConfig) -> FeatureSpe
     )
 
 
-def write_or_check_spec(output_dir: Path, spec: FeatureSpec) -> None:
-    path = output_dir / FEATURE_SPEC_FILE
-    if path.is_file():
+def write_or_check_spec(output: Location, spec: FeatureSpec) -> None:
+    path = output.url(FEATURE_SPEC_FILE)
+    if output.exists(FEATURE_SPEC_FILE):
         existing = FeatureSpec.load(path)
         if asdict(existing) != asdict(spec):
             diffs = [f"{k}: {v!r} vs {asdict(spec)[k]!r}" for k, v in asdict(existing).items() if asdict(spec)[k] != v]
@@ -217,7 +209,7 @@ def write_or_check_spec(output_dir: Path, spec: FeatureSpec) -> None:
                 f"{path} does not match this run's detector ({'; '.join(diffs)[:300]}); use a fresh --output"
             )
         return
-    write_json(path, asdict(spec))
+    spec.save(output)
 
 
 def detector_inputs(samples) -> tuple[list, list | None, list | None]:
@@ -298,7 +290,7 @@ def run_extract(job: ExtractJob, detector: RegionDetector | None = None) -> dict
     Returns this worker's summary (also logged and saved under DIR/.parts/). ``detector``
     lets a caller reuse a loaded model (the benchmark); by default it is built here.
     """
-    cfg, out = job.cfg, job.output_dir
+    cfg, out = job.cfg, job.output
     started = time.time()
     rank0 = job.share.index == 0
     if cfg.torch_threads:
@@ -310,11 +302,10 @@ def run_extract(job: ExtractJob, detector: RegionDetector | None = None) -> dict
         "shards_already_complete": len(job.share.take(job.shards)) - len(job.todo),
     }
     if job.todo:
-        if not all(is_complete(out, s.name) for s in job.shards):
-            for name in (MANIFEST_FILE, SKIPPED_FILE, SUMMARY_FILE):  # stale until every shard is done
-                (out / name).unlink(missing_ok=True)
+        for name in (MANIFEST_FILE, SKIPPED_FILE, SUMMARY_FILE):  # stale until every shard is done
+            out.delete(name)
         for shard in job.todo:  # a killed run's partial shard: this worker redoes it from scratch
-            incomplete_tar(out, shard.name).unlink(missing_ok=True)
+            out.spool_file(shard.name).unlink(missing_ok=True)
         # Workers start (fork) before the model loads: they decode while it loads, and they do
         # not inherit the model's memory.
         batches = iter(make_loader(job))
@@ -370,16 +361,17 @@ def run_extract(job: ExtractJob, detector: RegionDetector | None = None) -> dict
         )
     summary["seconds_total"] = round(time.time() - started, 3)
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(started))
-    write_json(out / PARTS_DIR / f"run-{stamp}-w{job.share.index}of{job.share.count}-{os.getpid()}.json", summary)
+    out.write_json(f"{PARTS_DIR}/run-{stamp}-w{job.share.index}of{job.share.count}-{os.getpid()}.json", summary)
     log.info("worker summary: %s", summary)
     final = assemble_tables(out, job.shards)
     if final is not None:
         log.info(
             "all %d shards complete: %d samples written, %d skipped %s -> %s",
-            final["shards"], final["written"], final["skipped"], final["skipped_by_reason"], out / MANIFEST_FILE,
+            final["shards"], final["written"], final["skipped"], final["skipped_by_reason"], out.url(MANIFEST_FILE),
         )
     else:
-        done = sum(is_complete(out, s.name) for s in job.shards)
+        complete = complete_shards(out)
+        done = sum(s.name in complete for s in job.shards)
         log.info("%d/%d shards complete; the final tables are assembled by the worker that completes the last one "
                  "(or by rerunning this command)", done, len(job.shards))
     summary["final"] = final
@@ -399,7 +391,7 @@ def cli(argv: list[str]) -> int:
         description="Extract region features from raw image-caption shards (see docs/preprocess.md).",
     )
     parser.add_argument("--input", required=True, help="shard URLs: brace patterns, pipe:, s3:// ...; join several with ::")
-    parser.add_argument("--output", required=True, help="output directory (created; reruns resume)")
+    parser.add_argument("--output", required=True, help="output directory or bucket URL, e.g. s3://bucket/features (reruns resume)")
     parser.add_argument("--config", help="YAML config (ExtractConfig); defaults if omitted")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. detector.max_boxes=36")
     args = parser.parse_args(argv)

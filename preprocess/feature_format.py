@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from preprocess.atomic import write_json
+from preprocess import storage
 from preprocess.shard_reader import read_npy
 
 FORMAT_VERSION = 1
@@ -68,20 +68,23 @@ class FeatureSpec:
         if not 1 <= self.min_boxes <= self.max_boxes:
             raise ValueError(f"need 1 <= min_boxes <= max_boxes, got {self.min_boxes}, {self.max_boxes}")
 
-    def save(self, directory: str | Path) -> Path:
-        path = Path(directory) / FEATURE_SPEC_FILE
-        write_json(path, asdict(self))
-        return path
+    def save(self, directory: str | Path | storage.Location) -> str:
+        """Write ``feature_spec.json`` into a directory or bucket prefix; returns its location."""
+        location = directory if isinstance(directory, storage.Location) else storage.Location(directory)
+        location.write_json(FEATURE_SPEC_FILE, asdict(self))
+        return location.url(FEATURE_SPEC_FILE)
 
     @classmethod
     def load(cls, path: str | Path) -> "FeatureSpec":
-        """Load from a ``feature_spec.json`` file or the directory holding it."""
-        path = Path(path)
-        if path.is_dir():
-            path = path / FEATURE_SPEC_FILE
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no {FEATURE_SPEC_FILE} (was this directory written by preprocess extract?)")
-        data = json.loads(path.read_text(encoding="utf-8"))
+        """Load from a ``feature_spec.json`` file or the directory (or bucket prefix) holding it."""
+        path = str(path)
+        if not path.endswith(".json"):
+            path = storage.join(path, FEATURE_SPEC_FILE)
+        try:
+            text = storage.read_bytes(path).decode("utf-8")
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: no {FEATURE_SPEC_FILE} (was this directory written by preprocess extract?)") from None
+        data = json.loads(text)
         if data.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{path}: format_version {data.get('format_version')} is not {FORMAT_VERSION}")
         known = set(cls.__dataclass_fields__)

@@ -13,7 +13,6 @@ import queue
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
@@ -21,6 +20,7 @@ from preprocess.detector import Regions
 from preprocess.feature_format import encode_feature_sample
 from preprocess.raw_input import RawSample, ShardBatch, ShardEnd, SkippedSample
 from preprocess.shard_output import ShardOutput
+from preprocess.storage import Location
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +67,9 @@ def feature_sample(sample: RawSample, regions: Regions, label_format: str, topk:
 class FeatureWriter(threading.Thread):
     """Consumes DetectedBatch and ShardEnd items; ``put`` re-raises this thread's failure."""
 
-    def __init__(self, output_dir: Path, label_format: str, topk: int, queue_size: int):
+    def __init__(self, output: Location, label_format: str, topk: int, queue_size: int):
         super().__init__(name="feature-writer", daemon=True)
-        self.output_dir = output_dir
+        self.output = output
         self.label_format = label_format
         self.topk = topk
         self.queue: queue.Queue = queue.Queue(maxsize=queue_size)
@@ -112,7 +112,7 @@ class FeatureWriter(threading.Thread):
 
     def _output(self, shard_name: str, item_shard) -> ShardOutput:
         if shard_name not in self.open:
-            self.open[shard_name] = ShardOutput(self.output_dir, item_shard)
+            self.open[shard_name] = ShardOutput(self.output, item_shard)
         return self.open[shard_name]
 
     def _write(self, item: DetectedBatch) -> None:
@@ -139,7 +139,7 @@ class FeatureWriter(threading.Thread):
             log.error("shard %s could not be read (left incomplete, a rerun retries it): %s", end.shard.url, end.failed)
             return
         if output is None:
-            output = ShardOutput(self.output_dir, end.shard)  # a shard with no readable sample
+            output = ShardOutput(self.output, end.shard)  # a shard with no readable sample
         written, skipped = output.commit()
         self.stats.shards_done.append(end.shard.name)
         log.debug("shard %s done: %d written, %d skipped", end.shard.name, written, sum(skipped.values()))

@@ -2,7 +2,7 @@
 
 The flat pipeline for one shard, run inside a DataLoader worker:
 
-    open the URL (webdataset's gopen: local paths, ``pipe:``, http; fsspec for s3:// and friends)
+    open the URL (``preprocess.storage``: local paths, ``pipe:``, http; fsspec for s3:// and friends)
     -> tar members (webdataset, errors recorded by a log-and-continue handler)
     -> samples grouped by key (webdataset)
     -> each sample validated and its image decoded: a ``RawSample`` or a ``SkippedSample`` with a reason
@@ -24,17 +24,14 @@ import re
 import tarfile
 import zlib
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterator
-from urllib.parse import urlparse
 
-import braceexpand
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
-from webdataset.gopen import gopen, gopen_schemes
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
+from preprocess import storage
 from preprocess.raw_image import DecodedImage, RejectedSample, decode_image
 
 log = logging.getLogger(__name__)
@@ -136,16 +133,6 @@ class ShardEnd:
 # ---------------------------------------------------------------- input specs
 
 
-def expand_input_spec(spec: str) -> list[str]:
-    """``a/{000..009}.tar::b/{00..03}.tar`` -> shard URLs (``::`` joins patterns, as in webdataset)."""
-    urls: list[str] = []
-    for pattern in spec.split("::"):
-        pattern = pattern.strip()
-        if pattern:
-            urls.extend(braceexpand.braceexpand(pattern))
-    return urls
-
-
 def output_shard_name(url: str) -> str:
     """The output tar name for an input shard: the last ``*.tar``-like token of the URL.
 
@@ -162,48 +149,29 @@ def output_shard_name(url: str) -> str:
     return stem + ".tar"
 
 
-def _scheme(url: str) -> str:
-    scheme = urlparse(url).scheme
-    return "" if len(scheme) == 1 else scheme  # a Windows drive letter is not a scheme
-
-
 def plan_input_shards(spec: str) -> list[InputShard]:
-    """Expand and check --input without reading any shard: local files must exist, fsspec
-    protocols must have their package installed, output names must be unique."""
-    urls = expand_input_spec(spec)
-    if not urls:
-        raise InputError(f"--input {spec!r} expands to no shards")
+    """Expand and check --input without reading any shard: every local file and bucket object must
+    exist (one listing per prefix), output names must be unique. ``pipe:`` and http inputs are
+    only checked when read."""
+    try:
+        urls = storage.expand(spec)
+        if not urls:
+            raise InputError(f"--input {spec!r} expands to no shards")
+        absent = storage.missing(urls)
+    except storage.StorageError as err:
+        raise InputError(f"--input: {err}") from None
+    if absent:
+        more = f" and {len(absent) - 1} more" if len(absent) > 1 else ""
+        raise InputError(f"input shard {absent[0]}{more} does not exist (from --input {spec!r})")
     shards: list[InputShard] = []
     by_name: dict[str, str] = {}
     for position, url in enumerate(urls):
-        scheme = _scheme(url)
-        if scheme in ("", "file"):
-            path = Path(urlparse(url).path if scheme == "file" else url)
-            if not path.is_file():
-                raise InputError(f"input shard {url} does not exist (from --input {spec!r})")
-        elif scheme not in gopen_schemes:
-            try:
-                import fsspec
-
-                fsspec.get_filesystem_class(scheme)
-            except (ImportError, ValueError) as err:
-                raise InputError(f"input {url}: no reader for {scheme}:// ({err})") from None
         name = output_shard_name(url)
         if name in by_name:
             raise InputError(f"inputs {by_name[name]} and {url} would both write {name}; give shards unique names")
         by_name[name] = url
         shards.append(InputShard(url=url, name=name, position=position))
     return shards
-
-
-def open_stream(url: str):
-    """A readable binary stream: webdataset's gopen for paths/pipe:/http, fsspec for other schemes."""
-    scheme = _scheme(url)
-    if scheme in ("", "file") or scheme in gopen_schemes:
-        return gopen(url, "rb")
-    import fsspec
-
-    return fsspec.open(url, "rb").open()
 
 
 # ---------------------------------------------------------------- tar stream
@@ -353,7 +321,7 @@ def read_shard(shard: InputShard, rules: SampleRules) -> Iterator[RawSample | Sk
     """Every sample of one shard, in order, as RawSample or SkippedSample; then one ShardEnd."""
     errors = ShardErrors(shard.url)
     try:
-        stream = TarTail(open_stream(shard.url))
+        stream = TarTail(storage.open_for_reading(shard.url))
     except Exception as err:  # any failure to open (missing object, auth, network) is retried later
         yield ShardEnd(shard, 0, failed=f"cannot open {shard.url}: {err.__class__.__name__}: {err}")
         return

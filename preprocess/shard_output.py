@@ -1,17 +1,20 @@
 """Writing the extraction outputs so that a kill at any point is resumable.
 
-Layout of an output directory::
+Layout of an output location (a directory, or a prefix in an object store: ``preprocess.storage``)::
 
-    DIR/<name>.tar                      finished feature shards (one per input shard)
-    DIR/.<name>.tar.incomplete          a shard being written (removed or replaced on rerun)
-    DIR/.parts/<name>.skipped.parquet   that shard's skipped rows
-    DIR/.parts/<name>.manifest.parquet  that shard's manifest rows; written LAST: its presence
-                                        is what marks the shard complete
-    DIR/manifest.parquet, DIR/skipped.parquet, DIR/summary.json
-                                        assembled from all parts once every shard is complete
+    <name>.tar                      finished feature shards (one per input shard)
+    .<name>.tar.incomplete          a shard being written, local output only (removed or replaced
+                                    on rerun); for a bucket it is written in the machine's temporary
+                                    directory and uploaded when finished
+    .parts/<name>.skipped.parquet   that shard's skipped rows
+    .parts/<name>.manifest.parquet  that shard's manifest rows; written LAST: its presence
+                                    is what marks the shard complete
+    .parts/run-*.json               each worker run's summary
+    manifest.parquet, skipped.parquet, summary.json
+                                    assembled from all parts once every shard is complete
 
-Every file is written atomically (``preprocess.atomic``), so readers and concurrent workers only
-ever see whole files.
+Every file is written atomically (``preprocess.storage.Location``), so readers and concurrent
+workers only ever see whole files.
 """
 
 from __future__ import annotations
@@ -24,16 +27,15 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import webdataset as wds
 
-from preprocess.atomic import temp_name, write_json, write_table
 from preprocess.feature_format import MANIFEST_FILE, SKIPPED_FILE
 from preprocess.raw_input import InputShard, SkippedSample
+from preprocess.storage import Location
 
 PARTS_DIR = ".parts"
 SUMMARY_FILE = "summary.json"
-INCOMPLETE_SUFFIX = ".incomplete"
+MANIFEST_PART_SUFFIX = ".manifest.parquet"
 
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -58,29 +60,26 @@ SKIPPED_SCHEMA = pa.schema(
 )
 
 
-def manifest_part(output_dir: Path, name: str) -> Path:
-    return output_dir / PARTS_DIR / f"{name}.manifest.parquet"
+def manifest_part(name: str) -> str:
+    return f"{PARTS_DIR}/{name}{MANIFEST_PART_SUFFIX}"
 
 
-def skipped_part(output_dir: Path, name: str) -> Path:
-    return output_dir / PARTS_DIR / f"{name}.skipped.parquet"
+def skipped_part(name: str) -> str:
+    return f"{PARTS_DIR}/{name}.skipped.parquet"
 
 
-def incomplete_tar(output_dir: Path, name: str) -> Path:
-    return output_dir / f".{name}{INCOMPLETE_SUFFIX}"
-
-
-def is_complete(output_dir: Path, name: str) -> bool:
-    return manifest_part(output_dir, name).is_file()
+def complete_shards(output: Location) -> set[str]:
+    """Names of the shards whose manifest part is written (one fresh listing)."""
+    return {n[: -len(MANIFEST_PART_SUFFIX)] for n in output.names(PARTS_DIR) if n.endswith(MANIFEST_PART_SUFFIX)}
 
 
 class ShardOutput:
     """One output shard in progress: a webdataset TarWriter on a hidden name, plus its rows."""
 
-    def __init__(self, output_dir: Path, shard: InputShard):
-        self.output_dir = output_dir
+    def __init__(self, output: Location, shard: InputShard):
+        self.output = output
         self.shard = shard
-        self.tmp_path = incomplete_tar(output_dir, shard.name)
+        self.tmp_path: Path = output.spool_file(shard.name)
         self.file = open(self.tmp_path, "wb")
         # mtime fixed so that a redone shard is byte-identical to an uninterrupted run's.
         self.writer = wds.TarWriter(self.file, encoder=False, mtime=0)
@@ -114,18 +113,18 @@ class ShardOutput:
         )
 
     def commit(self) -> tuple[int, Counter]:
-        """Finish the tar, move it into place, then write the parts (manifest last = done)."""
+        """Finish the tar, move (or upload) it into place, then write the parts (manifest last = done)."""
         self.writer.close()
         self.file.flush()
         os.fsync(self.file.fileno())
         self.file.close()
-        os.replace(self.tmp_path, self.output_dir / self.shard.name)
+        self.output.put(self.tmp_path, self.shard.name)
         # Rows sorted by position in the source shard: skips found in a worker and samples
         # that went through the detector arrive in different streams.
         skipped = sorted(self.skipped_rows, key=lambda r: r["source_index"])
         manifest = sorted(self.manifest_rows, key=lambda r: r["source_index"])
-        write_table(skipped_part(self.output_dir, self.shard.name), pa.Table.from_pylist(skipped, schema=SKIPPED_SCHEMA))
-        write_table(manifest_part(self.output_dir, self.shard.name), pa.Table.from_pylist(manifest, schema=MANIFEST_SCHEMA))
+        self.output.write_table(skipped_part(self.shard.name), pa.Table.from_pylist(skipped, schema=SKIPPED_SCHEMA))
+        self.output.write_table(manifest_part(self.shard.name), pa.Table.from_pylist(manifest, schema=MANIFEST_SCHEMA))
         return len(manifest), Counter(r["reason"] for r in skipped)
 
     def abort(self) -> None:
@@ -135,39 +134,30 @@ class ShardOutput:
         self.tmp_path.unlink(missing_ok=True)
 
 
-def prepare_output_dir(output_dir: Path) -> None:
-    """Create DIR and DIR/.parts and prove they are writable; raises OSError naming the path."""
-    try:
-        (output_dir / PARTS_DIR).mkdir(parents=True, exist_ok=True)
-        probe = temp_name(output_dir / PARTS_DIR / "write-probe")
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as err:
-        raise OSError(f"output directory {output_dir} is not writable ({err.strerror or err})") from None
-
-
-def assemble_tables(output_dir: Path, shards: list[InputShard]) -> dict[str, Any] | None:
+def assemble_tables(output: Location, shards: list[InputShard]) -> dict[str, Any] | None:
     """If every shard is complete, (re)build manifest.parquet, skipped.parquet and summary.json
     from the parts, in input order, and return the summary; otherwise return None.
 
     Any worker may call this when it finishes: the last one to finish sees all parts. Two
     workers doing it at once write identical files, each replaced atomically.
     """
-    if not all(is_complete(output_dir, s.name) for s in shards):
+    complete = complete_shards(output)
+    if not all(s.name in complete for s in shards):
         return None
-    manifest = pa.concat_tables([pq.read_table(manifest_part(output_dir, s.name), schema=MANIFEST_SCHEMA) for s in shards])
-    skipped = pa.concat_tables([pq.read_table(skipped_part(output_dir, s.name), schema=SKIPPED_SCHEMA) for s in shards])
-    write_table(output_dir / MANIFEST_FILE, manifest)
-    write_table(output_dir / SKIPPED_FILE, skipped)
+    manifest = pa.concat_tables([output.read_table(manifest_part(s.name), MANIFEST_SCHEMA) for s in shards])
+    skipped = pa.concat_tables([output.read_table(skipped_part(s.name), SKIPPED_SCHEMA) for s in shards])
+    output.write_table(MANIFEST_FILE, manifest)
+    output.write_table(SKIPPED_FILE, skipped)
     reasons = Counter(skipped.column("reason").to_pylist())
+    runs = sorted(n for n in output.names(PARTS_DIR) if n.startswith("run-") and n.endswith(".json"))
     summary = {
         "shards": len(shards),
         "written": manifest.num_rows,
         "skipped": skipped.num_rows,
         "skipped_by_reason": dict(sorted(reasons.items())),
         "boxes": int(pc.sum(manifest.column("num_boxes")).as_py() or 0),
-        # Every worker run that touched this directory (each also logged its own summary).
-        "runs": [json.loads(p.read_text(encoding="utf-8")) for p in sorted((output_dir / PARTS_DIR).glob("run-*.json"))],
+        # Every worker run that touched this location (each also logged its own summary).
+        "runs": [json.loads(output.read_text(f"{PARTS_DIR}/{n}")) for n in runs],
     }
-    write_json(output_dir / SUMMARY_FILE, summary)
+    output.write_json(SUMMARY_FILE, summary)
     return summary

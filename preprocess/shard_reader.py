@@ -25,8 +25,9 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, BinaryIO
 
 import numpy as np
-from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext, meta_prefix, meta_suffix
+
+from preprocess.storage import open_for_reading
 
 BLOCK = 512
 _END_BLOCK = bytes(BLOCK)
@@ -152,7 +153,7 @@ def tar_samples(handler: Callable[[BaseException], bool]):
         for source in src:
             url = source["url"]
             try:
-                with gopen(url) as stream:
+                with open_for_reading(url) as stream:
                     yield from shard_samples(stream, url)
             except Exception as exn:
                 if not handler(exn):

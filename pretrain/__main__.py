@@ -39,8 +39,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
-    from pretrain.trainer import run
+    from pretrain.trainer import check_feature_specs, run
 
+    try:
+        check_feature_specs(cfg)  # missing shards, unreadable bucket, mismatched specs: one line, before any rank starts
+    except (OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     run(cfg, args.run_dir, resume=args.resume)
     return 0
 

@@ -11,11 +11,10 @@ Every dataclass checks itself at construction and names the key and the fix.
 from __future__ import annotations
 
 import importlib
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
+from preprocess import storage
 from pretrain.data import DataConfig
 from pretrain.engine_config import CheckpointConfig, DeepSpeedConfig, LoggingConfig, ScheduleConfig
 from pretrain.evaluate import EvalConfig
@@ -102,8 +101,9 @@ class StageConfig(ScheduleConfig):
 @dataclass
 class PretrainConfig:
     stages: list[StageConfig] = field(default_factory=list)
-    # Directory that relative shard patterns in `stages` are resolved against (so a quickstart or a
-    # cluster can point the same config at its own feature directory: shards_root=/data/features).
+    # Directory or bucket URL that relative shard patterns in `stages` are resolved against (so a
+    # quickstart or a cluster can point the same config at its own features: shards_root=/data/features
+    # or shards_root=s3://bucket/features).
     shards_root: str = ""
     # Required: which BERT (pretrained directory, or a random one's shape). No default, so a job
     # never trains on a model its config does not name.
@@ -128,9 +128,7 @@ class PretrainConfig:
             raise ValueError("objectives: at least one of mlm, moc, mrfr, itm must have a non-zero weight")
 
     def shard_path(self, pattern: str) -> str:
-        if not self.shards_root or os.path.isabs(pattern) or "://" in pattern or pattern.startswith("pipe:"):
-            return pattern
-        return str(Path(self.shards_root) / pattern)
+        return storage.resolve(self.shards_root, pattern)
 
     def total_steps(self) -> int:
         return sum(s.steps for s in self.stages)

@@ -25,7 +25,6 @@ import random
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,6 +32,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, get_worker_info
 
+from preprocess import storage
 from preprocess.feature_format import FeatureSpec, decode_feature_sample
 from preprocess.shard_reader import tar_samples
 from pretrain.masking import MaskingConfig, choose_modality, mask_regions, mask_text
@@ -71,10 +71,12 @@ class DataConfig:
             raise ValueError(f"data.itm_negative_rate must be in [0, 1), got {self.itm_negative_rate}")
 
 
-def feature_spec_of(shards: str) -> FeatureSpec:
-    """The ``feature_spec.json`` beside the first shard of a brace pattern or ``::`` list."""
-    first = wds.shardlists.expand_urls(shards)[0]
-    return FeatureSpec.load(Path(first).parent)
+def feature_spec_of(shards: str, what: str = "shards") -> FeatureSpec:
+    """The ``feature_spec.json`` beside the first shard of a brace pattern or ``::`` list (a local
+    or bucket location), after checking that every shard exists: a pattern that names a missing
+    shard stops the run at its start (``storage.StorageError`` naming it), not in a worker later."""
+    first = storage.check_exist(shards, what)[0]
+    return FeatureSpec.load(storage.parent(first))
 
 
 def check_spec_matches_model(spec: FeatureSpec, model_config: Any, shards_name: str) -> None:

@@ -40,11 +40,11 @@ LOG_KEYS = ("itm_acc", "mlm_acc", "moc_acc", "mrfr_loss", "i2t_r1", "t2i_r1")
 def check_feature_specs(cfg: PretrainConfig) -> FeatureSpec:
     """The spec of the first stage's shards, after checking every stage's train and eval shards agree."""
     first_name = cfg.shard_path(cfg.stages[0].shards)
-    spec = feature_spec_of(first_name)
+    spec = feature_spec_of(first_name, f"stages[{cfg.stages[0].name}].shards")
     for stage in cfg.stages:
-        for pattern in (stage.shards, stage.eval_shards):
-            path = cfg.shard_path(pattern)
-            spec.check_compatible(feature_spec_of(path), first_name, path)
+        for key in ("shards", "eval_shards"):
+            path = cfg.shard_path(getattr(stage, key))
+            spec.check_compatible(feature_spec_of(path, f"stages[{stage.name}].{key}"), first_name, path)
     return spec
 
 

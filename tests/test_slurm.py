@@ -6,6 +6,7 @@ apt; elsewhere every test here is skipped with the reason.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -148,6 +149,31 @@ def test_preprocess_array_extracts_every_sample_once(features, raw_shards):
     assert sorted(p.name for p in out.glob("*.tar")) == [f"{i:05d}.tar" for i in range(NUM_SAMPLES // PER_SHARD)]
     spec = json.loads((out / "feature_spec.json").read_text())
     assert (spec["max_boxes"], spec["class_names"]) == (4, ["circle", "square", "triangle", "cross", "star"])
+
+
+def test_preprocess_array_writes_into_a_bucket(slurm_cluster, s3_server, features, tmp_path_factory):
+    """The same array script, unchanged, with ``--output s3://...`` (the tests' S3 server on
+    127.0.0.1, credentials in the job's environment): the objects equal the files written to the
+    shared filesystem."""
+    work = tmp_path_factory.mktemp("slurm-bucket")
+    out = s3_server.make_bucket("slurm-features") + "/features"
+    env = {**features["env"], **s3_server.env()}
+    job_id = slurm_cluster.sbatch(
+        REPO / "slurm" / "preprocess.sbatch", "--input", features["spec"], "--output", out, *EXTRACT_ARGS,
+        options=["--array=0-1", f"--chdir={work}"], env=env,
+    )
+    tasks = slurm_cluster.wait_for_array(job_id, timeout_s=300, log_dir=work)
+    logs = "\n".join(p.read_text() for p in work.glob("vlp-preprocess-*.log"))
+    assert sorted(t["JobState"] for t in tasks) == ["COMPLETED", "COMPLETED"], logs
+    objects = s3_server.objects(out)
+    local = features["out"]
+    tars = sorted(k for k in objects if k.endswith(".tar"))
+    assert tars == [f"{i:05d}.tar" for i in range(NUM_SAMPLES // PER_SHARD)]
+    for name in tars:
+        assert objects[name] == (local / name).read_bytes(), name
+    manifest = pq.read_table(io.BytesIO(objects["manifest.parquet"])).to_pylist()
+    assert [r["key"] for r in manifest] == [r["key"] for r in pq.read_table(local / "manifest.parquet").to_pylist()]
+    assert s3_server.secret not in logs and s3_server.secret.encode() not in objects["summary.json"]
 
 
 def test_resubmitted_array_task_redoes_only_its_unfinished_shard(slurm_cluster, features):
