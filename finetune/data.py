@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader
 from finetune.config import DataConfig, TaskConfig
 from preprocess.feature_format import FeatureSpec, decode_feature_sample
 from preprocess.shard_reader import tar_samples
-from pretrain.data import BadSampleHandler, shuffled_raw_samples
+from pretrain.data import BadSampleHandler, note_shard_sharing, shuffled_raw_samples
 from pretrain.model import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
@@ -187,6 +187,7 @@ def build_train_pipeline(
 def build_train_loader(
     shards: str, tokenizer, spec: FeatureSpec, data: DataConfig, task: TaskConfig, seed: int, rank: int, world_size: int
 ) -> DataLoader:
+    note_shard_sharing(shards, rank, world_size, data.num_workers)
     pipeline = build_train_pipeline(shards, tokenizer, spec, data, task, seed, rank, world_size)
     return DataLoader(
         pipeline, batch_size=None, num_workers=data.num_workers, persistent_workers=data.num_workers > 0,

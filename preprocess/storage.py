@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import os
 import tempfile
@@ -179,8 +180,13 @@ class _S3ObjectStream(io.RawIOBase):
 
     def close(self) -> None:
         if not self.closed:
-            self.body.close()
+            from fsspec.asyn import sync
+
+            sync(self.fs.loop, self._close_body)  # the response belongs to the loop's thread
         super().close()
+
+    async def _close_body(self) -> None:
+        self.body.close()
 
 
 def _protocols(fs) -> set[str]:
@@ -306,8 +312,6 @@ class Location:
         self.write_bytes(name, text.encode("utf-8"))
 
     def write_json(self, name: str, obj: Any) -> None:
-        import json
-
         self.write_text(name, json.dumps(obj, indent=2) + "\n")
 
     def write_table(self, name: str, table) -> None:
@@ -338,15 +342,13 @@ class Location:
         """The local file a big output (a shard) is written to before ``put`` moves it into place.
 
         Local: a hidden file in the directory itself (the move is a rename). Remote: a file in the
-        machine's temporary directory, named after this location, so a rerun overwrites what a
-        killed run left.
+        machine's temporary directory named after this location and ``name``, so a rerun
+        overwrites what a killed run left.
         """
         if not self.remote:
             return self.dir / f".{name}.incomplete"
-        spool = Path(tempfile.gettempdir()) / "vlpretrain-spool"
-        spool.mkdir(exist_ok=True)
         digest = hashlib.sha1(self.root.rstrip("/").encode("utf-8")).hexdigest()[:12]
-        return spool / f"{digest}-{name}.incomplete"
+        return Path(tempfile.gettempdir()) / f"vlpretrain-spool-{digest}-{name}.incomplete"
 
     def put(self, local_file: Path, name: str) -> None:
         """Move a finished local file (a ``spool_file``) into place as ``name``, atomically."""

@@ -325,6 +325,22 @@ def shuffle_per_worker(bufsize: int, seed: int, rank: int):
     return stage
 
 
+def note_shard_sharing(shards: str, rank: int, world_size: int, num_workers: int) -> None:
+    """Say (rank 0, once per loader) when fewer shards than consumers will share the draws.
+
+    Not an error: shards are drawn with replacement, so every rank and worker is fed whatever
+    the count; but consumers then read the same shards at the same time.
+    """
+    consumers = world_size * max(1, num_workers)
+    count = len(storage.expand(shards))
+    if rank == 0 and count < consumers:
+        log.warning(
+            "%s: %d shard(s) for %d ranks x %d workers: every worker is fed (shards are drawn with replacement), "
+            "but several read the same shard at once; split the data into at least %d shards for more variety per batch",
+            shards, count, world_size, max(1, num_workers), consumers,
+        )
+
+
 def shuffled_raw_samples(shards: str, shuffle_buffer: int, seed: int, rank: int, world_size: int, handler) -> list:
     """The head of every training pipeline (pretraining and fine-tuning): raw samples of one
     (rank, worker), drawn endlessly from the shards and shuffled."""
@@ -362,6 +378,7 @@ def build_train_loader(
     seed: int, rank: int, world_size: int,
 ) -> Iterable[dict[str, torch.Tensor]]:
     """Endless loader of training batches for one rank (see the module docstring)."""
+    note_shard_sharing(shards, rank, world_size, data.num_workers)
     pipeline = build_train_pipeline(shards, tokenizer, spec, data, masking, seed, rank, world_size)
     return DataLoader(
         pipeline,

@@ -1,5 +1,6 @@
 """Shared test settings (offline Hugging Face, DeepSpeed on the CPU, quiet tokenizers) and the
-``tokenizer`` fixture: the quickstart's MiniLM tokenizer, shipped in a pip package."""
+session fixtures: ``tokenizer`` (the quickstart's MiniLM tokenizer, shipped in a pip package) and
+``s3_server`` (a real S3-compatible server on 127.0.0.1, ``tests/s3_server.py``)."""
 
 import os
 

@@ -50,7 +50,7 @@ def test_location_writes_atomically_lists_freshly_and_uploads(bucket, tmp_path):
     assert out.read_text("summary.json") == '{\n  "a": 1\n}\n'
     assert out.exists("summary.json") and not out.exists("nothing.json")
     spool = out.spool_file("00000.tar")
-    assert spool.parent != tmp_path and spool.name.endswith("-00000.tar.incomplete")
+    assert spool.name.startswith("vlpretrain-spool-") and spool.name.endswith("-00000.tar.incomplete")
     spool.write_bytes(b"tar bytes")
     out.put(spool, "00000.tar")
     assert not spool.exists() and out.read_bytes("00000.tar") == b"tar bytes"
