@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader
 
 from finetune.config import DataConfig, TaskConfig
 from preprocess.feature_format import FeatureSpec, decode_feature_sample
+from preprocess.launch_env import ignore_stop_signals
 from preprocess.shard_reader import tar_samples
 from pretrain.data import BadSampleHandler, note_shard_sharing, shuffled_raw_samples
 from pretrain.model import IGNORE_INDEX
@@ -191,7 +192,7 @@ def build_train_loader(
     pipeline = build_train_pipeline(shards, tokenizer, spec, data, task, seed, rank, world_size)
     return DataLoader(
         pipeline, batch_size=None, num_workers=data.num_workers, persistent_workers=data.num_workers > 0,
-        pin_memory=torch.cuda.is_available(),
+        pin_memory=torch.cuda.is_available(), worker_init_fn=ignore_stop_signals,
     )
 
 

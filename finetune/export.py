@@ -97,18 +97,24 @@ def load_finetuned(path: str | Path | Location) -> Finetuned:
 
 def export(run: str | Path, out_dir: str | Path, tag: str | None = None) -> Path:
     """Write the fine-tuned model of ``run``'s checkpoint ``tag`` (default: latest) to ``out_dir``, atomically."""
+    finetuned = load_finetuned(Path(run) / "checkpoints" / tag if tag else run)
+    save_export(finetuned, out_dir)
+    log.info("exported %s to %s", finetuned.source, out_dir)
+    return Path(out_dir)
+
+
+def save_export(finetuned: Finetuned, out_dir: str | Path) -> None:
+    """An export directory (module docstring), atomically: safetensors, JSON and YAML only, so
+    loading it runs no pickle."""
     from preprocess.atomic import replace_directory
     from preprocess.config import dump_yaml
     from pretrain.weights import quiet_transformers
 
-    finetuned = load_finetuned(Path(run) / "checkpoints" / tag if tag else run)
     with replace_directory(out_dir) as tmp, quiet_transformers():
         finetuned.model.save_pretrained(tmp)
         finetuned.tokenizer.save_pretrained(tmp)
         finetuned.spec.save(tmp)
         dump_yaml(finetuned.cfg, tmp / EXPORT_CONFIG)
-    log.info("exported %s to %s", finetuned.source, out_dir)
-    return Path(out_dir)
 
 
 def main(argv: list[str] | None = None) -> int:

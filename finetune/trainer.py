@@ -79,7 +79,8 @@ def run(cfg: FinetuneConfig, init: str | Path, run_dir: str | Path, resume: bool
     model = build_finetune_model(release.model, cfg.task, cfg.fusion)
     checkpoint.mark_universal(model)
     if env.rank == 0:
-        paths.write_run_files(cfg, spec, release.model.config, release.tokenizer)
+        paths.write_run_files(cfg, spec, release.model.config, release.tokenizer,
+                              resumed_at=resume_from.global_step if resume_from else 0)
         atomic.write_json(paths.root / INIT_FILE, {"release": str(Path(init).resolve())})
     dist.barrier()
 

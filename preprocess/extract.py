@@ -35,7 +35,7 @@ from preprocess.config import ConfigError, load_config, to_dict
 from preprocess.detector import DetectorConfig, RegionDetector, Regions, build_detector
 from preprocess.feature_format import FEATURE_SPEC_FILE, MANIFEST_FILE, SKIPPED_FILE, FeatureSpec
 from preprocess.feature_writer import DetectedBatch, FeatureWriter
-from preprocess.launch_env import WorkShare, read_work_share
+from preprocess.launch_env import WorkShare, ignore_stop_signals, read_work_share
 from preprocess.raw_input import (
     InputError,
     InputShard,
@@ -272,6 +272,7 @@ def make_loader(job: ExtractJob) -> DataLoader:
         collate_fn=pass_through,
         num_workers=workers,
         prefetch_factor=cfg.prefetch_batches if workers else None,
+        worker_init_fn=ignore_stop_signals,  # a SIGTERM for the job stops the main process, not a decode worker mid-batch
     )
 
 

@@ -1,5 +1,6 @@
-"""Where this process sits in a job: read from torchrun, the deepspeed launcher or SLURM; and
-what the machine's CPU is (``cpu_info``).
+"""Where this process sits in a job: read from torchrun, the deepspeed launcher or SLURM; what
+the machine's CPU is (``cpu_info``); and how DataLoader workers treat a job's stop signals
+(``ignore_stop_signals``).
 
 This is the one place that reads launcher environment variables. Everything else takes a
 ``LaunchEnv`` (distributed training) or a ``WorkShare`` (embarrassingly parallel work such as
@@ -11,6 +12,7 @@ from __future__ import annotations
 import itertools
 import os
 import re
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -127,3 +129,17 @@ def cpu_info() -> dict[str, str]:
         name, _, value = line.partition(":")
         info[name.strip()] = value.strip()
     return info
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: the worker ignores SIGTERM, SIGINT and SIGUSR1.
+
+    ``scancel`` (also ``--signal=USR1 --full``), a time limit and a terminal's Ctrl-C signal every
+    process of a job at once, and torchrun's agent passes the signal on to each rank. The main
+    process turns these into "save a checkpoint at the next step, then exit", which needs its
+    workers alive for that step; torch's own worker handler re-raises any SIGTERM not sent by the
+    parent, and SIGUSR1's default action ends a process, either killing the worker and with it the
+    run. Workers still end when the main process does (torch's watchdog in each worker).
+    """
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)

@@ -175,21 +175,26 @@ def consolidated_weights(ckpt_dir: str | Path, tag: str) -> dict[str, torch.Tens
 
 
 class PreemptionFlag:
-    """SIGTERM / SIGUSR1 (SLURM's warning before preemption) ask for a checkpoint and a clean exit.
+    """SIGTERM (``scancel``, a time limit, torchrun passing one on), SIGUSR1 (the SLURM scripts'
+    warning before the limit) and SIGINT (Ctrl-C) ask for a checkpoint and a clean exit.
 
     The handler only sets a flag; ``agreed()`` is called at a step boundary on every rank and
     takes the max over ranks, because the signal may reach the ranks at different times and all
-    of them must take part in the save.
+    of them must take part in the save. The DataLoader workers ignore these signals
+    (``preprocess.launch_env.ignore_stop_signals``) so that the step and the save can still run.
+    A second Ctrl-C interrupts at once.
     """
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __init__(self) -> None:
         self.received: int = 0  # signal number, 0 for none
         self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
 
     def _handle(self, signum, frame) -> None:
-        self.received = signum
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        self.received = self.received or signum
 
     def agreed(self, device: torch.device) -> str | None:
         """Name of a signal any rank received (None when none did); the same answer on every rank."""

@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, get_worker_info
 
 from preprocess import storage
 from preprocess.feature_format import FeatureSpec, decode_feature_sample
+from preprocess.launch_env import ignore_stop_signals
 from preprocess.shard_reader import tar_samples
 from pretrain.masking import MaskingConfig, choose_modality, mask_regions, mask_text
 
@@ -387,6 +388,7 @@ def build_train_loader(
         persistent_workers=data.num_workers > 0,
         prefetch_factor=4 if data.num_workers > 0 else None,
         pin_memory=torch.cuda.is_available(),
+        worker_init_fn=ignore_stop_signals,
     )
 
 

@@ -83,11 +83,14 @@ class RunPaths:
     def write_done(self, global_step: int) -> None:
         atomic.write_json(self.done, {"global_step": global_step})
 
-    def write_run_files(self, cfg: Any, spec: FeatureSpec, model_config, tokenizer) -> None:
-        """Rank 0, before training: the resolved config, the feature spec, the model config and tokenizer."""
+    def write_run_files(self, cfg: Any, spec: FeatureSpec, model_config, tokenizer, resumed_at: int) -> None:
+        """Rank 0, before training from global step ``resumed_at`` (0: a fresh start): the resolved
+        config, the feature spec, the model config and tokenizer; ``metrics.jsonl`` cut back to
+        ``resumed_at``."""
         for directory in (self.root, self.checkpoints, self.tensorboard, self.model):
             directory.mkdir(parents=True, exist_ok=True)
         self.done.unlink(missing_ok=True)  # a run that trains is not done (see finished_at)
+        self.keep_metrics_up_to(resumed_at)
         if self.config.is_file():
             changed = _changed_keys(yaml.safe_load(self.config.read_text(encoding="utf-8")), to_dict(cfg))
             if changed:
@@ -96,6 +99,27 @@ class RunPaths:
         spec.save(self.root)
         model_config.save_pretrained(self.model)
         tokenizer.save_pretrained(self.model)
+
+
+    def keep_metrics_up_to(self, global_step: int) -> None:
+        """Drop the ``metrics.jsonl`` records after ``global_step``, and a line a kill cut short.
+
+        A run killed after an evaluation but before its next checkpoint goes on from the older
+        checkpoint and evaluates those steps again: without this, they would be in the file twice.
+        """
+        if not self.metrics.is_file():
+            return
+        lines = self.metrics.read_text(encoding="utf-8").splitlines()
+        kept = []
+        for line in lines:
+            try:
+                if json.loads(line)["step"] <= global_step:
+                    kept.append(line)
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue  # a line cut short by a kill during the append
+        if len(kept) != len(lines):
+            log.info("metrics.jsonl: dropped %d record(s) after step %d, where this run resumes", len(lines) - len(kept), global_step)
+            atomic.write_text(self.metrics, "".join(line + "\n" for line in kept))
 
 
 def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:

@@ -111,7 +111,7 @@ def run(cfg: PretrainConfig, run_dir: str | Path, resume: bool) -> int:
     config = model.config
     check_spec_matches_model(spec, config, cfg.shard_path(cfg.stages[0].shards))
     if env.rank == 0:
-        paths.write_run_files(cfg, spec, config, tokenizer)
+        paths.write_run_files(cfg, spec, config, tokenizer, resumed_at=source.global_step if source else 0)
     dist.barrier()
 
     first_stage = 0

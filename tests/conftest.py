@@ -1,6 +1,7 @@
 """Shared test settings (offline Hugging Face, DeepSpeed on the CPU, quiet tokenizers) and the
-session fixtures: ``tokenizer`` (the quickstart's MiniLM tokenizer, shipped in a pip package) and
-``s3_server`` (a real S3-compatible server on 127.0.0.1, ``tests/s3_server.py``)."""
+session fixtures: ``tokenizer`` (the quickstart's MiniLM tokenizer, shipped in a pip package),
+``pretraining_shards`` (tiny learnable feature shards, ``tests/pretrain_shards.py``) and ``s3_server``
+(a real S3-compatible server on 127.0.0.1, ``tests/s3_server.py``)."""
 
 import os
 
@@ -31,3 +32,14 @@ def s3_server(tmp_path_factory):
     server = S3Server(tmp_path_factory.mktemp("s3") / "moto.log")
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def pretraining_shards(tmp_path_factory):
+    """ROOT/train/{00000..00001}.tar (2 x 64 samples) and ROOT/val/00000.tar (48), with their specs."""
+    from pretrain_shards import write_feature_shards
+
+    root = tmp_path_factory.mktemp("features")
+    write_feature_shards(root / "train", num_shards=2, per_shard=64, seed=0)
+    write_feature_shards(root / "val", num_shards=1, per_shard=48, seed=1)
+    return root

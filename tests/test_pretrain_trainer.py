@@ -23,7 +23,6 @@ import yaml
 from preprocess.config import ConfigError, load_config
 from pretrain.checkpoint import LATEST_FILE, latest_state, prune, tag_for
 from pretrain.config import PretrainConfig, resolve_model_path
-from pretrain_shards import write_feature_shards
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "configs" / "pretrain" / "quickstart.yaml"
@@ -80,12 +79,9 @@ def _stage(name: str, steps: int, **kw) -> dict:
             "lr": 1e-3, **kw}
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("features")
-    write_feature_shards(root / "train", num_shards=2, per_shard=64, seed=0)
-    write_feature_shards(root / "val", num_shards=1, per_shard=48, seed=1)
-    return root
+@pytest.fixture
+def shards(pretraining_shards) -> Path:
+    return pretraining_shards
 
 
 # ---------------------------------------------------------------- config and DeepSpeed config (no launch)

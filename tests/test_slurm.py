@@ -271,7 +271,9 @@ def test_pretrain_on_two_nodes_one_srun_task_each(slurm_cluster, pretrain_ready,
 
 
 def test_preempted_pretrain_checkpoints_requeues_and_continues(slurm_cluster, pretrain_ready, tmp_path):
-    """USR1 to the batch shell (what --signal=B:USR1@T sends before the time limit); one torchrun per node."""
+    """USR1 to every process of the job, the batch shell, both torchrun agents, the ranks and their
+    DataLoader workers (``scancel --signal=USR1 --full``, as preemption with a grace time signals a
+    job); one torchrun per node."""
     total = 24 + 4
     config = _pretrain_config(tmp_path / "pretrain.yaml", pretrain_ready, web_steps=24, indomain_steps=4)
     run_dir = tmp_path / "run"
@@ -286,7 +288,7 @@ def test_preempted_pretrain_checkpoints_requeues_and_continues(slurm_cluster, pr
         timeout_s=480, what="the first checkpoint", log_path=log,
     )
     assert latest.is_file(), log.read_text()[-4000:]
-    slurm_cluster.run("scancel", "--signal=USR1", "--batch", str(job_id))
+    slurm_cluster.run("scancel", "--signal=USR1", "--full", str(job_id))
 
     fields = slurm_cluster.wait_until(
         job_id, lambda f: f["JobState"] in TERMINAL_STATES and f["Restarts"] != "0",
