@@ -406,7 +406,7 @@ def cli(argv: list[str]) -> int:
         cfg = load_config(ExtractConfig, args.config, args.overrides)
         job = plan_job(args.input, args.output, cfg, share)
         summary = run_extract(job)
-    except (ConfigError, ExtractError) as err:
+    except (ConfigError, ExtractError, InputError) as err:  # InputError: calibrating on an unusable input
         print(f"extract: error: {err}", file=sys.stderr)
         return 2
     if summary.get("shards_failed"):

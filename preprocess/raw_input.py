@@ -23,6 +23,7 @@ import math
 import re
 import tarfile
 import zlib
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -385,18 +386,40 @@ def first_images(shard: InputShard, rules: SampleRules, count: int) -> tuple[lis
     of them build the same network.
     """
     images: list[torch.Tensor] = []
+    skipped: dict[str, SkippedSample] = {}  # the first sample skipped for each reason
+    counts: Counter = Counter()
     samples = read_shard(shard, rules)
     for item in samples:
         if isinstance(item, RawSample):
             images.append(item.image.pixels)
             if len(images) == count:
                 break
+        elif isinstance(item, SkippedSample):
+            skipped.setdefault(item.reason, item)
+            counts[item.reason] += 1
         elif isinstance(item, ShardEnd) and item.failed:
             raise InputError(f"detector.batchnorm_calibration: input: cannot read {shard.url}: {item.failed}")
     samples.close()
     if not images:
-        raise InputError(f"detector.batchnorm_calibration: input: {shard.url} holds no usable image")
+        raise InputError(f"detector.batchnorm_calibration: input: no sample of {shard.url} is usable, "
+                         f"{_why_skipped(counts, skipped, rules)}")
     return images, f"the first {len(images)} images of input shard {shard.name}"
+
+
+def _why_skipped(counts: Counter, skipped: dict[str, SkippedSample], rules: SampleRules) -> str:
+    """The reasons samples were skipped, the most common with its first sample and the config key to check."""
+    if not counts:
+        return "it holds no sample"
+    reason, n = counts.most_common(1)[0]
+    first = skipped[reason]
+    text = f"{n} skipped as {reason} (first: sample {first.key!r}: {first.detail})"
+    if reason in ("no_given_boxes", "bad_given_boxes", "too_many_given_boxes"):
+        text += (f"; detector.backend: given_boxes reads each sample's boxes from its JSON field boxes_field="
+                 f"{rules.boxes_field!r}: name the field your data uses, or detect boxes (detector.backend: torchvision)")
+    elif reason == "bad_given_labels":
+        text += f"; labels come from the JSON field labels_field={rules.labels_field!r} when detector.class_names is set"
+    others = {r: c for r, c in counts.items() if r != reason}
+    return text + (f"; also skipped: {others}" if others else "")
 
 
 class ShardBatches(IterableDataset):

@@ -251,3 +251,19 @@ def test_rerun_with_a_different_detector_is_refused(tmp_path, capsys):
     (out / ".parts" / "00000.tar.manifest.parquet").unlink()
     assert run(["--input", spec, "--output", str(out), *GIVEN_BOXES]) == 2
     assert "feature_dim: 7 vs 1024" in capsys.readouterr().err
+
+
+def test_given_boxes_missing_from_every_sample_names_the_field_and_the_key(tmp_path, capsys):
+    """Calibrating on the input over samples whose JSON has no boxes: the message says that, names
+    the JSON field and the config key, and does not blame the images."""
+    samples = [good_sample(f"{i:04d}", seed=i) for i in range(3)]
+    for sample in samples:
+        sample["json"] = json.dumps({"url": "http://x"}).encode()
+    (tmp_path / "raw").mkdir()
+    write_shard(tmp_path / "raw" / "00000.tar", samples)
+    code = run(["--input", str(tmp_path / "raw" / "00000.tar"), "--output", str(tmp_path / "out"), *GIVEN_BOXES,
+                "detector.batchnorm_calibration=input"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert "3 skipped as no_given_boxes" in err[0] and "boxes_field='boxes'" in err[0], err[0]
+    assert "no usable image" not in err[0]
