@@ -34,7 +34,7 @@ from tqdm import tqdm
 from preprocess.config import ConfigError, load_config, to_dict
 from preprocess.detector import DetectorConfig, RegionDetector, Regions, build_detector
 from preprocess.feature_format import FEATURE_SPEC_FILE, MANIFEST_FILE, SKIPPED_FILE, FeatureSpec
-from preprocess.feature_writer import DetectedBatch, FeatureWriter
+from preprocess.feature_writer import DetectedBatch, FeatureWriter, ShardWriteError
 from preprocess.launch_env import WorkShare, ignore_stop_signals, read_work_share
 from preprocess.raw_input import (
     InputError,
@@ -409,6 +409,9 @@ def cli(argv: list[str]) -> int:
     except (ConfigError, ExtractError, InputError) as err:  # InputError: calibrating on an unusable input
         print(f"extract: error: {err}", file=sys.stderr)
         return 2
+    except ShardWriteError as err:
+        print(f"extract: error: {err}", file=sys.stderr)
+        return 1
     if summary.get("shards_failed"):
         print(
             f"extract: error: {len(summary['shards_failed'])} shard(s) could not be read and stay incomplete "

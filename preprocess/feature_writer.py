@@ -25,6 +25,10 @@ from preprocess.storage import Location
 log = logging.getLogger(__name__)
 
 
+class ShardWriteError(OSError):
+    """An output shard or its table parts could not be written; nothing partial is visible."""
+
+
 @dataclass
 class DetectedBatch:
     """One ShardBatch and, per sample, its regions in original-image pixels (None: detector failed)."""
@@ -80,7 +84,7 @@ class FeatureWriter(threading.Thread):
     def put(self, item: DetectedBatch | ShardEnd | None) -> None:
         while True:
             if self.error is not None:
-                raise RuntimeError(f"feature writer failed: {self.error}") from self.error
+                self._raise()
             try:
                 self.queue.put(item, timeout=1.0)
                 return
@@ -92,8 +96,18 @@ class FeatureWriter(threading.Thread):
         self.put(None)
         self.join()
         if self.error is not None:
-            raise RuntimeError(f"feature writer failed: {self.error}") from self.error
+            self._raise()
         return self.stats
+
+    def _raise(self) -> None:
+        """The writer's failure in the main thread: an OSError (a full disk, a bucket refusing an
+        upload) as a ShardWriteError with one line to say, anything else as it is."""
+        if isinstance(self.error, OSError):
+            raise ShardWriteError(
+                f"writing to {self.output} failed ({self.error}); the shard being written was discarded and "
+                "the shards finished before it are kept: rerun the same command to resume once the cause is fixed"
+            ) from self.error
+        raise RuntimeError(f"feature writer failed: {self.error}") from self.error
 
     def run(self) -> None:
         try:
@@ -140,6 +154,10 @@ class FeatureWriter(threading.Thread):
             return
         if output is None:
             output = ShardOutput(self.output, end.shard)  # a shard with no readable sample
-        written, skipped = output.commit()
+        try:
+            written, skipped = output.commit()
+        except BaseException:
+            output.abort()
+            raise
         self.stats.shards_done.append(end.shard.name)
         log.debug("shard %s done: %d written, %d skipped", end.shard.name, written, sum(skipped.values()))

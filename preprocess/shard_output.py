@@ -128,9 +128,10 @@ class ShardOutput:
         return len(manifest), Counter(r["reason"] for r in skipped)
 
     def abort(self) -> None:
-        """Drop the partial shard (a shard that could not be read is retried by the next run)."""
-        self.writer.close()
-        self.file.close()
+        """Drop the partial shard (a shard that could not be read or written is redone by the next run)."""
+        if not self.file.closed:
+            self.writer.close()
+            self.file.close()
         self.tmp_path.unlink(missing_ok=True)
 
 

@@ -267,3 +267,37 @@ def test_given_boxes_missing_from_every_sample_names_the_field_and_the_key(tmp_p
     assert code == 2 and len(err) == 1, err
     assert "3 skipped as no_given_boxes" in err[0] and "boxes_field='boxes'" in err[0], err[0]
     assert "no usable image" not in err[0]
+
+
+def test_a_full_disk_stops_with_one_line_and_keeps_the_finished_shards(tmp_path, monkeypatch, capsys):
+    """The second shard's write fails as on a full disk: the first shard stays complete, nothing
+    partial is visible, the error is one line, and a rerun finishes the job as a clean run would."""
+    import errno
+
+    from preprocess.storage import Location
+
+    spec = good_shards(tmp_path / "raw", num_shards=3, per_shard=2)
+    args = [*GIVEN_BOXES, "num_workers=0"]
+    clean = tmp_path / "clean"
+    assert run(["--input", spec, "--output", str(clean), *args]) == 0
+    out = tmp_path / "out"
+    real_put, calls = Location.put, []
+
+    def put_until_the_disk_fills(self, local_file, name):
+        calls.append(name)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(local_file))
+        return real_put(self, local_file, name)
+
+    monkeypatch.setattr(Location, "put", put_until_the_disk_fills)
+    assert run(["--input", spec, "--output", str(out), *args]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "No space left on device" in err[0] and "rerun" in err[0], err
+    assert sorted(p.name for p in out.glob("*.tar")) == ["00000.tar"]
+    assert [p.name for p in (out / ".parts").glob("*.manifest.parquet")] == ["00000.tar.manifest.parquet"]
+    assert not list(out.glob(".*.incomplete")) and not (out / "manifest.parquet").exists()
+
+    monkeypatch.setattr(Location, "put", real_put)
+    assert run(["--input", spec, "--output", str(out), *args]) == 0
+    assert tables(out) == tables(clean)
+    assert_same_features(out, clean)
