@@ -46,7 +46,13 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    run(cfg, args.run_dir, resume=args.resume)
+    from pretrain.checkpoint import CheckpointWriteError
+
+    try:
+        run(cfg, args.run_dir, resume=args.resume)
+    except CheckpointWriteError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

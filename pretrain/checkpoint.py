@@ -82,18 +82,37 @@ def mark_universal(module: torch.nn.Module) -> None:
     setattr(module, UNIVERSAL_CHECKPOINT_INFO, {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE})
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full disk, a quota); ``latest`` still names the previous one."""
+
+
 def save(engine, ckpt_dir: str | Path, state: TrainerState, keep: int) -> None:
-    """Save on every rank; rank 0 then writes the state file, moves ``latest`` and prunes."""
+    """Save on every rank; rank 0 then writes the state file, moves ``latest`` and prunes.
+
+    A write that fails raises ``CheckpointWriteError`` naming the cause and the checkpoint that
+    stays the newest. (torch.save reports a full disk as a RuntimeError from its zip writer.) A
+    rank that fails while the others wait inside DeepSpeed's collectives cannot tell them; on a
+    shared file system every rank meets the same full disk.
+    """
     ckpt_dir = Path(ckpt_dir)
-    engine.save_checkpoint(
-        str(ckpt_dir), tag=state.tag, client_state={CLIENT_STATE_KEY: asdict(state)}, save_latest=False
-    )
-    # Every rank's shard must be on disk before `latest` may name the tag.
-    dist.barrier()
-    if dist.get_rank() == 0:
-        atomic.write_json(ckpt_dir / state.tag / TRAINER_STATE_FILE, asdict(state))
-        atomic.write_text(ckpt_dir / LATEST_FILE, state.tag + "\n")
-        prune(ckpt_dir, keep, state.global_step)
+    try:
+        engine.save_checkpoint(
+            str(ckpt_dir), tag=state.tag, client_state={CLIENT_STATE_KEY: asdict(state)}, save_latest=False
+        )
+        # Every rank's shard must be on disk before `latest` may name the tag.
+        dist.barrier()
+        if dist.get_rank() == 0:
+            atomic.write_json(ckpt_dir / state.tag / TRAINER_STATE_FILE, asdict(state))
+            atomic.write_text(ckpt_dir / LATEST_FILE, state.tag + "\n")
+            prune(ckpt_dir, keep, state.global_step)
+    except (OSError, RuntimeError) as err:
+        previous = latest_state(ckpt_dir)
+        cause = str(err).strip().splitlines()[0] if str(err).strip() else err.__class__.__name__
+        raise CheckpointWriteError(
+            f"checkpoint {ckpt_dir / state.tag} could not be written ({cause}); "
+            + (f"the newest complete checkpoint is {previous.tag}, which --resume continues from"
+               if previous else "there is no earlier checkpoint")
+        ) from err
     dist.barrier()
 
 

@@ -264,3 +264,54 @@ def test_releases_and_finetuned_exports_load_without_unpickling(tmp_path, monkey
     loaded = load_finetuned(tmp_path / "export")
     assert loaded.cfg.fusion.name == "mbt"
     assert all(torch.equal(a, b) for a, b in zip(loaded.model.state_dict().values(), model.state_dict().values()))
+
+
+# ---------------------------------------------------------------- a full disk
+
+
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+@pytest.mark.slow
+def test_a_full_disk_during_a_checkpoint_stops_with_one_line_and_keeps_the_previous(shards, tmp_path):
+    """A run directory on a filesystem the test makes with room for one checkpoint and a half:
+    the first checkpoint is written, the second meets a full disk. The run stops with one line
+    naming the cause and the checkpoint that stays newest, and that checkpoint is whole."""
+    from pretrain.checkpoint import consolidated_weights
+
+    probe = tmp_path / "probe"
+    config = _config(tmp_path / "probe.yaml", shards, steps=2, checkpoint_every=2, eval_every=1000, workers=0)
+    measured = subprocess.run(_launch(1, ["-m", "pretrain", "--config", str(config)], probe), cwd=REPO, env=_env(),
+                              capture_output=True, text=True, timeout=300)
+    assert measured.returncode == 0, measured.stderr[-3000:]
+    checkpoint_bytes = _size(probe / "checkpoints")
+    other_bytes = _size(probe) - checkpoint_bytes
+
+    small = tmp_path / "small"
+    small.mkdir()
+    size_kib = (other_bytes + int(1.5 * checkpoint_bytes)) // 1024 + 64
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kib}k", "tmpfs", str(small)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {mounted.stderr.strip()}")
+    try:
+        run_dir = small / "run"
+        config = _config(tmp_path / "c.yaml", shards, steps=5, checkpoint_every=1, eval_every=1000, workers=0)
+        result = subprocess.run(_launch(1, ["-m", "pretrain", "--config", str(config)], run_dir), cwd=REPO,
+                                env=_env(), capture_output=True, text=True, timeout=300)
+        last = result.stderr.strip().splitlines()[-1]
+        assert result.returncode == 1, result.stderr[-3000:]
+        assert last.startswith("error: checkpoint ") and "global_step2 could not be written" in last, last
+        assert "the newest complete checkpoint is global_step1" in last, last
+        assert latest_state(run_dir / "checkpoints").global_step == 1
+        weights = consolidated_weights(run_dir / "checkpoints", "global_step1")
+        assert weights and all(torch_is_finite(v) for v in weights.values())
+    finally:
+        subprocess.run(["umount", "-l", str(small)], capture_output=True)
+
+
+def torch_is_finite(tensor) -> bool:
+    import torch
+
+    return bool(torch.isfinite(tensor).all()) if tensor.is_floating_point() else True
