@@ -1,7 +1,8 @@
-"""Faults during pretraining, as a cluster delivers them: a stop signal to every process of the job
-at once (what ``scancel``, a time limit or Ctrl-C do), and SIGKILLs at random moments, some inside
-a checkpoint write. Real runs: ``torchrun`` with 2 ranks and DataLoader workers, DeepSpeed ZeRO-2
-on gloo, the tiny test model.
+"""Faults during training, as a cluster delivers them: a stop signal to every process of the job at
+once (what ``scancel``, a time limit or Ctrl-C do), SIGKILLs at random moments, some inside a
+checkpoint write, and a disk that fills during a checkpoint; and untrusted inputs (shards, releases,
+exports) that must run no code. Real runs: ``torchrun`` with 2 ranks and DataLoader workers,
+DeepSpeed ZeRO-2 on gloo, the tiny test model; a tmpfs the test mounts for the full disk.
 """
 
 from __future__ import annotations
