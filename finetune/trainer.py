@@ -56,13 +56,9 @@ def finetuning_step(engine, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
     return losses
 
 
-def run(cfg: FinetuneConfig, init: str | Path, run_dir: str | Path, resume: bool) -> int:
-    """Fine-tune (or continue with ``resume``); returns the final step."""
-    # Everything that can be wrong with the inputs is checked before the process group and the model.
-    try:
-        spec = check_inputs(cfg, init)
-    except (FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"error: {err}") from None
+def run(cfg: FinetuneConfig, init: str | Path, run_dir: str | Path, resume: bool, spec: FeatureSpec) -> int:
+    """Fine-tune (or continue with ``resume``) on shards whose spec the caller has checked
+    (``check_inputs``, before any rank starts); returns the final step."""
     env = read_launch_env()
     device = init_distributed(env)
     setup_logging(env.rank)

@@ -201,15 +201,14 @@ def feature_spec_for(detector: RegionDetector, cfg: ExtractConfig) -> FeatureSpe
 
 def write_or_check_spec(output: Location, spec: FeatureSpec) -> None:
     path = output.url(FEATURE_SPEC_FILE)
-    if output.exists(FEATURE_SPEC_FILE):
+    try:
         existing = FeatureSpec.load(path)
-        if asdict(existing) != asdict(spec):
-            diffs = [f"{k}: {v!r} vs {asdict(spec)[k]!r}" for k, v in asdict(existing).items() if asdict(spec)[k] != v]
-            raise ExtractError(
-                f"{path} does not match this run's detector ({'; '.join(diffs)[:300]}); use a fresh --output"
-            )
+    except FileNotFoundError:
+        spec.save(output)
         return
-    spec.save(output)
+    if asdict(existing) != asdict(spec):
+        diffs = [f"{k}: {v!r} vs {asdict(spec)[k]!r}" for k, v in asdict(existing).items() if asdict(spec)[k] != v]
+        raise ExtractError(f"{path} does not match this run's detector ({'; '.join(diffs)[:300]}); use a fresh --output")
 
 
 def detector_inputs(samples) -> tuple[list, list | None, list | None]:

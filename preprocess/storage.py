@@ -19,6 +19,7 @@ prefix.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -27,7 +28,6 @@ import os
 import tempfile
 from collections import defaultdict
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
 from urllib.parse import urlparse
@@ -48,6 +48,10 @@ READ_BLOCK_BYTES = 32 << 20
 
 class StorageError(OSError):
     """A location cannot be read, listed or written; the message names it and the cause, in one line."""
+
+
+class NotFound(FileNotFoundError):
+    """A file or object that does not exist, named in the message (callers catch FileNotFoundError)."""
 
 
 def scheme_of(location: str) -> str:
@@ -118,12 +122,12 @@ def _cause(err: BaseException) -> str:
     return f"{err.__class__.__name__}: {text}"[:300]
 
 
-@contextmanager
+@contextlib.contextmanager
 def _reported(location: str, doing: str) -> Iterator[None]:
     """Turn a filesystem client's failure (missing package, network, credentials) into one StorageError line."""
     try:
         yield
-    except StorageError:
+    except (StorageError, NotFound):
         raise
     except Exception as err:  # fsspec clients raise their own types (botocore, aiohttp, ...)
         raise StorageError(f"{location}: cannot {doing} ({_cause(err)})") from err
@@ -230,15 +234,14 @@ def read_bytes(location: str) -> bytes:
     if not is_remote(location):
         path = local_path(location)
         if not path.is_file():
-            raise FileNotFoundError(f"{location} does not exist")
+            raise NotFound(f"{location} does not exist")
         return path.read_bytes()
     fs, path = filesystem(location)
     with _reported(location, "read"):
         try:
             return fs.cat_file(path)
-        except FileNotFoundError:
-            pass
-    raise FileNotFoundError(f"{location} does not exist")
+        except FileNotFoundError as err:
+            raise NotFound(f"{location} does not exist") from err
 
 
 class Location:
@@ -278,13 +281,6 @@ class Location:
             except FileNotFoundError:
                 return set()
         return {e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") != "directory"}
-
-    def exists(self, name: str) -> bool:
-        if not self.remote:
-            return (self.dir / name).is_file()
-        with _reported(self.url(name), "look up"):
-            self.fs.invalidate_cache(self._remote_path(name))
-            return self.fs.isfile(self._remote_path(name))
 
     def read_bytes(self, name: str) -> bytes:
         return read_bytes(self.url(name))
@@ -332,11 +328,10 @@ class Location:
         if not self.remote:
             (self.dir / name).unlink(missing_ok=True)
             return
-        with _reported(self.url(name), "delete"):
-            try:
-                self.fs.rm_file(self._remote_path(name))
-            except FileNotFoundError:
-                pass
+        # Deleting what is not there is what this method promises (S3 itself does not complain;
+        # other stores raise FileNotFoundError).
+        with _reported(self.url(name), "delete"), contextlib.suppress(FileNotFoundError):
+            self.fs.rm_file(self._remote_path(name))
 
     def spool_file(self, name: str) -> Path:
         """The local file a big output (a shard) is written to before ``put`` moves it into place.

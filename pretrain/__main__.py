@@ -42,14 +42,14 @@ def main(argv: list[str] | None = None) -> int:
     from pretrain.trainer import check_feature_specs, run
 
     try:
-        check_feature_specs(cfg)  # missing shards, unreadable bucket, mismatched specs: one line, before any rank starts
+        spec = check_feature_specs(cfg)  # missing shards, unreadable bucket, mismatched specs: one line, before any rank starts
     except (OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     from pretrain.checkpoint import CheckpointWriteError
 
     try:
-        run(cfg, args.run_dir, resume=args.resume)
+        run(cfg, args.run_dir, resume=args.resume, spec=spec)
     except CheckpointWriteError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

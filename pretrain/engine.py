@@ -100,7 +100,6 @@ class RunPaths:
         model_config.save_pretrained(self.model)
         tokenizer.save_pretrained(self.model)
 
-
     def keep_metrics_up_to(self, global_step: int) -> None:
         """Drop the ``metrics.jsonl`` records after ``global_step``, and a line a kill cut short.
 

@@ -38,14 +38,17 @@ LOG_KEYS = ("itm_acc", "mlm_acc", "moc_acc", "mrfr_loss", "i2t_r1", "t2i_r1")
 
 
 def check_feature_specs(cfg: PretrainConfig) -> FeatureSpec:
-    """The spec of the first stage's shards, after checking every stage's train and eval shards agree."""
-    first_name = cfg.shard_path(cfg.stages[0].shards)
-    spec = feature_spec_of(first_name, f"stages[{cfg.stages[0].name}].shards")
+    """The spec of the first stage's shards, after checking that every stage's train and eval shards
+    exist and agree (each pattern listed once)."""
+    first: tuple[str, FeatureSpec] | None = None
     for stage in cfg.stages:
         for key in ("shards", "eval_shards"):
             path = cfg.shard_path(getattr(stage, key))
-            spec.check_compatible(feature_spec_of(path, f"stages[{stage.name}].{key}"), first_name, path)
-    return spec
+            spec = feature_spec_of(path, f"stages[{stage.name}].{key}")
+            if first is None:
+                first = (path, spec)
+            first[1].check_compatible(spec, first[0], path)
+    return first[1]
 
 
 def build_model(cfg: PretrainConfig, spec: FeatureSpec, vocab_size: int) -> ImageBertForPretraining:
@@ -85,15 +88,14 @@ def pretraining_step(objectives: ObjectiveWeights):
     return step
 
 
-def run(cfg: PretrainConfig, run_dir: str | Path, resume: bool) -> int:
-    """Train every stage (or what is left of them with ``resume``); returns the final global step."""
+def run(cfg: PretrainConfig, run_dir: str | Path, resume: bool, spec: FeatureSpec) -> int:
+    """Train every stage (or what is left of them with ``resume``) on shards whose spec the caller
+    has checked (``check_feature_specs``, before any rank starts); returns the final global step."""
     env = read_launch_env()
     device = init_distributed(env)
     setup_logging(env.rank)
     paths = RunPaths(run_dir)
 
-    # Everything that can be wrong with the inputs is checked before the model is built.
-    spec = check_feature_specs(cfg)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path())
     source = paths.resume_point(resume)  # the checkpoint the next stage starts from (None: initial weights)
     if source is not None and source.stage >= len(cfg.stages):

@@ -307,12 +307,6 @@ def test_a_full_disk_during_a_checkpoint_stops_with_one_line_and_keeps_the_previ
         assert "the newest complete checkpoint is global_step1" in last, last
         assert latest_state(run_dir / "checkpoints").global_step == 1
         weights = consolidated_weights(run_dir / "checkpoints", "global_step1")
-        assert weights and all(torch_is_finite(v) for v in weights.values())
+        assert weights and all(bool(v.isfinite().all()) for v in weights.values() if v.is_floating_point())
     finally:
         subprocess.run(["umount", "-l", str(small)], capture_output=True)
-
-
-def torch_is_finite(tensor) -> bool:
-    import torch
-
-    return bool(torch.isfinite(tensor).all()) if tensor.is_floating_point() else True
