@@ -10,8 +10,8 @@ With several ranks ``--batch`` is per rank, the bare loops are wrapped in
 all ranks.
 
 (a) samples/s of the trainer's step (``pretrain.engine.train_micro_step`` on the DeepSpeed engine
-    ``pretrain.engine.build_engine`` makes from a job config, plus the preemption check every
-    step) against a bare PyTorch loop on the same model, batch and precision: ``loss.backward()``,
+    ``pretrain.engine.build_engine`` makes from a job config, with its one all-reduce per step for
+    non-finite losses and stop signals) against a bare PyTorch loop on the same model, batch and precision: ``loss.backward()``,
     grad clipping, ``torch.optim.AdamW(fused=True)`` (the trainer's optimizer), LR schedule. In
     bf16/fp16 the bare loop is mixed precision as the trainer's is: fp32 weights and optimizer,
     the forward under ``torch.autocast``. A third loop, "bare_pure", keeps the weights themselves
@@ -154,8 +154,9 @@ class BareLoop:
 
 
 class TrainerLoop:
-    """The trainer's step: the engine's micro-step (``pretrain.engine.train_micro_step``) on the DeepSpeed
-    engine ``pretrain.engine.build_engine`` makes from a job config, plus the per-step preemption check."""
+    """The trainer's step: the engine's micro-step (``pretrain.engine.train_micro_step``: forward, the
+    ranks' agreement on non-finite losses and stop signals, backward, step) on the DeepSpeed engine
+    ``pretrain.engine.build_engine`` makes from a job config."""
 
     def __init__(self, args, batch: dict):
         from preprocess.config import from_dict
@@ -179,8 +180,7 @@ class TrainerLoop:
     def step(self) -> None:
         from pretrain.engine import train_micro_step
 
-        train_micro_step(self.engine, self.step_fn, self.batch, self.sums)
-        self.preemption.agreed(device())
+        train_micro_step(self.engine, self.step_fn, self.batch, self.sums, self.preemption)
 
 
 def visualbert_loop(args, dtype: torch.dtype) -> BareLoop:

@@ -47,10 +47,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     from pretrain.checkpoint import CheckpointWriteError
+    from pretrain.engine import NonFiniteLossError
 
     try:
         run(cfg, args.init, run_dir, resume=args.resume, spec=spec)
-    except CheckpointWriteError as err:
+    except (CheckpointWriteError, NonFiniteLossError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0

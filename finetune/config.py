@@ -13,7 +13,9 @@ from typing import Literal
 
 from finetune.fusion import FusionConfig
 from preprocess import storage
-from pretrain.engine_config import CheckpointConfig, DeepSpeedConfig, LoggingConfig, ScheduleConfig
+from pretrain.engine_config import (
+    CheckpointConfig, DeepSpeedConfig, LoggingConfig, NonFiniteLossConfig, ScheduleConfig,
+)
 
 TASKS = ("retrieval", "classification", "multilabel", "sentiment", "ner")
 RETRIEVAL_LOSSES = ("binary", "multiclass", "triplet")
@@ -118,6 +120,7 @@ class FinetuneConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=lambda: DeepSpeedConfig(zero_stage=1))
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    nonfinite_loss: NonFiniteLossConfig = field(default_factory=NonFiniteLossConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     seed: int = 0
 

@@ -35,7 +35,7 @@ from finetune.config import DataConfig, TaskConfig
 from preprocess.feature_format import FeatureSpec, decode_feature_sample
 from preprocess.launch_env import ignore_stop_signals
 from preprocess.shard_reader import tar_samples
-from pretrain.data import BadSampleHandler, note_shard_sharing, shuffled_raw_samples
+from pretrain.data import BadSampleHandler, decode_each, note_shard_sharing, report_skipped, shuffled_raw_samples
 from pretrain.model import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
@@ -179,9 +179,10 @@ def build_train_pipeline(
     bad = BadSampleHandler(f"training shards {shards}")
     return wds.DataPipeline(
         *shuffled_raw_samples(shards, data.shuffle_buffer, seed, rank, world_size, bad),
-        wds.map(TaskSampleDecoder(tokenizer, spec, data, task), handler=bad),
+        decode_each(TaskSampleDecoder(tokenizer, spec, data, task), bad),
         # at this point we have tokenised samples with their targets
         wds.batched(data.batch_size, collation_fn=TaskCollate(tokenizer.pad_token_id, task), partial=False),
+        report_skipped(bad),
     )
 
 
@@ -202,7 +203,7 @@ def read_samples(shards: str, tokenizer, spec: FeatureSpec, data: DataConfig, ta
     pipeline = wds.DataPipeline(
         wds.SimpleShardList(shards),
         tar_samples(bad),
-        wds.map(TaskSampleDecoder(tokenizer, spec, data, task), handler=bad),
+        decode_each(TaskSampleDecoder(tokenizer, spec, data, task), bad),
     )
     samples = list(itertools.islice(pipeline, max_samples) if max_samples else pipeline)
     if not samples:

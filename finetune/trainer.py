@@ -28,7 +28,7 @@ from preprocess.launch_env import read_launch_env
 from pretrain import checkpoint
 from pretrain.data import feature_spec_of
 from pretrain.distributed import init_distributed
-from pretrain.engine import Phase, RunPaths, Trainer, build_engine, setup_logging
+from pretrain.engine import Phase, RunPaths, SkipCounts, Trainer, build_engine, setup_logging
 from pretrain.release import load_release
 
 log = logging.getLogger("finetune")
@@ -102,7 +102,9 @@ def run(cfg: FinetuneConfig, init: str | Path, run_dir: str | Path, resume: bool
         index=0, name=f"finetune {cfg.task.name}/{cfg.fusion.name}", steps=cfg.train.steps, done=done,
         log_keys=(HEADLINE[cfg.task.name],),
     )
-    trainer = Trainer(paths, env, device, cfg.logging, cfg.checkpoint, cfg.eval.every_steps, cfg.deepspeed.zero_stage)
+    trainer = Trainer(
+        paths, env, device, cfg.logging, cfg.checkpoint, cfg.nonfinite_loss, cfg.eval.every_steps, cfg.deepspeed.zero_stage
+    )
     try:
         result = trainer.run(engine, phase, batches, finetuning_step, evaluate if val_samples is not None else None)
     finally:
@@ -116,7 +118,7 @@ def run(cfg: FinetuneConfig, init: str | Path, run_dir: str | Path, resume: bool
             last_eval = {"step": step, **evaluate()}
         if env.rank == 0:
             if last_eval is not None:
-                metrics = {k: v for k, v in last_eval.items() if k != "step"}
+                metrics = {k: v for k, v in last_eval.items() if k != "step" and k not in SkipCounts.FIELDS}
                 record = results_record(cfg, metrics, cfg.shard_path(cfg.data.val), len(val_samples), None, step=step)
                 write_results(paths.root / RESULTS_FILE, record)
                 print(format_results(record), flush=True)

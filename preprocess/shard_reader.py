@@ -142,11 +142,11 @@ def shard_samples(stream: BinaryIO, url: str) -> Iterator[dict[str, Any]]:
         yield sample
 
 
-def tar_samples(handler: Callable[[BaseException], bool]):
+def tar_samples(on_error: Callable[[str, BaseException], object]):
     """Pipeline stage: ``{"url": shard}`` items -> raw samples of each shard, in order.
 
-    An error in a shard (missing file, corrupt or cut-short tar) goes to ``handler``, which
-    returns True to go on with the next shard.
+    An error in a shard (missing file, corrupt or cut-short tar) goes to ``on_error(shard,
+    error)``, and the stage goes on with the next shard (the samples before the error are kept).
     """
 
     def stage(src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
@@ -156,8 +156,7 @@ def tar_samples(handler: Callable[[BaseException], bool]):
                 with open_for_reading(url) as stream:
                     yield from shard_samples(stream, url)
             except Exception as exn:
-                if not handler(exn):
-                    raise
+                on_error(url, exn)
 
     return stage
 

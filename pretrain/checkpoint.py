@@ -197,9 +197,9 @@ class PreemptionFlag:
     """SIGTERM (``scancel``, a time limit, torchrun passing one on), SIGUSR1 (the SLURM scripts'
     warning before the limit) and SIGINT (Ctrl-C) ask for a checkpoint and a clean exit.
 
-    The handler only sets a flag; ``agreed()`` is called at a step boundary on every rank and
-    takes the max over ranks, because the signal may reach the ranks at different times and all
-    of them must take part in the save. The DataLoader workers ignore these signals
+    The handler only sets a flag; the ranks agree on it in every micro-step
+    (``pretrain.engine.train_micro_step``: the max over ranks), because the signal may reach the
+    ranks at different times and all of them must take part in the save. The DataLoader workers ignore these signals
     (``preprocess.launch_env.ignore_stop_signals``) so that the step and the save can still run.
     A second Ctrl-C interrupts at once.
     """
@@ -214,12 +214,6 @@ class PreemptionFlag:
         if signum == signal.SIGINT:
             signal.signal(signal.SIGINT, signal.default_int_handler)
         self.received = self.received or signum
-
-    def agreed(self, device: torch.device) -> str | None:
-        """Name of a signal any rank received (None when none did); the same answer on every rank."""
-        flag = torch.tensor([self.received], dtype=torch.int32, device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return signal.Signals(int(flag.item())).name if flag.item() else None
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():

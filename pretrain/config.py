@@ -16,7 +16,9 @@ from typing import Any
 
 from preprocess import storage
 from pretrain.data import DataConfig
-from pretrain.engine_config import CheckpointConfig, DeepSpeedConfig, LoggingConfig, ScheduleConfig
+from pretrain.engine_config import (
+    CheckpointConfig, DeepSpeedConfig, LoggingConfig, NonFiniteLossConfig, ScheduleConfig,
+)
 from pretrain.evaluate import EvalConfig
 from pretrain.masking import MaskingConfig
 from pretrain.model import POOLINGS, ObjectiveWeights
@@ -114,6 +116,7 @@ class PretrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    nonfinite_loss: NonFiniteLossConfig = field(default_factory=NonFiniteLossConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     seed: int = 0
 

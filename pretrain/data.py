@@ -12,8 +12,10 @@ Evaluation reads the validation shards once, in order, with a fixed masking seed
 evaluations compare and every rank builds the same batches; ``pretrain.evaluate`` then shares
 them out over the ranks.
 
-A sample that cannot be read (truncated tar, missing member, wrong shapes, empty caption) is
-logged, rate-limited, and counted; it never stops training.
+A sample that cannot be read (truncated or corrupt tar, missing member, wrong shapes, empty
+caption) is skipped, logged (rate-limited) and counted per shard; the counts travel with the
+batches to the trainer, which logs them and writes them into ``metrics.jsonl``. It never stops
+training.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ import logging
 import math
 import random
 import re
-from collections.abc import Iterable, Iterator
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,20 +101,57 @@ def check_spec_matches_model(spec: FeatureSpec, model_config: Any, shards_name: 
 
 
 class BadSampleHandler:
-    """webdataset exception handler: log (rate-limited) and count, then go on with the next sample."""
+    """Skips bad samples: logs them (rate-limited), counts them per shard, and goes on.
+
+    Called with the shard and the error by ``tar_samples`` (a shard cut short or corrupt counts
+    once: what follows the damage cannot be read) and by ``decode_each`` (a sample that does not
+    decode). In a DataLoader worker each worker counts its own; ``report_skipped`` hands the
+    counts to the trainer with the batches.
+    """
 
     def __init__(self, what: str, first: int = 5):
         self.what = what
         self.first = first  # log the first few, then only at powers of two
         self.count = 0
+        self.unreported: Counter[str] = Counter()
 
-    def __call__(self, exn: BaseException) -> bool:
+    def __call__(self, shard: str, exn: BaseException) -> None:
         self.count += 1
+        self.unreported[shard] += 1
         if self.count <= self.first or (self.count & (self.count - 1)) == 0:
             worker = get_worker_info()
             where = f"worker {worker.id}" if worker is not None else "main process"
             log.warning("%s: skipped bad sample #%d in %s: %s", self.what, self.count, where, exn)
-        return True
+
+    def take(self) -> dict[str, int]:
+        """The counts by shard since the previous call."""
+        taken, self.unreported = dict(self.unreported), Counter()
+        return taken
+
+
+def decode_each(decode: Callable[[dict[str, Any]], dict[str, Any]], bad: BadSampleHandler):
+    """Pipeline stage: ``decode`` applied to each raw sample; one it raises on goes to ``bad``."""
+
+    def stage(src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        for raw in src:
+            try:
+                yield decode(raw)
+            except Exception as exn:
+                bad(raw.get("__url__", "?"), exn)
+
+    return stage
+
+
+def report_skipped(bad: BadSampleHandler):
+    """Pipeline stage after batching: each batch carries, as ``skipped_samples``, the bad samples
+    skipped since the previous batch by shard, for the trainer's logs and metrics."""
+
+    def stage(src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        for batch in src:
+            batch["skipped_samples"] = bad.take()
+            yield batch
+
+    return stage
 
 
 # ---------------------------------------------------------------- per-sample work (in the workers)
@@ -367,10 +407,11 @@ def build_train_pipeline(
     bad = BadSampleHandler(f"training shards {shards}")
     return wds.DataPipeline(
         *shuffled_raw_samples(shards, data.shuffle_buffer, seed, rank, world_size, bad),
-        wds.map(SampleDecoder(tokenizer, spec, data), handler=bad),
+        decode_each(SampleDecoder(tokenizer, spec, data), bad),
         # at this point we have tokenised samples with float16 region arrays
         wds.batched(data.batch_size, collation_fn=PretrainCollate(tokenizer, data, masking, seed, rank), partial=False),
         # at this point we have masked, padded batches with ITM negatives
+        report_skipped(bad),
     )
 
 
@@ -399,7 +440,7 @@ def read_eval_samples(shards: str, tokenizer, spec: FeatureSpec, data: DataConfi
         wds.SimpleShardList(shards),
         # at this point we have each shard once, in the order given
         tar_samples(bad),
-        wds.map(SampleDecoder(tokenizer, spec, data), handler=bad),
+        decode_each(SampleDecoder(tokenizer, spec, data), bad),
         # at this point we have tokenised samples
     )
     samples = list(itertools.islice(pipeline, max_samples))

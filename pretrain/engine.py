@@ -24,7 +24,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -41,7 +43,9 @@ from preprocess.feature_format import FeatureSpec
 from preprocess.launch_env import LaunchEnv, cpu_info
 from pretrain import checkpoint
 from pretrain.data import to_device
-from pretrain.engine_config import CheckpointConfig, DeepSpeedConfig, LoggingConfig, ScheduleConfig
+from pretrain.engine_config import (
+    CheckpointConfig, DeepSpeedConfig, LoggingConfig, NonFiniteLossConfig, ScheduleConfig,
+)
 
 log = logging.getLogger("pretrain.engine")
 
@@ -304,11 +308,13 @@ class PhaseResult:
 
 class IntervalSums:
     """What a logging interval adds up, kept on the device so the step never waits for it:
-    each loss, micro-steps, samples, and real tokens plus regions."""
+    each loss, micro-steps, samples, real tokens plus regions, and bad samples the loader skipped."""
+
+    COUNTS = ("micro_steps", "samples", "tokens", "skipped_samples")
 
     def __init__(self, device: torch.device):
         self.losses: dict[str, torch.Tensor] = {}
-        self.counts = torch.zeros(3, dtype=torch.float64, device=device)
+        self.counts = torch.zeros(len(self.COUNTS), dtype=torch.float64, device=device)
 
     def add(self, losses: dict[str, torch.Tensor], batch: dict[str, Any]) -> None:
         for name, value in losses.items():
@@ -317,22 +323,80 @@ class IntervalSums:
         self.counts[1] += batch["input_ids"].shape[0]
         self.counts[2] += batch["attention_mask"].sum() + batch["region_mask"].sum()
 
+    def add_skipped_samples(self, count: int) -> None:
+        if count:
+            self.counts[3] += count
+
     def all_reduced(self) -> dict[str, float]:
         """The sums over every rank (one all-reduce), then zeroed for the next interval."""
         names = sorted(self.losses)
         sums = torch.stack([self.losses[n] for n in names] + list(self.counts))
         dist.all_reduce(sums)
-        values = dict(zip(names + ["micro_steps", "samples", "tokens"], sums.tolist()))
+        values = dict(zip(names + list(self.COUNTS), sums.tolist()))
         self.losses, self.counts = {}, torch.zeros_like(self.counts)
         return values
 
 
-def train_micro_step(engine, step: StepFn, batch: dict[str, Any], sums: IntervalSums) -> None:
-    """Forward, backward and DeepSpeed's step (which updates only at the accumulation boundary)."""
+class NonFiniteLossError(RuntimeError):
+    """Too many batches in a row had a non-finite loss; the message names the step, the losses and
+    the checkpoint to go back to."""
+
+
+@dataclass
+class MicroStep:
+    """What the ranks agreed on after a micro-step's forward."""
+
+    nonfinite: list[str]  # the losses that were NaN or infinite on some rank (then nothing was updated)
+    stop: str | None  # the stop signal some rank received, or None
+    losses: dict[str, torch.Tensor]
+
+
+def train_micro_step(
+    engine, step: StepFn, batch: dict[str, Any], sums: IntervalSums, preemption: checkpoint.PreemptionFlag
+) -> MicroStep:
+    """Forward; then one all-reduce in which the ranks agree whether any loss is non-finite and
+    whether a stop signal came; then, unless a loss is non-finite, backward and DeepSpeed's step
+    (which updates only at the accumulation boundary).
+
+    The check must come before backward and be agreed: a rank that skipped its backward alone
+    would leave the others waiting in ZeRO's gradient reduction. Folding the preemption flag into
+    the same all-reduce keeps it at one host sync per micro-step, as before the check existed.
+    """
     losses = step(engine, batch)
-    engine.backward(losses["loss"])
-    engine.step()
-    sums.add(losses, batch)
+    names = sorted(losses)
+    flags = torch.stack([~torch.isfinite(losses[n].detach()).all() for n in names]).to(torch.int32)
+    flags = torch.cat([flags, torch.tensor([preemption.received], dtype=torch.int32, device=flags.device)])
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    *nonfinite_flags, received = flags.tolist()
+    nonfinite = [name for name, flag in zip(names, nonfinite_flags) if flag]
+    stop = signal.Signals(received).name if received else None
+    if not nonfinite:
+        engine.backward(losses["loss"])
+        engine.step()
+        sums.add(losses, batch)
+    return MicroStep(nonfinite, stop, losses)
+
+
+class SkipCounts:
+    """Batches skipped for a non-finite loss and samples the loader skipped per shard, since the
+    last ``metrics.jsonl`` record; and the current run of non-finite batches."""
+
+    FIELDS = ("nonfinite_batches", "skipped_samples")  # what they add to each record
+
+    def __init__(self) -> None:
+        self.nonfinite_in_a_row = 0
+        self.nonfinite_batches = 0  # the same on every rank (agreed)
+        self.nonfinite_since_log = 0
+        self.samples: Counter[str] = Counter()  # this rank's, by shard
+
+    def record_fields(self) -> dict[str, Any]:
+        """The counts for a metrics record (every rank calls this: one all-gather), then zeroed."""
+        per_rank: list[Counter[str]] = [Counter()] * dist.get_world_size()
+        dist.all_gather_object(per_rank, self.samples)
+        samples = sum(per_rank, Counter())
+        fields = dict(zip(self.FIELDS, (self.nonfinite_batches, dict(sorted(samples.items())))))
+        self.nonfinite_batches, self.samples = 0, Counter()
+        return fields
 
 
 class Trainer:
@@ -340,10 +404,10 @@ class Trainer:
 
     def __init__(
         self, paths: RunPaths, env: LaunchEnv, device: torch.device, logging_cfg: LoggingConfig,
-        checkpoint_cfg: CheckpointConfig, eval_every: int, zero_stage: int,
+        checkpoint_cfg: CheckpointConfig, nonfinite_cfg: NonFiniteLossConfig, eval_every: int, zero_stage: int,
     ):
         self.paths, self.env, self.device = paths, env, device
-        self.logging_cfg, self.checkpoint_cfg = logging_cfg, checkpoint_cfg
+        self.logging_cfg, self.checkpoint_cfg, self.nonfinite_cfg = logging_cfg, checkpoint_cfg, nonfinite_cfg
         self.eval_every, self.zero_stage = eval_every, zero_stage
         self.writer = None
         if env.rank == 0:
@@ -351,6 +415,7 @@ class Trainer:
 
             self.writer = SummaryWriter(str(paths.tensorboard))
         self.preemption = checkpoint.PreemptionFlag()
+        self.skipped = SkipCounts()
 
     def close(self) -> None:
         self.preemption.restore()
@@ -361,7 +426,7 @@ class Trainer:
         self, engine, phase: Phase, batches: Iterator[dict[str, Any]], step: StepFn, evaluate: EvalFn | None
     ) -> PhaseResult:
         """Train ``phase`` from ``phase.done`` to ``phase.steps``; stops early, after a checkpoint,
-        when any rank received SIGTERM or SIGUSR1."""
+        when any rank received SIGTERM, SIGUSR1 or SIGINT."""
         accumulation = engine.gradient_accumulation_steps()
         bar = tqdm(
             total=phase.steps, initial=phase.done, desc=phase.name, dynamic_ncols=True,
@@ -375,8 +440,18 @@ class Trainer:
         for step_in_phase in range(phase.done + 1, phase.steps + 1):
             global_step = phase.first_global_step + step_in_phase
             last = step_in_phase == phase.steps
-            for _ in range(accumulation):
-                train_micro_step(engine, step, to_device(next(batches), self.device), sums)
+            stop = None
+            updates = 0
+            while updates < accumulation:  # a batch skipped for a non-finite loss is replaced by the next
+                batch = to_device(next(batches), self.device)
+                self._count_skipped_samples(batch, sums)
+                outcome = train_micro_step(engine, step, batch, sums, self.preemption)
+                stop = stop or outcome.stop
+                if outcome.nonfinite:
+                    self._skip_nonfinite(outcome, global_step)
+                else:
+                    self.skipped.nonfinite_in_a_row = 0
+                    updates += 1
             bar.update(1)
 
             if global_step % self.logging_cfg.every_steps == 0 or last:
@@ -386,7 +461,6 @@ class Trainer:
                 result.last_eval = self._evaluate(evaluate, phase, global_step)
                 engine.train()
                 interval_start = time.perf_counter()  # evaluation time is not training throughput
-            stop = self.preemption.agreed(self.device)
             if stop or global_step % self.checkpoint_cfg.every_steps == 0 or last:
                 result.state = checkpoint.TrainerState(
                     global_step=global_step, stage=phase.index, step_in_stage=step_in_phase,
@@ -400,13 +474,42 @@ class Trainer:
         bar.close()
         return result
 
+    def _count_skipped_samples(self, batch: dict[str, Any], sums: IntervalSums) -> None:
+        """The loader's count of bad samples it skipped, by shard, since its previous batch
+        (``pretrain.data.report_skipped``)."""
+        skipped = batch.get("skipped_samples") or {}
+        self.skipped.samples.update(skipped)
+        sums.add_skipped_samples(sum(skipped.values()))
+
+    def _skip_nonfinite(self, outcome: MicroStep, global_step: int) -> None:
+        self.skipped.nonfinite_batches += 1
+        self.skipped.nonfinite_since_log += 1
+        self.skipped.nonfinite_in_a_row += 1
+        in_a_row = self.skipped.nonfinite_in_a_row
+        values = ", ".join(f"{name}={outcome.losses[name].item():.4g}" for name in outcome.nonfinite)
+        if in_a_row >= self.nonfinite_cfg.max_consecutive:
+            latest = checkpoint.latest_state(self.paths.checkpoints)
+            back_to = (f"the last good checkpoint is {self.paths.checkpoints / latest.tag} (step {latest.global_step}; "
+                       "--resume continues from it)" if latest else "no checkpoint was written yet")
+            raise NonFiniteLossError(
+                f"step {global_step}: {in_a_row} batches in a row had a non-finite loss ({', '.join(outcome.nonfinite)}; "
+                f"on rank {self.env.rank}: {values}), so the run stops; {back_to}. Lower the learning rate, "
+                "or raise nonfinite_loss.max_consecutive if the data has such batches"
+            )
+        if self.env.rank == 0:
+            log.warning("step %d: skipped a batch whose loss is not finite (%s; on rank 0: %s), %d in a row; no update from it",
+                        global_step, ", ".join(outcome.nonfinite), values, in_a_row)
+
     def _log(self, engine, phase: Phase, global_step: int, values: dict[str, float], seconds: float, bar) -> None:
-        names = [n for n in values if n not in ("micro_steps", "samples", "tokens")]
+        names = [n for n in values if n not in IntervalSums.COUNTS]
         scalars = {f"train/{n}": values[n] / max(values["micro_steps"], 1) for n in names}
         scalars["train/lr"] = engine.get_lr()[0]
         grad_norm = engine.get_global_grad_norm()
         if grad_norm is not None:
             scalars["train/grad_norm"] = float(grad_norm)
+        scalars["train/skipped_samples"] = values["skipped_samples"]  # summed over ranks and the interval
+        scalars["train/nonfinite_batches"] = self.skipped.nonfinite_since_log
+        self.skipped.nonfinite_since_log = 0
         scalars["perf/samples_per_s"] = values["samples"] / seconds
         scalars["perf/tokens_per_s"] = values["tokens"] / seconds
         if self.writer is not None:
@@ -419,13 +522,16 @@ class Trainer:
 
     def _evaluate(self, evaluate: EvalFn, phase: Phase, global_step: int) -> dict[str, Any]:
         metrics = evaluate()  # every rank: evaluation shares its forwards out over them
-        record = {"step": global_step, **phase.record, **metrics}
+        record = {"step": global_step, **phase.record, **metrics, **self.skipped.record_fields()}
         if self.env.rank == 0:
             append_metrics(self.paths.metrics, record)
             for name, value in metrics.items():
                 self.writer.add_scalar(f"eval/{name}", value, global_step)
             shown = ", ".join(f"{k}={metrics[k]:.2f}" for k in phase.log_keys if k in metrics)
             log.info("eval at step %d: %s", global_step, shown)
+            if record["skipped_samples"]:
+                log.warning("since the previous evaluation the loader skipped bad samples: %s",
+                            ", ".join(f"{shard} ({n})" for shard, n in record["skipped_samples"].items()))
         return record
 
 

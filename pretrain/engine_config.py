@@ -1,6 +1,6 @@
 """The config sections of the training engine (``pretrain.engine``), shared by both job configs.
 
-``deepspeed:``, ``checkpoint:`` and ``logging:`` are sections of the pretraining and the
+``deepspeed:``, ``checkpoint:``, ``nonfinite_loss:`` and ``logging:`` are sections of the pretraining and the
 fine-tuning config alike. ``ScheduleConfig`` (steps and learning-rate schedule) is embedded in
 each: every pretraining stage is one (``pretrain.config.StageConfig``), and so is fine-tuning's
 ``train:`` section. DeepSpeed's own config is generated from a ``DeepSpeedConfig`` and a
@@ -77,6 +77,21 @@ class CheckpointConfig:
             raise ValueError("checkpoint.every_steps must be >= 1")
         if self.keep < 2:
             raise ValueError(f"checkpoint.keep must be >= 2 (a save killed halfway needs an older one), got {self.keep}")
+
+
+@dataclass
+class NonFiniteLossConfig:
+    """The ``nonfinite_loss:`` section. A batch whose loss (or any logged part of it) is NaN or
+    infinite on any rank is skipped: no backward, no optimizer update from it, counted in the logs
+    and ``metrics.jsonl``; the next batch takes its place in the step."""
+
+    # Stop the run after this many non-finite batches in a row, naming the last good checkpoint
+    # (a model that has diverged gives nothing but non-finite losses).
+    max_consecutive: int = 20
+
+    def __post_init__(self) -> None:
+        if self.max_consecutive < 1:
+            raise ValueError(f"nonfinite_loss.max_consecutive must be >= 1, got {self.max_consecutive}")
 
 
 @dataclass

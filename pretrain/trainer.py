@@ -121,7 +121,9 @@ def run(cfg: PretrainConfig, run_dir: str | Path, resume: bool, spec: FeatureSpe
         log.info("resuming from %s (stage %d, step %d in stage)", source.tag, source.stage, source.step_in_stage)
         stage_finished = source.step_in_stage >= cfg.stages[source.stage].steps
         first_stage = source.stage + 1 if stage_finished else source.stage
-    trainer = Trainer(paths, env, device, cfg.logging, cfg.checkpoint, cfg.eval.every_steps, cfg.deepspeed.zero_stage)
+    trainer = Trainer(
+        paths, env, device, cfg.logging, cfg.checkpoint, cfg.nonfinite_loss, cfg.eval.every_steps, cfg.deepspeed.zero_stage
+    )
     last_eval = None
     try:
         for index in range(first_stage, len(cfg.stages)):

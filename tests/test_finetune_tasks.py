@@ -137,3 +137,21 @@ def test_a_fine_tuned_model_saves_and_loads_back_exactly(strategy, release, task
         assert loaded.fusion.caption_decoder.vocab_weight is loaded.fusion.encoder.bert.embeddings.word_embeddings.weight
     with torch.no_grad():
         assert torch.equal(loaded.predict(batch), model.predict(batch))
+
+
+def test_training_batches_report_the_samples_skipped_in_each_shard(release, tmp_path):
+    """A shard cut short is skipped and named with the batches, for the trainer's metrics."""
+    from collections import Counter
+
+    from finetune.data import build_train_loader
+
+    pattern = write_symbolic_task_shards("classification", tmp_path, 24, seed=5, per_shard=12)
+    cut = tmp_path / "00001.tar"
+    cut.write_bytes(cut.read_bytes()[:-2000])
+    task_cfg = TaskConfig(**task_config_dict("classification"))
+    data = DataConfig(train=pattern, max_text_length=24, batch_size=4, num_workers=0, shuffle_buffer=4)
+    loader = iter(build_train_loader(pattern, release.tokenizer, symbolic_spec(), data, task_cfg, 0, 0, 1))
+    skipped = Counter()
+    for _ in range(12):
+        skipped.update(next(loader)["skipped_samples"])
+    assert set(skipped) == {str(cut)} and skipped[str(cut)] >= 1, skipped

@@ -8,6 +8,7 @@ import json
 import logging
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -198,10 +199,18 @@ def test_bad_samples_are_skipped_and_logged(tmp_path, tokenizer, caplog):
     messages = "\n".join(r.getMessage() for r in caplog.records)
     assert "missing member features.npy" in messages and "empty caption" in messages
     assert f"spec feature_dim {FEATURE_DIM}" in messages and "#4" in messages  # the truncated tar counted too
-    # The training loader keeps going past the bad samples as well.
-    train = take(build_train_loader(pattern, tokenizer, spec, DataConfig(batch_size=4, num_workers=0, shuffle_buffer=4),
-                                    MaskingConfig(), 0, 0, 1), 5)
+    # The training loader keeps going past the bad samples as well, and its batches carry the
+    # counts by shard from the worker process to the trainer (its metrics).
+    train = take(build_train_loader(pattern, tokenizer, spec, DataConfig(batch_size=4, num_workers=1, shuffle_buffer=4),
+                                    MaskingConfig(), 0, 0, 1), 8)
     assert all(not k.startswith("bad") for b in train for k in b["keys"])
+    skipped = Counter()
+    for batch in train:
+        skipped.update(batch["skipped_samples"])
+    first, cut = str(tmp_path / "00000.tar"), str(tmp_path / "00001.tar")
+    assert set(skipped) == {first, cut}, skipped
+    # Each read of the first shard skips its 3 bad samples; each read of the second, its cut.
+    assert skipped[first] % 3 == 0 and skipped[first] >= 3 and skipped[cut] >= 1, skipped
 
 
 def test_config_and_spec_errors(shards):

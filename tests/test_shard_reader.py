@@ -26,7 +26,7 @@ from pretrain.data import (
 from pretrain.masking import MaskingConfig
 
 
-def raise_all(exn):
+def raise_all(shard, exn):
     raise exn
 
 
@@ -128,7 +128,7 @@ def test_batches_match_the_tarfile_reader(tmp_path, tokenizer, label_format, mon
     # One worker (id 0) draws what the main process draws: this covers the shared-memory hand-over too.
     new = batches(pattern, tokenizer, spec, num_workers=1)
     # The loader as it was: webdataset's tarfile reader and np.load through BytesIO.
-    monkeypatch.setattr(pretrain.data, "tar_samples", lambda handler: wds.tarfile_to_samples(handler=handler))
+    monkeypatch.setattr(pretrain.data, "tar_samples", lambda on_error: wds.tarfile_to_samples(handler=wds.reraise_exception))
     monkeypatch.setattr(preprocess.feature_format, "read_npy",
                         lambda data: np.load(io.BytesIO(bytes(data)), allow_pickle=False))
     assert_same_batches(new, batches(pattern, tokenizer, spec, num_workers=0))
