@@ -33,7 +33,9 @@ test: venv
 	OMP_NUM_THREADS=1 $(PY) -m pytest -rs $(PYTEST_ARGS)
 
 # synth -> extract -> pretrain (2 stages) -> export -> fine-tune; every step resumes or redoes
-# idempotently, so re-running `make quickstart` after an interruption continues.
+# idempotently, so re-running `make quickstart` after an interruption continues. The fine-tuning
+# images go through the pretraining extraction's network: its batch-norm calibration is loaded
+# (detector.calibration_from), not redone on them, so the features match what the model learned on.
 QS := $(QUICKSTART_DIR)
 quickstart: venv
 	$(PY) -m preprocess synth --out $(QS)/raw --num-samples 1200 --seed 0 --samples-per-shard 200
@@ -42,8 +44,8 @@ quickstart: venv
 	$(PY) -m pretrain.export --run $(QS)/pretrain --out $(QS)/release
 	$(PY) -m finetune.synth_tasks --task retrieval --out $(QS)/finetune/raw/train --num-samples 800 --samples-per-shard 400 --seed 0
 	$(PY) -m finetune.synth_tasks --task retrieval --out $(QS)/finetune/raw/test --num-samples 40 --captions-per-image 5 --samples-per-shard 400 --seed 1
-	$(PY) -m preprocess extract --input '$(QS)/finetune/raw/train/{00000..00001}.tar' --output $(QS)/finetune/features/train --config configs/preprocess/quickstart.yaml
-	$(PY) -m preprocess extract --input '$(QS)/finetune/raw/test/00000.tar' --output $(QS)/finetune/features/test --config configs/preprocess/quickstart.yaml
+	$(PY) -m preprocess extract --input '$(QS)/finetune/raw/train/{00000..00001}.tar' --output $(QS)/finetune/features/train --config configs/preprocess/quickstart.yaml detector.calibration_from=$(QS)/features
+	$(PY) -m preprocess extract --input '$(QS)/finetune/raw/test/00000.tar' --output $(QS)/finetune/features/test --config configs/preprocess/quickstart.yaml detector.calibration_from=$(QS)/features
 	$(PY) -m finetune --config configs/finetune/retrieval.yaml --init $(QS)/release --run-dir $(QS)/finetune/run --resume shards_root=$(QS)/finetune/features
 	$(PY) -m finetune.evaluate --checkpoint $(QS)/finetune/run --data '$(QS)/finetune/features/test/00000.tar' --out $(QS)/finetune/results.json --baselines $(QS)/finetune/raw/test/task.json
 

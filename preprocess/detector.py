@@ -33,6 +33,7 @@ mass lowers it): that is the confidence regions are ranked by.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import Callable
@@ -42,7 +43,8 @@ import torch
 from torchvision.ops import batched_nms
 from torchvision.ops import boxes as box_ops
 
-from preprocess.feature_format import LABEL_FORMATS
+from preprocess import storage
+from preprocess.feature_format import LABEL_FORMATS, BatchnormCalibration, calibration_location
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +61,11 @@ PAIR_SCORE_FLOOR = 0.01
 _warned_random: set[str] = set()
 
 CalibrationSource = Callable[[], tuple[list[torch.Tensor], str]]
+
+
+class DetectorError(ValueError):
+    """The detector cannot be built as configured (e.g. calibration statistics that do not fit);
+    one line naming the key or file."""
 
 
 @dataclass
@@ -94,6 +101,10 @@ class DetectorConfig:
     # 0.71 / 0.33, input 0.98 / 0.87 (docs/detector.md).
     batchnorm_calibration: str = "noise"
     calibration_images: int = 64
+    # Load the batch-norm statistics an earlier extraction saved (its output directory or its
+    # batchnorm_calibration.safetensors) instead of calibrating: new data then goes through the
+    # same network as that extraction (the same extractor_sha256), not one calibrated on itself.
+    calibration_from: str | None = None
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -140,6 +151,15 @@ class DetectorConfig:
             )
         if self.calibration_images < 1:
             raise ValueError(f"detector.calibration_images must be >= 1, got {self.calibration_images}")
+        if self.calibration_from is not None:
+            if self.backend == "detectron2" or self.weights is not None:
+                raise ValueError("detector.calibration_from is for randomly initialised torchvision detectors; "
+                                 "remove it, or detector.weights / backend detectron2")
+            wanted = calibration_location(self.calibration_from)
+            # Local files only: a bucket is read (and so checked) when the extraction is planned.
+            if not storage.is_remote(wanted) and not os.path.isfile(wanted):
+                raise ValueError(f"detector.calibration_from: {wanted} does not exist; give the output directory "
+                                 "of an extraction whose batch norms were calibrated, or its calibration file")
         if self.class_names:
             if self.backend != "given_boxes":
                 raise ValueError("detector.class_names only applies to backend given_boxes; remove it or set backend: given_boxes")
@@ -180,6 +200,9 @@ class RegionDetector:
     feature_dim: int
     num_classes: int  # without background
     class_names: list[str]
+    model: torch.nn.Module  # the network that makes the features, all of it
+    extractor_sha256: str = ""  # state_sha256(model), set by build_detector once the network is final
+    calibration: BatchnormCalibration | None = None  # the batch-norm statistics, when calibrated (random init)
 
     def detect(
         self,
@@ -193,6 +216,22 @@ class RegionDetector:
         ``given_boxes[i]`` (float [K, 4], the given image's pixels) replaces detection for image ``i``.
         """
         raise NotImplementedError
+
+
+def state_sha256(model: torch.nn.Module) -> str:
+    """sha256 over every parameter and buffer of ``model``, in name order: name, dtype, shape, bytes.
+
+    Non-persistent buffers too (detectron2's pixel mean and std are not in its state dict but
+    change every feature). Equal hashes mean the same network, bit for bit.
+    """
+    tensors = dict(model.named_buffers())
+    tensors.update(model.named_parameters())
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 def resolve_device(name: str) -> torch.device:
@@ -492,12 +531,20 @@ class TwoStageDetector(RegionDetector):
         return out
 
 
-def build_detector(cfg: DetectorConfig, calibration_images: CalibrationSource | None = None) -> RegionDetector:
-    """Load the configured detector once (model weights, eval mode, on ``cfg.device``).
+def build_detector(
+    cfg: DetectorConfig,
+    calibration_images: CalibrationSource | None = None,
+    calibration: BatchnormCalibration | None = None,
+) -> RegionDetector:
+    """Load the configured detector once (model weights, eval mode, on ``cfg.device``) and hash it.
 
     ``calibration_images`` is called only for a randomly initialised torchvision model with
     ``batchnorm_calibration: input``; it returns (uint8 CHW images, where they came from).
+    ``calibration``: batch-norm statistics to load instead of calibrating (by default those of
+    ``cfg.calibration_from``; ``preprocess extract`` also passes its output's own).
     """
+    if calibration is None and cfg.calibration_from:
+        calibration = BatchnormCalibration.load(cfg.calibration_from)
     if cfg.backend == "detectron2":
         try:
             import detectron2  # noqa: F401
@@ -508,7 +555,24 @@ def build_detector(cfg: DetectorConfig, calibration_images: CalibrationSource | 
             ) from None
         from preprocess.detectron2_backend import Detectron2Detector
 
-        return Detectron2Detector(cfg)
-    from preprocess.torchvision_backend import TorchvisionDetector
+        detector = Detectron2Detector(cfg)
+    else:
+        from preprocess.torchvision_backend import TorchvisionDetector
 
-    return TorchvisionDetector(cfg, calibration_images)
+        detector = TorchvisionDetector(cfg, calibration_images, calibration)
+    detector.extractor_sha256 = state_sha256(detector.model)
+    check_calibrated_network(detector)
+    return detector
+
+
+def check_calibrated_network(detector: RegionDetector) -> None:
+    """Loaded statistics must give the network they were saved from; record the hash with them."""
+    saved = detector.calibration
+    if saved is None:
+        return
+    if saved.extractor_sha256 and saved.extractor_sha256 != detector.extractor_sha256:
+        raise DetectorError(
+            f"{saved.location}: these batch-norm statistics belong to network {saved.extractor_sha256}, but with them "
+            f"this config builds {detector.extractor_sha256} (another seed, model or torch version?)"
+        )
+    saved.extractor_sha256 = detector.extractor_sha256

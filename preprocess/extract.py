@@ -21,7 +21,7 @@ import logging
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +32,8 @@ from torchvision.ops import clip_boxes_to_image
 from tqdm import tqdm
 
 from preprocess.config import ConfigError, load_config, to_dict
-from preprocess.detector import DetectorConfig, RegionDetector, Regions, build_detector
-from preprocess.feature_format import FEATURE_SPEC_FILE, MANIFEST_FILE, SKIPPED_FILE, FeatureSpec
+from preprocess.detector import DetectorConfig, DetectorError, RegionDetector, Regions, build_detector
+from preprocess.feature_format import FEATURE_SPEC_FILE, MANIFEST_FILE, SKIPPED_FILE, BatchnormCalibration, FeatureSpec
 from preprocess.feature_writer import DetectedBatch, FeatureWriter, ShardWriteError
 from preprocess.launch_env import WorkShare, ignore_stop_signals, read_work_share
 from preprocess.raw_input import (
@@ -133,6 +133,7 @@ class ExtractJob:
     shards: list[InputShard]  # every input shard, in --input order
     todo: list[InputShard]  # this worker's share, minus shards already complete
     share: WorkShare
+    calibration: BatchnormCalibration | None = None  # batch-norm statistics to load instead of calibrating
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -177,10 +178,30 @@ def plan_job(input_spec: str, output: str | Path, cfg: ExtractConfig, share: Wor
         check_saved_config(location, cfg)
         location.write_text(CONFIG_FILE, yaml.safe_dump(to_dict(cfg), sort_keys=False))
         complete = complete_shards(location)
+        calibration = saved_calibration(location, cfg.detector)
     except (InputError, StorageError) as err:
         raise ExtractError(str(err)) from None
     todo = [s for s in share.take(shards) if s.name not in complete]
-    return ExtractJob(cfg=cfg, input_spec=input_spec, output=location, shards=shards, todo=todo, share=share)
+    return ExtractJob(
+        cfg=cfg, input_spec=input_spec, output=location, shards=shards, todo=todo, share=share, calibration=calibration
+    )
+
+
+def saved_calibration(output: Location, detector: DetectorConfig) -> BatchnormCalibration | None:
+    """The batch-norm statistics the detector loads instead of calibrating: those of
+    ``detector.calibration_from``, else those an earlier run or worker saved in this output.
+    (Calibrating again would give the same network only up to the last bits, which change with
+    the thread count, the CPU or the device: then the extractor hash would not match.)"""
+    try:
+        if detector.calibration_from:
+            return BatchnormCalibration.load(detector.calibration_from)
+        try:
+            return BatchnormCalibration.load(output.root)
+        except FileNotFoundError:
+            return None
+    except (FileNotFoundError, ValueError) as err:
+        key = "detector.calibration_from: " if detector.calibration_from else ""
+        raise ExtractError(f"{key}{err}") from None
 
 
 def feature_spec_for(detector: RegionDetector, cfg: ExtractConfig) -> FeatureSpec:
@@ -196,19 +217,27 @@ def feature_spec_for(detector: RegionDetector, cfg: ExtractConfig) -> FeatureSpe
         min_boxes=1 if given else d.min_boxes,  # given boxes: as many as the data has, 1..max_boxes
         max_boxes=d.max_boxes,
         class_names=list(detector.class_names),
+        extractor_sha256=detector.extractor_sha256,
     )
 
 
-def write_or_check_spec(output: Location, spec: FeatureSpec) -> None:
+def write_or_check_spec(output: Location, spec: FeatureSpec, calibration: BatchnormCalibration | None = None) -> None:
+    """Write the spec (and the batch-norm calibration) of a new output; an existing spec must match."""
     path = output.url(FEATURE_SPEC_FILE)
     try:
         existing = FeatureSpec.load(path)
     except FileNotFoundError:
+        existing = None
+    if existing is not None:
+        diffs = existing.differences(spec, path, "this run's detector")
+        if diffs:
+            raise ExtractError(f"{path} does not match this run's detector ({'; '.join(diffs)[:600]}); use a fresh --output")
+    if calibration is not None:
+        # Before the spec: whoever finds a spec finds its calibration. Same network, same bytes,
+        # so another worker or a rerun writing it again changes nothing.
+        calibration.save(output)
+    if existing is None:
         spec.save(output)
-        return
-    if asdict(existing) != asdict(spec):
-        diffs = [f"{k}: {v!r} vs {asdict(spec)[k]!r}" for k, v in asdict(existing).items() if asdict(spec)[k] != v]
-        raise ExtractError(f"{path} does not match this run's detector ({'; '.join(diffs)[:300]}); use a fresh --output")
 
 
 def detector_inputs(samples) -> tuple[list, list | None, list | None]:
@@ -280,7 +309,9 @@ def load_detector(job: ExtractJob) -> RegionDetector:
     cfg = job.cfg
     torch.manual_seed(cfg.seed)
     return build_detector(
-        cfg.detector, lambda: first_images(job.shards[0], cfg.sample_rules(), cfg.detector.calibration_images)
+        cfg.detector,
+        lambda: first_images(job.shards[0], cfg.sample_rules(), cfg.detector.calibration_images),
+        job.calibration,
     )
 
 
@@ -312,7 +343,7 @@ def run_extract(job: ExtractJob, detector: RegionDetector | None = None) -> dict
         if detector is None:
             detector = load_detector(job)
         spec = feature_spec_for(detector, cfg)
-        write_or_check_spec(out, spec)
+        write_or_check_spec(out, spec, detector.calibration)
         writer = FeatureWriter(out, spec.label_format, spec.topk, cfg.write_queue_batches)
         writer.start()
         images = 0
@@ -405,7 +436,7 @@ def cli(argv: list[str]) -> int:
         cfg = load_config(ExtractConfig, args.config, args.overrides)
         job = plan_job(args.input, args.output, cfg, share)
         summary = run_extract(job)
-    except (ConfigError, ExtractError, InputError) as err:  # InputError: calibrating on an unusable input
+    except (ConfigError, ExtractError, InputError, DetectorError) as err:  # InputError: calibrating on an unusable input
         print(f"extract: error: {err}", file=sys.stderr)
         return 2
     except ShardWriteError as err:

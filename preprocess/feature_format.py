@@ -19,14 +19,18 @@ member                      content
 ==========================  ==========================================================
 
 Regions are sorted by detector confidence, highest first. ``feature_spec.json`` beside the
-shards (``FeatureSpec``) names the detector, feature dimension, class count and box limits;
-later stages refuse shards whose spec does not match their model.
+shards (``FeatureSpec``) names the detector, the sha256 of its network, feature dimension, class
+count and box limits; later stages refuse shards whose spec does not match their model. When
+the detector's batch norms were calibrated (random init), ``batchnorm_calibration.safetensors``
+(``BatchnormCalibration``) beside them holds the statistics, so a later extraction can build the
+same network (``detector.calibration_from``).
 """
 
 from __future__ import annotations
 
 import io
 import json
+import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,8 +40,13 @@ import numpy as np
 from preprocess import storage
 from preprocess.shard_reader import read_npy
 
+logger = logging.getLogger(__name__)
+
+# Fields added later have defaults, and load() ignores fields it does not know, so the version
+# changes only when the shards themselves change. (extractor_sha256 came without a change.)
 FORMAT_VERSION = 1
 FEATURE_SPEC_FILE = "feature_spec.json"
+CALIBRATION_FILE = "batchnorm_calibration.safetensors"
 MANIFEST_FILE = "manifest.parquet"
 SKIPPED_FILE = "skipped.parquet"
 LABEL_FORMATS = ("distribution", "topk")
@@ -58,6 +67,9 @@ class FeatureSpec:
     class_names: list[str] = field(default_factory=list)
     feature_dtype: str = "float16"
     geometry: str = "x1/W,y1/H,x2/W,y2/H,area/(W*H)"
+    # sha256 of every parameter and buffer of the detector network (preprocess.detector.state_sha256):
+    # "" in specs written before it existed, which can then not be verified.
+    extractor_sha256: str = ""
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -92,14 +104,95 @@ class FeatureSpec:
 
     def model_fields(self) -> dict[str, Any]:
         """The fields a model depends on; two specs are compatible when these agree."""
-        return {"feature_dim": self.feature_dim, "num_classes": self.num_classes, "detector": self.detector}
+        return {
+            "feature_dim": self.feature_dim,
+            "num_classes": self.num_classes,
+            "detector": self.detector,
+            "extractor_sha256": self.extractor_sha256,
+        }
+
+    def differences(self, other: "FeatureSpec", this_name: str, other_name: str, model_only: bool = False) -> list[str]:
+        """``"field: mine vs theirs"`` for each field (``model_only``: of ``model_fields``) that differs.
+
+        The extractor hash is compared only when both specs have one: a spec written before it
+        existed is accepted with a warning (once per location), since nothing can verify it.
+        """
+        mine, theirs = (self.model_fields(), other.model_fields()) if model_only else (asdict(self), asdict(other))
+        unhashed = [name for name, spec in ((this_name, self), (other_name, other)) if not spec.extractor_sha256]
+        if unhashed:
+            warn_unverified(unhashed, this_name, other_name)
+            del mine["extractor_sha256"], theirs["extractor_sha256"]
+        return [f"{k}: {mine[k]!r} vs {theirs[k]!r}" for k in mine if mine[k] != theirs[k]]
 
     def check_compatible(self, other: "FeatureSpec", this_name: str, other_name: str) -> None:
         """Raise ``ValueError`` naming both sides if ``other`` cannot feed a model built for ``self``."""
-        mine, theirs = self.model_fields(), other.model_fields()
-        diffs = [f"{k}: {mine[k]!r} vs {theirs[k]!r}" for k in mine if mine[k] != theirs[k]]
+        diffs = self.differences(other, this_name, other_name, model_only=True)
         if diffs:
-            raise ValueError(f"feature spec of {this_name} does not match {other_name} ({'; '.join(diffs)})")
+            hint = ""
+            if len(diffs) == 1 and diffs[0].startswith("extractor_sha256:"):
+                hint = (": another network of the same detector (other weights, or batch norms calibrated on other "
+                        "images); extract with the same network (detector.calibration_from, docs/preprocess.md)")
+            raise ValueError(f"feature spec of {this_name} does not match {other_name} ({'; '.join(diffs)}){hint}")
+
+
+_warned_unverified: set[str] = set()
+
+
+def warn_unverified(unhashed: list[str], this_name: str, other_name: str) -> None:
+    """Say once per location that a spec without ``extractor_sha256`` cannot be checked."""
+    new = [name for name in unhashed if name not in _warned_unverified]
+    if new:
+        _warned_unverified.update(new)
+        logger.warning(
+            "feature spec of %s has no extractor_sha256 (written before it existed): cannot verify that %s and %s "
+            "come from the same detector network", " and ".join(new), this_name, other_name,
+        )
+
+
+def calibration_location(path: str | Path) -> str:
+    """The calibration file named by ``path``: the file itself or the directory (or bucket prefix) holding it."""
+    path = str(path)
+    return path if path.endswith(".safetensors") else storage.join(path, CALIBRATION_FILE)
+
+
+@dataclass
+class BatchnormCalibration:
+    """Contents of ``batchnorm_calibration.safetensors``: the running statistics a randomly
+    initialised detector's batch norms were calibrated to. Loading them instead of calibrating
+    again (another input, another thread count or device) builds the same network."""
+
+    stats: dict[str, np.ndarray]  # state-dict name (e.g. backbone.body.bn1.running_mean) -> values
+    calibrated_on: str  # "seeded noise" or e.g. "the first 64 images of input shard 00000.tar"
+    extractor_sha256: str = ""  # the whole network's hash with these statistics (FeatureSpec's)
+    location: str = ""  # where it was loaded from ("" if calibrated in this process); not saved
+
+    def save(self, directory: storage.Location) -> str:
+        """Write the file into an extraction's output, atomically; returns its location."""
+        from safetensors.numpy import save
+
+        # One metadata entry: safetensors writes several in a random order, and the same calibration
+        # must give the same bytes whoever writes it.
+        meta = json.dumps({"calibrated_on": self.calibrated_on, "extractor_sha256": self.extractor_sha256}, sort_keys=True)
+        directory.write_bytes(CALIBRATION_FILE, save(self.stats, metadata={CALIBRATION_FILE: meta}))
+        return directory.url(CALIBRATION_FILE)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "BatchnormCalibration":
+        """From the file or the extraction output holding it; ``FileNotFoundError`` or a one-line
+        ``ValueError`` naming it."""
+        from safetensors import SafetensorError
+        from safetensors.numpy import load
+
+        location = calibration_location(path)
+        data = storage.read_bytes(location)
+        try:
+            stats = load(data)
+            # safetensors reads metadata from files only; the header is 8 bytes of length, then JSON.
+            header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
+            meta = json.loads(header["__metadata__"][CALIBRATION_FILE])
+            return cls(stats, meta["calibrated_on"], meta["extractor_sha256"], location)
+        except (SafetensorError, ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"{location}: not a batch-norm calibration file ({err.__class__.__name__}: {err})") from None
 
 
 def region_geometry(boxes: np.ndarray, width: int, height: int) -> np.ndarray:

@@ -14,9 +14,18 @@ import torch
 import torchvision
 from torchvision.models.detection.image_list import ImageList
 
-from preprocess.detector import CalibrationSource, DetectorConfig, TwoStageDetector, resolve_device, warn_random_once
+from preprocess.detector import (
+    CalibrationSource,
+    DetectorConfig,
+    DetectorError,
+    TwoStageDetector,
+    resolve_device,
+    warn_random_once,
+)
+from preprocess.feature_format import BatchnormCalibration
 
 BOX_PREDICTOR_KEY = "roi_heads.box_predictor.cls_score.weight"
+NOISE = "seeded noise"  # what batch norms calibrated on noise record as their source
 
 
 class TorchvisionDetector(TwoStageDetector):
@@ -24,7 +33,12 @@ class TorchvisionDetector(TwoStageDetector):
 
     background_index = 0  # torchvision puts background first
 
-    def __init__(self, cfg: DetectorConfig, calibration_images: CalibrationSource | None = None) -> None:
+    def __init__(
+        self,
+        cfg: DetectorConfig,
+        calibration_images: CalibrationSource | None = None,
+        calibration: BatchnormCalibration | None = None,
+    ) -> None:
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
         weights_enum = torchvision.models.get_model_weights(cfg.model).DEFAULT
@@ -47,17 +61,20 @@ class TorchvisionDetector(TwoStageDetector):
                     f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
                 )
         model = model.requires_grad_(False).to(self.device)
-        if state is None and cfg.batchnorm_calibration == "input":
-            if calibration_images is None:
-                raise ValueError(
-                    "detector.batchnorm_calibration: input needs the input's images; "
-                    "python -m preprocess extract passes them (or set it to noise)"
+        if state is not None:
+            if calibration is not None:
+                raise DetectorError(
+                    f"{calibration.location}: batch-norm statistics for a randomly initialised detector, but this one "
+                    f"has the weights {self.weights}; remove detector.calibration_from (or use a fresh --output)"
                 )
-            images, source = calibration_images()
-            calibrate_random_batchnorm(model, min(cfg.max_size, 128), self.device, images=images)
-            self.weights = f"random, batch norms calibrated on {source}"
-        elif state is None:
-            calibrate_random_batchnorm(model, min(cfg.max_size, 128), self.device)
+        else:
+            if calibration is not None:
+                load_batchnorm_stats(model, calibration, cfg.model)
+                self.calibration = calibration
+            else:
+                self.calibration = calibrate(model, cfg, self.device, calibration_images)
+            if self.calibration.calibrated_on != NOISE:
+                self.weights = f"random, batch norms calibrated on {self.calibration.calibrated_on}"
         self.model = model.eval()
 
         detector_names = categories[1:] if len(categories) == num_classes_bg else [
@@ -105,6 +122,50 @@ class TorchvisionDetector(TwoStageDetector):
         return self.model.roi_heads.box_coder.decode(deltas, boxes)[:, 1:]
 
 
+def calibrate(
+    model, cfg: DetectorConfig, device: torch.device, calibration_images: CalibrationSource | None
+) -> BatchnormCalibration:
+    """Calibrate a random model's batch norms as ``cfg`` says; returns the statistics for the output."""
+    images, source = None, NOISE
+    if cfg.batchnorm_calibration == "input":
+        if calibration_images is None:
+            raise ValueError(
+                "detector.batchnorm_calibration: input needs the input's images; "
+                "python -m preprocess extract passes them (or set it to noise)"
+            )
+        images, source = calibration_images()
+    calibrate_random_batchnorm(model, min(cfg.max_size, 128), device, images=images)
+    return BatchnormCalibration({name: t.cpu().numpy().copy() for name, t in batchnorm_buffers(model).items()}, source)
+
+
+def backbone_norms(model) -> dict[str, torch.nn.Module]:
+    """The backbone's batch norms (the layers calibration sets), by state-dict name."""
+    return {
+        f"backbone.{name}": m
+        for name, m in model.backbone.named_modules()
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+    }
+
+
+def batchnorm_buffers(model) -> dict[str, torch.Tensor]:
+    """Their running statistics (mean, var, batches seen), by state-dict name."""
+    return {f"{prefix}.{key}": buf for prefix, bn in backbone_norms(model).items() for key, buf in bn.named_buffers(recurse=False)}
+
+
+def load_batchnorm_stats(model, calibration: BatchnormCalibration, model_name: str) -> None:
+    """Set the batch norms to saved statistics instead of calibrating; they must fit exactly."""
+    own, saved = batchnorm_buffers(model), calibration.stats
+    wrong = sorted(set(own) ^ set(saved)) or [n for n in own if tuple(own[n].shape) != saved[n].shape]
+    if wrong:
+        raise DetectorError(
+            f"{calibration.location}: batch-norm statistics of another model than {model_name} ({wrong[0]} does not "
+            "fit); give the calibration of an extraction with the same detector.model"
+        )
+    with torch.no_grad():
+        for name, buffer in own.items():
+            buffer.copy_(torch.from_numpy(saved[name]))
+
+
 def calibrate_random_batchnorm(
     model, side: int, device: torch.device, steps: int = 2, images: list[torch.Tensor] | None = None
 ) -> None:
@@ -120,7 +181,7 @@ def calibrate_random_batchnorm(
     because every layer is then normalised for the statistics it will actually see.
     Pretrained weights never come here.
     """
-    norms = [m for m in model.backbone.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    norms = list(backbone_norms(model).values())
     if not norms:
         return
     for bn in norms:
@@ -167,5 +228,6 @@ def load_torchvision_weights(cfg: DetectorConfig, weights_enum) -> tuple[dict | 
     cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights_enum.url))
     if os.path.isfile(cached):
         return torch.load(cached, map_location="cpu", weights_only=True), f"torchvision-cache:{weights_enum}"
-    warn_random_once(f"torchvision:{cfg.model}", note=f"batch norms calibrated on {cfg.batchnorm_calibration}")
+    how = f"from {cfg.calibration_from}" if cfg.calibration_from else f"calibrated on {cfg.batchnorm_calibration}"
+    warn_random_once(f"torchvision:{cfg.model}", note=f"batch norms {how}")
     return None, "random"

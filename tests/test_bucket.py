@@ -118,6 +118,8 @@ def test_extract_into_a_bucket_killed_and_rerun_equals_a_local_run(s3_server, tm
         assert [{**r, "source_shard": Path(r["source_shard"]).name} for r in ours] == \
                [{**r, "source_shard": Path(r["source_shard"]).name} for r in theirs]
     assert objects["feature_spec.json"] == (local / "feature_spec.json").read_bytes()
+    # The rerun loaded the calibration the killed run had saved in the bucket: the same network.
+    assert objects["batchnorm_calibration.safetensors"] == (local / "batchnorm_calibration.safetensors").read_bytes()
     summary = json.loads(objects["summary.json"])
     assert summary["written"] == 36 and summary["runs"][-1]["shards_already_complete"] == done
     assert not list(Path(tempfile.gettempdir()).glob("vlpretrain-spool-*")), "a spooled shard was left behind"

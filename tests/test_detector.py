@@ -23,6 +23,7 @@ from preprocess.detector import (
     canvas_for,
     choose_boxes,
     fallback_boxes,
+    state_sha256,
 )
 from preprocess.feature_format import region_geometry
 from torchvision.ops import box_iou, roi_align
@@ -268,6 +269,7 @@ def test_bad_given_boxes_raise_naming_the_image(boxes, message):
         ("class_names=[a, b]", "detector.class_names"),
         ("batchnorm_calibration=imagenet", "detector.batchnorm_calibration"),
         ("calibration_images=0", "detector.calibration_images"),
+        ("calibration_from=/no/such/extraction", "detector.calibration_from"),
     ],
 )
 def test_config_errors_name_the_key(override, key):
@@ -336,6 +338,27 @@ def test_input_calibration_without_images_is_a_clear_error():
         build_detector(cfg)
 
 
+def test_extractor_hash_is_the_networks_content(tmp_path):
+    """A weights file holding the same tensors as a calibrated random network hashes the same
+    (not the name of its weights); one running statistic one ulp off hashes differently."""
+    cfg = dict(backend="given_boxes", model="fasterrcnn_mobilenet_v3_large_320_fpn", min_size=64, max_size=96,
+               device="cpu", min_boxes=1, max_boxes=4)
+    torch.manual_seed(0)
+    random = build_detector(DetectorConfig(**cfg))
+    assert random.calibration is not None and random.calibration.extractor_sha256 == random.extractor_sha256
+    assert len(random.extractor_sha256) == 64 and random.extractor_sha256 == state_sha256(random.model)
+    state = {k: v.clone() for k, v in random.model.state_dict().items()}
+    torch.save(state, tmp_path / "same.pth")
+    same = build_detector(DetectorConfig(**cfg, weights=str(tmp_path / "same.pth")))
+    assert same.weights == str(tmp_path / "same.pth") and same.calibration is None
+    assert same.extractor_sha256 == random.extractor_sha256
+    name = next(k for k in state if k.endswith("running_var"))
+    state[name][0] = torch.nextafter(state[name][0], torch.tensor(2.0))
+    torch.save(state, tmp_path / "nudged.pth")
+    nudged = build_detector(DetectorConfig(**cfg, weights=str(tmp_path / "nudged.pth")))
+    assert nudged.extractor_sha256 != random.extractor_sha256
+
+
 D2_FAST = ["MODEL.RPN.POST_NMS_TOPK_TEST", "100"]  # res5 on 1000 proposals is slow on a CPU
 
 
@@ -353,6 +376,7 @@ def test_detectron2_adapter_detects_and_pools(config, feature_dim):
     det = make_detectron2_detector(config, min_boxes=5, max_boxes=12)
     assert (det.feature_dim, det.num_classes, det.class_names[0]) == (feature_dim, 80, "person")
     assert det.name == f"detectron2:{config}" and det.weights == "random"
+    assert det.calibration is None and len(det.extractor_sha256) == 64 and det.extractor_sha256 == state_sha256(det.model)
     images = [noise_image(90, 160, seed=11), torch.full((3, 1, 1), 9, dtype=torch.uint8)]
     detected = det.detect(images)
     for image, regions in zip(images, detected):

@@ -212,6 +212,7 @@ def test_rerun_after_completion_loads_no_model_and_keeps_tables(tmp_path, monkey
         ("bad detector value", ["detector.max_boxes=1", "detector.min_boxes=3"], "min_boxes"),
         ("unknown key", ["detector.max_boxez=3"], "unknown key"),
         ("no output name", [], "cannot derive an output shard name"),
+        ("bad calibration path", ["detector.calibration_from=/no/such/extraction"], "detector.calibration_from"),
     ],
 )
 def test_errors_are_one_line_and_come_before_the_model(tmp_path, monkeypatch, capsys, case, extra, message):
