@@ -63,10 +63,9 @@ _vlp_wait() {
 
 # On the preemption signal (USR1, sent to this shell by `--signal=B:USR1@T` or by hand with
 # `scancel --signal=USR1 --batch JOB`) and on TERM, ask the training processes to checkpoint and
-# stop: USR1 to every process of every step. Not TERM: a step signal reaches every process of
-# the step, and PyTorch's DataLoader workers die on TERM (taking the trainer down before it can
-# save), while they inherit the trainer's USR1 handler. Not through srun either: srun answers
-# TERM by killing the step.
+# stop: USR1 to every process of every step. The trainers treat USR1, TERM and INT alike and
+# their DataLoader workers ignore all three; USR1 is the one no part of SLURM sends on its own,
+# and it does not go through srun, which answers TERM by killing the step.
 _vlp_on_signal() {
     VLP_SIGNAL="$1"
     vlp_log "received SIG$1: asking the training processes to checkpoint and stop"

@@ -243,70 +243,64 @@ def pretrain_ready(features):
     return features["out"]
 
 
-def test_pretrain_on_two_nodes_one_srun_task_each(slurm_cluster, pretrain_ready, tmp_path):
-    """srun starts the trainer once per node (it reads SLURM's variables), gloo across the nodes."""
-    config = _pretrain_config(tmp_path / "pretrain.yaml", pretrain_ready, web_steps=4, indomain_steps=2)
+@pytest.mark.parametrize("launcher", ["torchrun", "srun"])
+def test_preempted_then_cancelled_pretrain_continues_at_the_next_step(slurm_cluster, pretrain_ready, tmp_path, launcher):
+    """One run on two nodes (one torchrun agent, or one srun task, per node), interrupted twice as
+    a cluster does it: USR1 to every process of the job, the batch shell, the launchers, the ranks
+    and their DataLoader workers (``scancel --signal=USR1 --full``, as preemption with a grace
+    time), after which the job requeues itself; then a plain ``scancel`` of the requeued job (TERM
+    to every process, KILL after KillWait) and a resubmission. Each time the trainer checkpoints at
+    the next step and the next run resumes from exactly there: every evaluation (each 2 steps) is
+    in metrics.jsonl once and the run ends at its last step, with both stages done."""
+    total = 36 + 4
+    config = _pretrain_config(tmp_path / "pretrain.yaml", pretrain_ready, web_steps=36, indomain_steps=4)
     run_dir = tmp_path / "run"
-    job_id = slurm_cluster.sbatch(
-        REPO / "slurm" / "pretrain.sbatch", "--launcher", "srun", "--config", str(config), "--run-dir", str(run_dir),
-        options=["-N", "2", "--ntasks-per-node=1", f"--chdir={tmp_path}"], env=_job_env(slurm_cluster),
-    )
+    options = ["-N", "2", f"--chdir={tmp_path}"] + (["--ntasks-per-node=1"] if launcher == "srun" else [])
+    args = (REPO / "slurm" / "pretrain.sbatch", "--launcher", launcher, "--config", str(config), "--run-dir", str(run_dir))
+    job_id = slurm_cluster.sbatch(*args, options=options, env=_job_env(slurm_cluster))
+    log = tmp_path / f"vlp-pretrain-{job_id}.log"
+    latest = run_dir / "checkpoints" / "latest"
+
+    def newest_step() -> int:
+        return int(latest.read_text().strip()[len("global_step"):]) if latest.is_file() else 0
+
+    def checkpoint_after(step: int, restarts: str):
+        return lambda f: (f["Restarts"] == restarts and newest_step() > step) or f["JobState"] in TERMINAL_STATES
+
+    slurm_cluster.wait_until(job_id, checkpoint_after(0, "0"), timeout_s=480, what="the first checkpoint", log_path=log)
+    slurm_cluster.run("scancel", "--signal=USR1", "--full", str(job_id))
+    slurm_cluster.wait_until(job_id, lambda f: f["Restarts"] == "1" or f["JobState"] in TERMINAL_STATES,
+                             timeout_s=120, what="the requeue", log_path=log)
+    preempted_at = newest_step()
+    # The requeued run checkpoints (every 2 steps) once it has resumed: cancel it there.
+    fields = slurm_cluster.wait_until(job_id, checkpoint_after(preempted_at, "1"), timeout_s=480,
+                                      what="a checkpoint after the requeue", log_path=log)
+    assert fields["JobState"] == "RUNNING", log.read_text()[-4000:]
+    slurm_cluster.run("scancel", str(job_id))
+    fields = slurm_cluster.wait_for_end(job_id, timeout_s=120, log_path=log)
+    text = log.read_text()
+    assert (fields["JobState"], fields["Restarts"]) == ("CANCELLED", "1"), text[-4000:]
+    assert f"launcher={launcher}, rendezvous node1" in text and "restart 1" in text
+    assert "received SIGUSR1" in text and "requeueing to resume" in text
+    stops = [int(m) for m in re.findall(r"stopped by SIG\w+ after a checkpoint at step (\d+)", text)]
+    resumed = [int(m) for m in re.findall(r"resuming from global_step(\d+)", text)]
+    cancelled_at = newest_step()
+    assert stops == [preempted_at, cancelled_at] and resumed == [preempted_at], text[-4000:]
+    assert 2 <= preempted_at < cancelled_at < total
+    assert "killed by signal" not in text and "DataLoader worker" not in text, text[-4000:]
+
+    job_id = slurm_cluster.sbatch(*args, options=options, env=_job_env(slurm_cluster))
     log = tmp_path / f"vlp-pretrain-{job_id}.log"
     fields = slurm_cluster.wait_for_end(job_id, timeout_s=480, log_path=log)
     text = log.read_text()
-    assert (fields["JobState"], fields["ExitCode"], fields["Restarts"]) == ("COMPLETED", "0:0", "0"), text[-4000:]
-    assert fields["NodeList"] == "node[1-2]"
-    assert "pretrain on 2 node(s), launcher=srun, rendezvous node1" in text
-
-    assert json.loads((run_dir / "done.json").read_text()) == {"global_step": 6}
-    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "global_step6"
-    state = _trainer_state(run_dir, "global_step6")
-    assert (state["global_step"], state["stage"], state["step_in_stage"]) == (6, 1, 2)
-    assert state["world_size"] == 2  # one rank on each node, in one process group
-    assert _metric_steps(run_dir) == [2, 4, 6]
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["stage"] for r in records] == [0, 0, 1]
-    assert all(0.0 <= r["itm_acc"] <= 100.0 and 0.0 <= r["mlm_acc"] <= 100.0 for r in records)  # percent
-    assert any((run_dir / "tb").iterdir())
-
-
-def test_preempted_pretrain_checkpoints_requeues_and_continues(slurm_cluster, pretrain_ready, tmp_path):
-    """USR1 to every process of the job, the batch shell, both torchrun agents, the ranks and their
-    DataLoader workers (``scancel --signal=USR1 --full``, as preemption with a grace time signals a
-    job); one torchrun per node."""
-    total = 24 + 4
-    config = _pretrain_config(tmp_path / "pretrain.yaml", pretrain_ready, web_steps=24, indomain_steps=4)
-    run_dir = tmp_path / "run"
-    job_id = slurm_cluster.sbatch(
-        REPO / "slurm" / "pretrain.sbatch", "--launcher", "torchrun", "--config", str(config), "--run-dir", str(run_dir),
-        options=["-N", "2", f"--chdir={tmp_path}"], env=_job_env(slurm_cluster),
-    )
-    log = tmp_path / f"vlp-pretrain-{job_id}.log"
-    latest = run_dir / "checkpoints" / "latest"
-    slurm_cluster.wait_until(
-        job_id, lambda f: latest.is_file() or f["JobState"] != "RUNNING" and f["JobState"] != "PENDING",
-        timeout_s=480, what="the first checkpoint", log_path=log,
-    )
-    assert latest.is_file(), log.read_text()[-4000:]
-    slurm_cluster.run("scancel", "--signal=USR1", "--full", str(job_id))
-
-    fields = slurm_cluster.wait_until(
-        job_id, lambda f: f["JobState"] in TERMINAL_STATES and f["Restarts"] != "0",
-        timeout_s=480, what="the requeued job to finish", log_path=log,
-    )
-    text = log.read_text()
-    assert (fields["JobState"], fields["ExitCode"], fields["Restarts"]) == ("COMPLETED", "0:0", "1"), text[-4000:]
-    assert "received SIGUSR1" in text and "requeueing to resume" in text
-    assert "launcher=torchrun, rendezvous node1" in text and "restart 1" in text
-
-    # The stopped run checkpointed mid-stage; the requeued one resumed from exactly there.
-    resumed = [int(m) for m in re.findall(r"resuming from global_step(\d+)", text)]
-    assert len(resumed) == 1 and 2 <= resumed[0] < total, text[-4000:]
-    # Evaluations every 2 global steps, each exactly once: a restart from step 0 would repeat them.
+    assert (fields["JobState"], fields["ExitCode"]) == ("COMPLETED", "0:0"), text[-4000:]
+    assert re.findall(r"resuming from global_step(\d+)", text) == [str(cancelled_at)], text[-4000:]
     assert _metric_steps(run_dir) == list(range(2, total + 1, 2))
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in records] == [0] * 18 + [1] * 2
     assert json.loads((run_dir / "done.json").read_text()) == {"global_step": total}
-    state = _trainer_state(run_dir, (run_dir / "checkpoints" / "latest").read_text().strip())
-    assert (state["global_step"], state["stage"], state["world_size"]) == (total, 1, 2)
+    state = _trainer_state(run_dir, latest.read_text().strip())
+    assert (state["global_step"], state["stage"], state["step_in_stage"], state["world_size"]) == (total, 1, 4, 2)
 
 
 # ---------------------------------------------------------------------------- fine-tuning
