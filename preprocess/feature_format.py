@@ -34,13 +34,13 @@ from typing import Any
 import numpy as np
 
 from preprocess import storage
+from preprocess.detector_config import LABEL_FORMATS
 from preprocess.shard_reader import read_npy
 
 FORMAT_VERSION = 1
 FEATURE_SPEC_FILE = "feature_spec.json"
 MANIFEST_FILE = "manifest.parquet"
 SKIPPED_FILE = "skipped.parquet"
-LABEL_FORMATS = ("distribution", "topk")
 
 
 @dataclass
