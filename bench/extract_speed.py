@@ -65,8 +65,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from preprocess.detector import DetectorConfig, resolve_device  # noqa: E402
-from preprocess.extract import ExtractConfig, detector_inputs, load_detector, plan_job  # noqa: E402
+from preprocess.detector import resolve_device  # noqa: E402
+from preprocess.detector_config import DetectorConfig  # noqa: E402
+from preprocess.extract import detector_inputs, load_detector, plan_job  # noqa: E402
+from preprocess.extract_config import ExtractConfig  # noqa: E402
 from preprocess.launch_env import WorkShare, cpu_info  # noqa: E402
 from preprocess.raw_input import RawSample, plan_input_shards, read_shard  # noqa: E402
 

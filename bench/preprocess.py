@@ -40,7 +40,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from preprocess.config import load_config  # noqa: E402
-from preprocess.extract import ExtractConfig, detector_inputs, load_detector, plan_job, run_extract  # noqa: E402
+from preprocess.extract import detector_inputs, load_detector, plan_job, run_extract  # noqa: E402
+from preprocess.extract_config import ExtractConfig  # noqa: E402
 from preprocess.launch_env import WorkShare  # noqa: E402
 from preprocess.raw_input import RawSample, ShardBatch, plan_input_shards, read_shard  # noqa: E402
 

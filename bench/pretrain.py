@@ -50,7 +50,8 @@ if not torch.cuda.is_available():
 
 from transformers import BertConfig, VisualBertConfig, VisualBertForPreTraining  # noqa: E402
 
-from pretrain.model import IGNORE_INDEX, ImageBertConfig, ImageBertForPretraining, ObjectiveWeights  # noqa: E402
+from pretrain.model import IGNORE_INDEX, ImageBertConfig, ImageBertForPretraining  # noqa: E402
+from pretrain.model_config import ObjectiveWeights  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -57,8 +57,9 @@ from transformers import AutoTokenizer  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from preprocess.feature_format import FeatureSpec, encode_feature_sample  # noqa: E402
 from preprocess.launch_env import cpu_info  # noqa: E402
-from pretrain.data import DataConfig, build_train_loader, feature_spec_of  # noqa: E402
-from pretrain.masking import MaskingConfig  # noqa: E402
+from pretrain.data import build_train_loader, feature_spec_of  # noqa: E402
+from pretrain.data_config import DataConfig  # noqa: E402
+from pretrain.masking_config import MaskingConfig  # noqa: E402
 
 log = logging.getLogger("bench.pretrain_data")
 WORDS = "a the red green blue yellow small large circle square star cross triangle on left right top of and".split()

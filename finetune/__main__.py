@@ -12,8 +12,6 @@ import argparse
 import os
 import sys
 
-import torch
-
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m finetune", description=__doc__.split("\n\n")[0])
@@ -24,20 +22,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. fusion.name=mbt train.steps=200")
     args = parser.parse_args(argv)
 
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed picks its accelerator on first use
-
     from preprocess.config import ConfigError, load_config
 
     from finetune.config import FinetuneConfig
 
-    try:
+    try:  # before torch is imported: a mistake in the config is reported at once
         cfg = load_config(FinetuneConfig, args.config, args.overrides)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     run_dir = args.run_dir or os.path.join("runs", f"finetune-{cfg.task.name}-{cfg.fusion.name}")
+
+    import torch
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed picks its accelerator on first use
 
     from finetune.trainer import check_inputs, run
 

@@ -35,7 +35,13 @@ from finetune.config import DataConfig, TaskConfig
 from preprocess.feature_format import FeatureSpec, decode_feature_sample
 from preprocess.launch_env import ignore_stop_signals
 from preprocess.shard_reader import tar_samples
-from pretrain.data import BadSampleHandler, decode_each, note_shard_sharing, report_skipped, shuffled_raw_samples
+from pretrain.data import (
+    BadSampleHandler,
+    decode_each,
+    note_shard_sharing,
+    report_skipped,
+    shuffled_raw_samples,
+)
 from pretrain.model import IGNORE_INDEX
 
 log = logging.getLogger(__name__)

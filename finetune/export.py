@@ -47,12 +47,12 @@ class Location:
 
 def locate(path: str | Path) -> Location:
     """Resolve ``path`` (an export, a run directory or a checkpoint in one); raises naming what is missing."""
-    from pretrain import checkpoint
-
     path = Path(path)
     if (path / EXPORT_CONFIG).is_file():
         return Location(path)
     if (path / "config.yaml").is_file():
+        from pretrain import checkpoint  # imports torch: only for a run directory
+
         state = checkpoint.latest_state(path / "checkpoints")
         if state is None:
             raise FileNotFoundError(f"{path}: no checkpoint yet ({path / 'checkpoints' / checkpoint.LATEST_FILE} is missing)")
@@ -67,6 +67,8 @@ def locate(path: str | Path) -> Location:
 
 def load_finetuned(path: str | Path | Location) -> Finetuned:
     """The fine-tuned model at ``path``: an export directory, a run directory, or a checkpoint in one."""
+    # First, before the imports below (seconds): a wrong path is reported at once.
+    where = path if isinstance(path, Location) else locate(path)
     from transformers import AutoTokenizer
 
     from finetune.config import FinetuneConfig
@@ -78,7 +80,6 @@ def load_finetuned(path: str | Path | Location) -> Finetuned:
     from pretrain.model import ImageBertConfig
     from pretrain.weights import load_model
 
-    where = path if isinstance(path, Location) else locate(path)
     spec = FeatureSpec.load(where.root)
     if where.tag is None:
         cfg = load_config(FinetuneConfig, where.root / EXPORT_CONFIG)

@@ -5,7 +5,7 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"synth": "preprocess.synth", "extract": "preprocess.extract"}
+    commands = {"synth": "preprocess.synth", "extract": "preprocess.extract_cli"}
     if not argv or argv[0] not in commands:
         print("usage: python -m preprocess {synth,extract} [-h] ...", file=sys.stderr)
         return 2

@@ -1,6 +1,7 @@
 """The region detector behind one small interface: images in, top-K regions with features out.
 
-``build_detector(DetectorConfig)`` loads a detector once; ``RegionDetector.detect`` runs one
+``build_detector(DetectorConfig)`` loads a detector once (the config and its checks live in
+``preprocess.detector_config``, free of torch); ``RegionDetector.detect`` runs one
 batched forward pass over a list of uint8 RGB images and returns, per image, ``Regions``:
 boxes in the pixels of the image it was given, the box head's pooled feature at each box,
 the class distribution and a confidence. (Extraction may give it a copy already shrunk to
@@ -35,21 +36,18 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torchvision.ops import batched_nms
 from torchvision.ops import boxes as box_ops
 
-from preprocess import storage
-from preprocess.feature_format import LABEL_FORMATS, BatchnormCalibration, calibration_location
+from preprocess.detector_config import DetectorConfig
+from preprocess.feature_format import BatchnormCalibration
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("torchvision", "detectron2", "given_boxes")
-BATCHNORM_CALIBRATIONS = ("noise", "input")
 # A detected box narrower or lower than this many DETECTOR-INPUT pixels (after the resize) is
 # degenerate and never chosen. Measured after the resize so that selection does not depend on
 # the given image's resolution (the same picture at 2x gives the same regions).
@@ -66,111 +64,6 @@ CalibrationSource = Callable[[], tuple[list[torch.Tensor], str]]
 class DetectorError(ValueError):
     """The detector cannot be built as configured (e.g. calibration statistics that do not fit);
     one line naming the key or file."""
-
-
-@dataclass
-class DetectorConfig:
-    """The ``detector:`` section of a preprocess config."""
-
-    backend: str = "torchvision"  # "torchvision" | "detectron2" | "given_boxes"
-    model: str = "fasterrcnn_resnet50_fpn"  # torchvision builder name
-    weights: str | None = None  # local .pth state_dict; None -> torchvision cache, else random init
-    min_size: int = 600  # detector resize: shorter side to min_size unless the longer exceeds max_size
-    max_size: int = 1000
-    min_boxes: int = 10  # bottom-up attention's 10..100 rule
-    max_boxes: int = 100
-    conf_threshold: float = 0.2
-    nms_threshold: float = 0.3
-    label_format: str = "distribution"  # or "topk"
-    topk: int = 5
-    device: str = "auto"  # "auto" -> cuda if available else cpu
-    # Pad every image to a fixed canvas for its orientation (landscape: min_size x max_size,
-    # rounded up to 32; portrait: transposed), one forward pass per orientation present, so
-    # features do not depend on batch composition (resume-safe, batch-size independent).
-    # false: one pass padded to the batch's largest image; features near borders then vary.
-    fixed_canvas: bool = True
-    detectron2_config: str | None = None  # config file or model-zoo name (e.g. COCO-Detection/faster_rcnn_R_50_FPN_1x.yaml)
-    detectron2_weights: str | None = None  # checkpoint for detectron2; None -> random init
-    detectron2_overrides: list[str] = field(default_factory=list)  # detectron2 KEY VALUE pairs (merge_from_list)
-    class_names: list[str] = field(default_factory=list)  # given_boxes: class list of the JSON labels
-    # Random init only (torchvision backends, no weights found): what the backbone's batch norms
-    # are calibrated on. "noise": seeded noise images. "input": the first `calibration_images`
-    # decodable images of the FIRST input shard, so every worker and every rerun calibrates on
-    # the same images and builds the same network. Measured on the synth scenes with
-    # fasterrcnn_resnet50_fpn (linear probe of given-box features, 6 colours / 5 shapes): noise
-    # 0.71 / 0.33, input 0.98 / 0.87 (docs/detector.md).
-    batchnorm_calibration: str = "noise"
-    calibration_images: int = 64
-    # Load the batch-norm statistics an earlier extraction saved (its output directory or its
-    # batchnorm_calibration.safetensors) instead of calibrating: new data then goes through the
-    # same network as that extraction (the same extractor_sha256), not one calibrated on itself.
-    calibration_from: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.backend not in BACKENDS:
-            raise ValueError(f"detector.backend must be one of {list(BACKENDS)}, got {self.backend!r}")
-        if self.backend in ("torchvision", "given_boxes"):
-            models = torchvision_faster_rcnn_models()
-            if self.model not in models:
-                raise ValueError(f"detector.model {self.model!r} is not a torchvision Faster R-CNN; use one of {models}")
-        if self.weights is not None:
-            if self.backend == "detectron2":
-                raise ValueError("detector.weights is for torchvision models; set detector.detectron2_weights instead")
-            if not os.path.isfile(self.weights):
-                raise ValueError(f"detector.weights: file {self.weights} does not exist; give a local .pth state_dict or null")
-        if self.min_size < 1 or self.max_size < self.min_size:
-            raise ValueError(
-                f"detector.min_size/max_size must satisfy 1 <= min_size <= max_size, got {self.min_size}, {self.max_size}"
-            )
-        if not 1 <= self.min_boxes <= self.max_boxes:
-            raise ValueError(
-                f"detector.min_boxes/max_boxes must satisfy 1 <= min_boxes <= max_boxes, got {self.min_boxes}, {self.max_boxes}"
-            )
-        if not 0.0 <= self.conf_threshold <= 1.0:
-            raise ValueError(f"detector.conf_threshold must be in [0, 1], got {self.conf_threshold}")
-        if not 0.0 < self.nms_threshold <= 1.0:
-            raise ValueError(f"detector.nms_threshold must be in (0, 1], got {self.nms_threshold}")
-        if self.label_format not in LABEL_FORMATS:
-            raise ValueError(f"detector.label_format must be one of {list(LABEL_FORMATS)}, got {self.label_format!r}")
-        if self.topk < 1:
-            raise ValueError(f"detector.topk must be >= 1, got {self.topk}")
-        if self.device != "auto":
-            try:
-                torch.device(self.device)
-            except RuntimeError:
-                raise ValueError(f"detector.device {self.device!r} is not a torch device; use auto, cpu, cuda or cuda:N") from None
-        if self.backend == "detectron2" and not self.detectron2_config:
-            raise ValueError("detector.detectron2_config is required with backend detectron2 (a config file or model-zoo name)")
-        if len(self.detectron2_overrides) % 2:
-            raise ValueError("detector.detectron2_overrides must be KEY VALUE pairs, e.g. [MODEL.RPN.POST_NMS_TOPK_TEST, 100]")
-        if self.detectron2_weights is not None and not os.path.isfile(self.detectron2_weights):
-            raise ValueError(f"detector.detectron2_weights: file {self.detectron2_weights} does not exist")
-        if self.batchnorm_calibration not in BATCHNORM_CALIBRATIONS:
-            raise ValueError(
-                f"detector.batchnorm_calibration must be one of {list(BATCHNORM_CALIBRATIONS)}, got {self.batchnorm_calibration!r}"
-            )
-        if self.calibration_images < 1:
-            raise ValueError(f"detector.calibration_images must be >= 1, got {self.calibration_images}")
-        if self.calibration_from is not None:
-            if self.backend == "detectron2" or self.weights is not None:
-                raise ValueError("detector.calibration_from is for randomly initialised torchvision detectors; "
-                                 "remove it, or detector.weights / backend detectron2")
-            wanted = calibration_location(self.calibration_from)
-            # Local files only: a bucket is read (and so checked) when the extraction is planned.
-            if not storage.is_remote(wanted) and not os.path.isfile(wanted):
-                raise ValueError(f"detector.calibration_from: {wanted} does not exist; give the output directory "
-                                 "of an extraction whose batch norms were calibrated, or its calibration file")
-        if self.class_names:
-            if self.backend != "given_boxes":
-                raise ValueError("detector.class_names only applies to backend given_boxes; remove it or set backend: given_boxes")
-            if len(set(self.class_names)) != len(self.class_names) or not all(self.class_names):
-                raise ValueError("detector.class_names must be non-empty and unique")
-
-
-def torchvision_faster_rcnn_models() -> list[str]:
-    import torchvision
-
-    return [m for m in torchvision.models.list_models(module=torchvision.models.detection) if m.startswith("fasterrcnn_")]
 
 
 @dataclass

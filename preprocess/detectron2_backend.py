@@ -22,7 +22,8 @@ from detectron2.data.transforms import ResizeShortestEdge
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, ImageList
 
-from preprocess.detector import DetectorConfig, TwoStageDetector, resolve_device, warn_random_once
+from preprocess.detector import TwoStageDetector, resolve_device, warn_random_once
+from preprocess.detector_config import DetectorConfig
 
 
 class Detectron2Detector(TwoStageDetector):

@@ -7,7 +7,9 @@ One output shard per input shard (same name), so the work divides by shard acros
 (RANK/WORLD_SIZE, a SLURM array or SLURM tasks), a finished shard is never redone, and the
 final tables do not depend on how the job was split or interrupted. The order of events:
 
-1. validate everything cheap (config, inputs, output dir, earlier runs into the same dir),
+1. validate everything cheap: the arguments and the config first, before torch is imported
+   (``preprocess.extract_cli``, the config in ``preprocess.extract_config``), then the inputs,
+   the output dir and earlier runs into the same dir (``plan_job``),
 2. start the decode workers, then load the detector while they fill their queues,
 3. main thread: detector on per-shard batches; writer thread: encode and append to the tar,
 4. each finished shard: tar renamed into place, then its table parts (the manifest part last),
@@ -16,12 +18,11 @@ final tables do not depend on how the job was split or interrupted. The order of
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,15 +32,16 @@ from torch.utils.data import DataLoader
 from torchvision.ops import clip_boxes_to_image
 from tqdm import tqdm
 
-from preprocess.config import ConfigError, load_config, to_dict
-from preprocess.detector import DetectorConfig, DetectorError, RegionDetector, Regions, build_detector
+from preprocess.config import to_dict
+from preprocess.detector import RegionDetector, Regions, build_detector
+from preprocess.detector_config import DetectorConfig
+from preprocess.extract_config import ExtractConfig
 from preprocess.feature_format import FEATURE_SPEC_FILE, MANIFEST_FILE, SKIPPED_FILE, BatchnormCalibration, FeatureSpec
-from preprocess.feature_writer import DetectedBatch, FeatureWriter, ShardWriteError
+from preprocess.feature_writer import DetectedBatch, FeatureWriter
 from preprocess.launch_env import WorkShare, ignore_stop_signals, read_work_share
 from preprocess.raw_input import (
     InputError,
     InputShard,
-    SampleRules,
     ShardBatch,
     ShardBatches,
     ShardEnd,
@@ -69,58 +71,6 @@ SPEED_ONLY_KEYS = {
 
 class ExtractError(ValueError):
     """A problem that stops the job before it starts; one line naming the file, key or shard."""
-
-
-@dataclass
-class ExtractConfig:
-    """The whole extract job (``configs/preprocess/*.yaml``); see docs/preprocess.md for every key."""
-
-    detector: DetectorConfig = field(default_factory=DetectorConfig)
-    batch_size: int = 8  # images per detector forward pass (batches never span two shards)
-    num_workers: int = 2  # decode processes (DataLoader workers); 0 decodes in the main process
-    prefetch_batches: int = 2  # batches each worker decodes ahead
-    write_queue_batches: int = 4  # detected batches waiting for the writer thread
-    torch_threads: int = 0  # intra-op threads of the detector process; 0 keeps torch's default
-    max_image_pixels: int = 100_000_000  # larger images are skipped (image_too_large); 10000x10000 passes
-    downscale_in_workers: bool = True  # shrink images to the detector's input size while decoding
-    caption_min_chars: int = 1  # shorter captions (after stripping whitespace) are skipped (empty_caption)
-    caption_max_chars: int = 1000  # longer captions are cut to this many characters
-    boxes_field: str = "boxes"  # given_boxes: JSON field with [[x1, y1, x2, y2], ...] in pixels
-    labels_field: str = "labels"  # given_boxes: JSON field with one class id or name per box
-    progress: bool = True  # tqdm bar on rank 0
-    # Seeds torch before the detector is built: without weights the network is randomly
-    # initialised, and every worker and every rerun must build the SAME random network.
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        for name in ("batch_size", "prefetch_batches", "write_queue_batches", "max_image_pixels", "caption_max_chars"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("num_workers", "torch_threads", "caption_min_chars"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.caption_min_chars > self.caption_max_chars:
-            raise ValueError(
-                f"caption_min_chars ({self.caption_min_chars}) must not exceed caption_max_chars ({self.caption_max_chars})"
-            )
-        if not self.boxes_field or not self.labels_field:
-            raise ValueError("boxes_field and labels_field must be non-empty JSON field names")
-
-    def sample_rules(self) -> SampleRules:
-        d = self.detector
-        return SampleRules(
-            max_image_pixels=self.max_image_pixels,
-            min_size=d.min_size,
-            max_size=d.max_size,
-            downscale=self.downscale_in_workers,
-            caption_min_chars=self.caption_min_chars,
-            caption_max_chars=self.caption_max_chars,
-            given_boxes=d.backend == "given_boxes",
-            max_boxes=d.max_boxes,
-            boxes_field=self.boxes_field,
-            labels_field=self.labels_field,
-            class_names=list(d.class_names),
-        )
 
 
 @dataclass
@@ -407,46 +357,3 @@ def run_extract(job: ExtractJob, detector: RegionDetector | None = None) -> dict
                  "(or by rerunning this command)", done, len(job.shards))
     summary["final"] = final
     return summary
-
-
-def setup_logging(rank0: bool) -> None:
-    logging.basicConfig(
-        level=logging.INFO if rank0 else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-
-
-def cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m preprocess extract",
-        description="Extract region features from raw image-caption shards (see docs/preprocess.md).",
-    )
-    parser.add_argument("--input", required=True, help="shard URLs: brace patterns, pipe:, s3:// ...; join several with ::")
-    parser.add_argument("--output", required=True, help="output directory or bucket URL, e.g. s3://bucket/features (reruns resume)")
-    parser.add_argument("--config", help="YAML config (ExtractConfig); defaults if omitted")
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. detector.max_boxes=36")
-    args = parser.parse_args(argv)
-    try:
-        share = read_work_share()
-    except ValueError as err:
-        print(f"extract: error: {err}", file=sys.stderr)
-        return 2
-    try:
-        setup_logging(share.index == 0)
-        cfg = load_config(ExtractConfig, args.config, args.overrides)
-        job = plan_job(args.input, args.output, cfg, share)
-        summary = run_extract(job)
-    except (ConfigError, ExtractError, InputError, DetectorError) as err:  # InputError: calibrating on an unusable input
-        print(f"extract: error: {err}", file=sys.stderr)
-        return 2
-    except ShardWriteError as err:
-        print(f"extract: error: {err}", file=sys.stderr)
-        return 1
-    if summary.get("shards_failed"):
-        print(
-            f"extract: error: {len(summary['shards_failed'])} shard(s) could not be read and stay incomplete "
-            f"(rerun to retry): {', '.join(summary['shards_failed'])}",
-            file=sys.stderr,
-        )
-        return 1
-    return 0

@@ -38,6 +38,11 @@ from typing import Any
 import numpy as np
 
 from preprocess import storage
+from preprocess.detector_config import (
+    CALIBRATION_FILE,
+    LABEL_FORMATS,
+    calibration_location,
+)
 from preprocess.shard_reader import read_npy
 
 logger = logging.getLogger(__name__)
@@ -46,10 +51,8 @@ logger = logging.getLogger(__name__)
 # changes only when the shards themselves change. (extractor_sha256 came without a change.)
 FORMAT_VERSION = 1
 FEATURE_SPEC_FILE = "feature_spec.json"
-CALIBRATION_FILE = "batchnorm_calibration.safetensors"
 MANIFEST_FILE = "manifest.parquet"
 SKIPPED_FILE = "skipped.parquet"
-LABEL_FORMATS = ("distribution", "topk")
 
 
 @dataclass
@@ -147,12 +150,6 @@ def warn_unverified(unhashed: list[str], this_name: str, other_name: str) -> Non
             "feature spec of %s has no extractor_sha256 (written before it existed): cannot verify that %s and %s "
             "come from the same detector network", " and ".join(new), this_name, other_name,
         )
-
-
-def calibration_location(path: str | Path) -> str:
-    """The calibration file named by ``path``: the file itself or the directory (or bucket prefix) holding it."""
-    path = str(path)
-    return path if path.endswith(".safetensors") else storage.join(path, CALIBRATION_FILE)
 
 
 @dataclass

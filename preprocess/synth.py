@@ -25,7 +25,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import webdataset as wds
 import yaml
 from PIL import Image
 from tqdm import tqdm
@@ -145,6 +144,8 @@ def write_shard(path: str | Path, samples: Iterable[tuple]) -> int:
     ``image`` is a PIL image (stored as JPEG) or encoded JPEG/PNG/WebP bytes. Tar member times
     are fixed so the same samples give the same bytes.
     """
+    import webdataset as wds  # imports torch: only once there is something to write, after the arguments are checked
+
     count = 0
 
     def write(stream) -> None:

@@ -14,14 +14,8 @@ import torch
 import torchvision
 from torchvision.models.detection.image_list import ImageList
 
-from preprocess.detector import (
-    CalibrationSource,
-    DetectorConfig,
-    DetectorError,
-    TwoStageDetector,
-    resolve_device,
-    warn_random_once,
-)
+from preprocess.detector import CalibrationSource, DetectorError, TwoStageDetector, resolve_device, warn_random_once
+from preprocess.detector_config import DetectorConfig
 from preprocess.feature_format import BatchnormCalibration
 
 BOX_PREDICTOR_KEY = "roi_heads.box_predictor.cls_score.weight"

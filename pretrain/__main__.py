@@ -12,8 +12,6 @@ import argparse
 import os
 import sys
 
-import torch
-
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pretrain", description=__doc__.split("\n\n")[0])
@@ -25,19 +23,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if not torch.cuda.is_available():
-        # DeepSpeed picks its accelerator on first use; without CUDA it must be told.
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-
     from preprocess.config import ConfigError, load_config
     from pretrain.config import PretrainConfig
 
-    try:
+    try:  # before torch is imported: a mistake in the config is reported at once
         cfg = load_config(PretrainConfig, args.config, args.overrides)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+
+    import torch
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not torch.cuda.is_available():
+        # DeepSpeed picks its accelerator on first use; without CUDA it must be told.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
     from pretrain.trainer import check_feature_specs, run
 

@@ -1,11 +1,12 @@
 """The pretraining job config: one YAML file (``configs/pretrain/*.yaml``) plus dotted overrides.
 
-Each section is the config of the component that uses it: ``data`` (``pretrain.data``),
-``masking`` (``pretrain.masking``), ``objectives`` (``pretrain.model``), ``eval``
-(``pretrain.evaluate``), ``deepspeed``, ``checkpoint`` and ``logging`` (the training engine,
-``pretrain.engine_config``, shared with fine-tuning); ``model`` and ``stages`` are defined here.
-Every dataclass checks itself at construction and names the key and the fix.
-``docs/pretrain.md`` lists every key.
+Each section is the config of the component that uses it, defined in a module of its own next
+to that component and free of torch, so that a config is checked before torch is imported:
+``data`` (``pretrain.data_config``), ``masking`` (``pretrain.masking_config``), ``objectives``
+(``pretrain.model_config``), ``eval`` (``pretrain.evaluate_config``), ``deepspeed``,
+``checkpoint`` and ``logging`` (the training engine, ``pretrain.engine_config``, shared with
+fine-tuning); ``model`` and ``stages`` are defined here. Every dataclass checks itself at
+construction and names the key and the fix. ``docs/pretrain.md`` lists every key.
 """
 
 from __future__ import annotations
@@ -15,13 +16,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from preprocess import storage
-from pretrain.data import DataConfig
+from pretrain.data_config import DataConfig
 from pretrain.engine_config import (
     CheckpointConfig, DeepSpeedConfig, LoggingConfig, NonFiniteLossConfig, ScheduleConfig,
 )
-from pretrain.evaluate import EvalConfig
-from pretrain.masking import MaskingConfig
-from pretrain.model import POOLINGS, ObjectiveWeights
+from pretrain.evaluate_config import EvalConfig
+from pretrain.masking_config import MaskingConfig
+from pretrain.model_config import POOLINGS, ObjectiveWeights
 
 PACKAGE_PREFIX = "pkg:"
 

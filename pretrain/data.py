@@ -27,7 +27,6 @@ import random
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -39,7 +38,9 @@ from preprocess import storage
 from preprocess.feature_format import FeatureSpec, decode_feature_sample
 from preprocess.launch_env import ignore_stop_signals
 from preprocess.shard_reader import tar_samples
-from pretrain.masking import MaskingConfig, choose_modality, mask_regions, mask_text
+from pretrain.data_config import DataConfig
+from pretrain.masking import choose_modality, mask_regions, mask_text
+from pretrain.masking_config import MaskingConfig
 
 log = logging.getLogger(__name__)
 
@@ -47,32 +48,6 @@ log = logging.getLogger(__name__)
 # numbers. Integers, not strings: make_seed hashes its arguments and str hashes vary per process.
 _SHUFFLE_STREAM = 1
 _COLLATE_STREAM = 2
-
-
-@dataclass
-class DataConfig:
-    """The ``data:`` section of the pretraining config."""
-
-    batch_size: int = 32  # per rank, per micro-step
-    max_text_length: int = 40  # tokens incl. [CLS]/[SEP]; longer captions are truncated
-    max_regions: int = 100  # regions kept per image (highest detector confidence first)
-    num_workers: int = 2
-    shuffle_buffer: int = 1000
-    itm_negative_rate: float = 0.5  # share of pairs whose caption is replaced by another sample's
-
-    def __post_init__(self) -> None:
-        if self.batch_size < 2:
-            raise ValueError(f"data.batch_size must be >= 2 (ITM negatives come from the batch), got {self.batch_size}")
-        if self.max_text_length < 3:
-            raise ValueError(f"data.max_text_length must be >= 3 ([CLS], a token, [SEP]), got {self.max_text_length}")
-        if self.max_regions < 1:
-            raise ValueError(f"data.max_regions must be >= 1, got {self.max_regions}")
-        if self.num_workers < 0:
-            raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
-        if self.shuffle_buffer < 1:
-            raise ValueError(f"data.shuffle_buffer must be >= 1 (1 disables shuffling), got {self.shuffle_buffer}")
-        if not 0.0 <= self.itm_negative_rate < 1.0:
-            raise ValueError(f"data.itm_negative_rate must be in [0, 1), got {self.itm_negative_rate}")
 
 
 def feature_spec_of(shards: str, what: str = "shards") -> FeatureSpec:

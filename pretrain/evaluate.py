@@ -13,47 +13,28 @@ every rank returns the same metrics.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
 from preprocess.feature_format import FeatureSpec
 from pretrain.data import (
-    DataConfig,
     check_spec_matches_model,
     collate_eval_batches,
     pad_samples,
     read_eval_samples,
     to_device,
 )
+from pretrain.data_config import DataConfig
 from pretrain.distributed import all_reduce_sum, shard
-from pretrain.masking import MaskingConfig
-from pretrain.model import IGNORE_INDEX, ImageBertForPretraining, ObjectiveWeights
+from pretrain.evaluate_config import EvalConfig
+from pretrain.masking_config import MaskingConfig
+from pretrain.model import IGNORE_INDEX, ImageBertForPretraining
+from pretrain.model_config import ObjectiveWeights
 from pretrain.retrieval import recall_at_k
 
 # Validation masks and negatives are drawn from this seed, never from the training seed.
 EVAL_SEED = 1234
-
-
-@dataclass
-class EvalConfig:
-    """The ``eval:`` section of the pretraining config."""
-
-    every_steps: int = 500
-    max_samples: int = 512  # masked-modelling/ITM validation samples
-    retrieval_candidates: int = 100  # N images x N captions ranked for zero-shot retrieval
-    batch_size: int = 64
-
-    def __post_init__(self) -> None:
-        if self.every_steps < 1:
-            raise ValueError(f"eval.every_steps must be >= 1, got {self.every_steps}")
-        if self.max_samples < 2:
-            raise ValueError(f"eval.max_samples must be >= 2, got {self.max_samples}")
-        if self.retrieval_candidates < 2:
-            raise ValueError(f"eval.retrieval_candidates must be >= 2, got {self.retrieval_candidates}")
-        if self.batch_size < 2:
-            raise ValueError(f"eval.batch_size must be >= 2, got {self.batch_size}")
 
 
 @torch.no_grad()

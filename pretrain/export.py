@@ -20,6 +20,8 @@ log = logging.getLogger("pretrain.export")
 
 def export(run_dir: str | Path, out_dir: str | Path, tag: str | None = None) -> Path:
     """Write the release of ``run_dir``'s checkpoint ``tag`` (default: latest) to ``out_dir``."""
+    if not Path(run_dir).is_dir():  # before the imports below (seconds): a mistyped --run is reported at once
+        raise FileNotFoundError(f"{run_dir} is not a pretraining run directory: no such directory")
     from transformers import AutoTokenizer
 
     from preprocess.feature_format import FeatureSpec

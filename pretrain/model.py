@@ -34,9 +34,10 @@ from transformers import (
 from transformers import initialization as init
 from transformers.models.bert.modeling_bert import BertLMPredictionHead, BertPredictionHeadTransform
 
+from pretrain.model_config import POOLINGS, ObjectiveWeights
+
 GEOMETRY_DIM = 5
 IGNORE_INDEX = -100
-POOLINGS = ("cls", "mean")
 
 
 class ImageBertConfig(BertConfig):
@@ -240,15 +241,6 @@ class PretrainingOutput:
     # Per objective (correct predictions, positions scored): the count stays a tensor so the
     # training step never waits for the device; evaluation sums them.
     counts: dict[str, tuple[torch.Tensor, int]] = field(default_factory=dict)
-
-
-@dataclass
-class ObjectiveWeights:
-    mlm: float = 1.0
-    moc: float = 1.0
-    mrfr: float = 1.0
-    itm: float = 1.0
-    moc_kl: bool = False  # False: cross-entropy to the detector's top label; True: KL to its distribution (UNITER)
 
 
 # Where a BERT checkpoint's weights go in ImageBertForPretraining: the encoder (saved by BertModel

@@ -28,7 +28,8 @@ from pretrain.data import build_train_loader, check_spec_matches_model, feature_
 from pretrain.distributed import init_distributed
 from pretrain.engine import Phase, RunPaths, Trainer, build_engine, setup_logging
 from pretrain.evaluate import evaluate
-from pretrain.model import ImageBertConfig, ImageBertForPretraining, ObjectiveWeights
+from pretrain.model import ImageBertConfig, ImageBertForPretraining
+from pretrain.model_config import ObjectiveWeights
 from pretrain.weights import load_model
 
 log = logging.getLogger("pretrain")

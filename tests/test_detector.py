@@ -16,7 +16,6 @@ import torch
 
 from preprocess.config import ConfigError, load_config
 from preprocess.detector import (
-    DetectorConfig,
     RegionDetector,
     Regions,
     build_detector,
@@ -25,6 +24,7 @@ from preprocess.detector import (
     fallback_boxes,
     state_sha256,
 )
+from preprocess.detector_config import TORCH_DEVICE, TORCH_DEVICE_TYPES, TORCHVISION_FASTER_RCNN_MODELS, DetectorConfig
 from preprocess.feature_format import region_geometry
 from torchvision.ops import box_iou, roi_align
 
@@ -277,6 +277,39 @@ def test_config_errors_name_the_key(override, key):
         load_config(DetectorConfig, overrides=[override])
     assert key in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_the_faster_rcnn_list_is_torchvisions():
+    """DetectorConfig checks detector.model against a constant (no torchvision import): it must be
+    the installed torchvision's list of Faster R-CNN builders."""
+    import torchvision
+
+    builders = torchvision.models.list_models(module=torchvision.models.detection)
+    assert sorted(TORCHVISION_FASTER_RCNN_MODELS) == sorted(m for m in builders if m.startswith("fasterrcnn_"))
+
+
+def torch_accepts(device: str) -> bool:
+    try:
+        torch.device(device)
+    except RuntimeError:
+        return False
+    return True
+
+
+@pytest.mark.filterwarnings("ignore:'mkldnn' is no longer used")
+def test_the_device_check_accepts_what_torch_device_accepts():
+    """DetectorConfig checks detector.device with a pattern (no torch import): the same device types
+    as torch.device (the list its error message gives), and the same verdict on every string here."""
+    with pytest.raises(RuntimeError) as err:
+        torch.device("nosuchdevice")  # a well-formed string of an unknown type
+    listed = str(err.value).split("Expected one of ", 1)[1].split(" device type", 1)[0]
+    assert set(TORCH_DEVICE_TYPES) == set(listed.split(", "))
+    strings = [*TORCH_DEVICE_TYPES, *(f"{t}:0" for t in TORCH_DEVICE_TYPES), "cuda:1", "cuda:7", "cuda:10", "cuda:127",
+               "gpu", "gpu:0", "tpu9", "npu", "CUDA", "Cpu", "cuda:", "cuda:01", "cuda:00", "cuda:-1", "cuda:+1", "cuda: 0",
+               " cuda", "cuda ", "cuda:1:2", "cuda:1a", "cuda:0x1", "cuda:1_0", "cuda:\u0663", "cuda_1", "cu_da", "_cpu",
+               "cpu,cuda", "", ":0", "auto"]
+    for device in strings:
+        assert bool(TORCH_DEVICE.fullmatch(device)) == torch_accepts(device), device
 
 
 def test_random_mobilenet_features_still_tell_regions_apart():

@@ -16,14 +16,14 @@ import numpy as np
 import pytest
 
 from extract_helpers import DETECT, GIVEN_BOXES, good_sample, good_shards, read_features, tables, write_shard
-from preprocess import extract
+from preprocess import extract, extract_cli
 from preprocess.feature_format import FeatureSpec, decode_feature_sample
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def run(args: list[str]) -> int:
-    return extract.cli(args)
+    return extract_cli.cli(args)
 
 
 def assert_same_features(a: Path, b: Path) -> None:

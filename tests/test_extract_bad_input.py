@@ -12,7 +12,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from extract_helpers import GIVEN_BOXES, encode, good_sample, read_features, tables, write_shard
-from preprocess import extract
+from preprocess import extract_cli
 from preprocess.raw_image import RejectedSample, decode_image
 
 
@@ -91,7 +91,7 @@ def test_every_bad_sample_is_skipped_with_its_reason_and_the_good_ones_are_writt
     (raw / "00003.tar").write_bytes(b"")  # a zero-byte download
 
     out = tmp_path / "features"
-    assert extract.cli(["--input", str(raw / "{00000..00004}.tar"), "--output", str(out), *GIVEN_BOXES]) == 0
+    assert extract_cli.cli(["--input", str(raw / "{00000..00004}.tar"), "--output", str(out), *GIVEN_BOXES]) == 0
     manifest, skipped = tables(out)
     written_keys = [r["key"] for r in manifest]
     skipped_reasons = {(r["source_shard"].rsplit("/", 1)[1], r["key"]): r["reason"] for r in skipped}
@@ -129,13 +129,13 @@ def test_a_shard_that_cannot_be_read_stays_incomplete_and_a_rerun_retries_it(tmp
     write_shard(raw / "00000.tar", [good_sample("a", seed=1)])
     spec = f"pipe:cat {raw}/{{00000..00001}}.tar"  # 00001.tar does not exist yet: cat exits 1
     out = tmp_path / "features"
-    assert extract.cli(["--input", spec, "--output", str(out), *GIVEN_BOXES]) == 1
+    assert extract_cli.cli(["--input", spec, "--output", str(out), *GIVEN_BOXES]) == 1
     assert "could not be read" in capsys.readouterr().err
     assert (out / "00000.tar").is_file() and not (out / "00001.tar").exists()
     assert not (out / "manifest.parquet").exists()
 
     write_shard(raw / "00001.tar", [good_sample("b", seed=2)])
-    assert extract.cli(["--input", spec, "--output", str(out), *GIVEN_BOXES]) == 0
+    assert extract_cli.cli(["--input", spec, "--output", str(out), *GIVEN_BOXES]) == 0
     assert [r["key"] for r in tables(out)[0]] == ["a", "b"]
 
 

@@ -14,10 +14,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from extract_helpers import GIVEN_BOXES, good_sample, read_features, write_shard
-from preprocess import extract
-from preprocess.feature_format import CALIBRATION_FILE, FEATURE_SPEC_FILE, BatchnormCalibration, FeatureSpec
+
+from preprocess import extract_cli
+from preprocess.feature_format import (
+    CALIBRATION_FILE,
+    FEATURE_SPEC_FILE,
+    BatchnormCalibration,
+    FeatureSpec,
+)
 from preprocess.storage import Location
 
 CALIBRATED = [*GIVEN_BOXES, "detector.batchnorm_calibration=input", "detector.calibration_images=3", "num_workers=0"]
@@ -35,7 +40,7 @@ def raw_set(directory: Path, prefix: str, shared_at: int) -> str:
 
 
 def extract_to(raw: str, out: Path, *extra: str) -> FeatureSpec:
-    assert extract.cli(["--input", raw, "--output", str(out), *CALIBRATED, *extra]) == 0
+    assert extract_cli.cli(["--input", raw, "--output", str(out), *CALIBRATED, *extra]) == 0
     return FeatureSpec.load(out)
 
 
@@ -126,7 +131,7 @@ def test_a_bad_calibration_is_one_line(extractions, tmp_path, capsys, case):
             Location(source)
         )
         message = "batch-norm statistics of another model"
-    code = extract.cli(["--input", extractions["raw_a"], "--output", str(tmp_path / "out"), *CALIBRATED,
+    code = extract_cli.cli(["--input", extractions["raw_a"], "--output", str(tmp_path / "out"), *CALIBRATED,
                         f"detector.calibration_from={source}"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and message in err[0] and str(source) in err[0], err

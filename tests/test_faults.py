@@ -221,7 +221,8 @@ def test_a_shard_member_that_needs_pickle_is_a_bad_sample_and_runs_nothing(tmp_p
     import numpy as np
     import webdataset as wds
 
-    from pretrain.data import DataConfig, read_eval_samples
+    from pretrain.data import read_eval_samples
+    from pretrain.data_config import DataConfig
     from pretrain_shards import feature_spec, make_feature_samples
 
     marker = tmp_path / "code-ran"

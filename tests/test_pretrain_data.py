@@ -18,7 +18,6 @@ import webdataset as wds
 
 from pretrain_shards import make_feature_samples, write_feature_shards
 from pretrain.data import (
-    DataConfig,
     PretrainCollate,
     SampleDecoder,
     build_eval_batches,
@@ -28,8 +27,10 @@ from pretrain.data import (
     read_eval_samples,
     split_by_rank,
 )
-from pretrain.evaluate import EvalConfig, evaluate
-from pretrain.masking import MaskingConfig
+from pretrain.data_config import DataConfig
+from pretrain.evaluate import evaluate
+from pretrain.evaluate_config import EvalConfig
+from pretrain.masking_config import MaskingConfig
 from pretrain.model import IGNORE_INDEX, ImageBertConfig, ImageBertForPretraining
 
 FEATURE_DIM = 16

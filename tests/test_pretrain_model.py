@@ -6,10 +6,14 @@ import pytest
 import torch
 
 from pretrain_shards import feature_spec, make_feature_samples
-from pretrain.data import DataConfig, PretrainCollate, SampleDecoder
-from pretrain.evaluate import EvalConfig, evaluate
-from pretrain.masking import MaskingConfig, choose_modality, mask_regions, mask_text
-from pretrain.model import IGNORE_INDEX, ImageBertConfig, ImageBertForPretraining, ObjectiveWeights
+from pretrain.data import PretrainCollate, SampleDecoder
+from pretrain.data_config import DataConfig
+from pretrain.evaluate import evaluate
+from pretrain.evaluate_config import EvalConfig
+from pretrain.masking import choose_modality, mask_regions, mask_text
+from pretrain.masking_config import MaskingConfig
+from pretrain.model import IGNORE_INDEX, ImageBertConfig, ImageBertForPretraining
+from pretrain.model_config import ObjectiveWeights
 
 FEATURE_DIM = 16
 

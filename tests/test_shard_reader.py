@@ -18,12 +18,12 @@ import pretrain.data
 from preprocess.feature_format import decode_feature_sample
 from preprocess.shard_reader import ShardError, read_npy, tar_samples
 from pretrain.data import (
-    DataConfig,
     build_eval_batches,
     build_train_loader,
     read_eval_samples,
 )
-from pretrain.masking import MaskingConfig
+from pretrain.data_config import DataConfig
+from pretrain.masking_config import MaskingConfig
 
 
 def raise_all(shard, exn):

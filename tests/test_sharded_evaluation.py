@@ -17,10 +17,11 @@ from finetune.data import read_samples
 from finetune.evaluate import evaluate_samples
 from finetune.fusion import FusionConfig
 from finetune.tasks import build_finetune_model
-from pretrain.data import DataConfig
+from pretrain.data_config import DataConfig
 from pretrain.distributed import shard
-from pretrain.evaluate import EvalConfig, evaluate
-from pretrain.masking import MaskingConfig
+from pretrain.evaluate import evaluate
+from pretrain.evaluate_config import EvalConfig
+from pretrain.masking_config import MaskingConfig
 from pretrain.model import ImageBertConfig, ImageBertForPretraining
 from pretrain.release import load_release
 from pretrain_shards import write_feature_shards
