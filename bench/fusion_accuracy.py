@@ -43,7 +43,7 @@ sys.path.insert(0, str(REPO))
 
 from finetune.config import DataConfig, EvalConfig, FinetuneConfig, TaskConfig  # noqa: E402
 from finetune.data import TaskCollate, read_samples  # noqa: E402
-from finetune.evaluate import HEADLINE, evaluate_samples  # noqa: E402
+from finetune.evaluation import HEADLINE, evaluate_samples  # noqa: E402
 from finetune.fusion import FusionConfig  # noqa: E402
 from finetune.synth_tasks import TASK_FILE, TASKS, SynthTaskConfig, label_names, write_task_shards  # noqa: E402
 from finetune.tasks import build_finetune_model  # noqa: E402

@@ -1,16 +1,14 @@
-"""Task evaluation, and ``python -m finetune.evaluate --checkpoint PATH --data SPEC [--out results.json]``.
+"""``python -m finetune.evaluate --checkpoint PATH --data SPEC [--out results.json]``.
 
 ``--checkpoint`` is a fine-tuning run directory (its latest checkpoint), one checkpoint tag
 directory inside ``RUN_DIR/checkpoints``, or a directory written by ``python -m finetune.export``
 (``finetune.export.load_finetuned`` reads all three). The data's ``feature_spec.json`` must
-match the model's.
+match the model's. ``--baselines task.json`` (written by ``finetune.synth_tasks``) adds the
+data's chance level and unimodal ceilings to the results and the printed table. The metrics are
+``finetune.evaluation``'s.
 
-Metrics per task, in percent: retrieval R@1/5/10 both ways (every caption ranked for every image
-and the reverse, ``pretrain.retrieval``); classification and sentiment accuracy and macro F1;
-multi-label micro/macro/weighted/samples F1; NER entity-level precision, recall and F1.
-``--baselines task.json`` (written by ``finetune.synth_tasks``) adds the data's chance level and
-unimodal ceilings to the results and the printed table. Within a training run every rank
-evaluates a share of the batches and the predictions are summed over the ranks.
+The arguments are checked (the checkpoint located, the baselines read) before torch and the
+model are imported: a mistake is one line on stderr (exit 2) at once.
 """
 
 from __future__ import annotations
@@ -23,131 +21,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-from tqdm import tqdm
-
-from finetune.config import FinetuneConfig
-from finetune.data import TaskCollate, read_samples
-from finetune.metrics import classification_metrics, entity_metrics, multilabel_metrics
-from preprocess import atomic
-from pretrain.data import to_device
-from pretrain.distributed import all_reduce_sum, shard
-from pretrain.retrieval import recall_at_k
-
 log = logging.getLogger("finetune.evaluate")
 
 RESULTS_FILE = "results.json"
-# The headline metric of each task: what tables and the quickstart print first.
-HEADLINE = {"retrieval": "rsum", "classification": "accuracy", "sentiment": "accuracy", "multilabel": "samples_f1", "ner": "f1"}
-
-
-@torch.no_grad()
-def evaluate_samples(
-    model, samples: list[dict], cfg: FinetuneConfig, pad_token_id: int, device: torch.device, progress: bool = False,
-) -> dict[str, float]:
-    """The task's metrics of ``model`` (a ``FinetuneModel``) on decoded ``samples``; call it on every rank."""
-    task = cfg.task
-    was_training = model.training
-    model.eval()
-    collate = TaskCollate(pad_token_id, task)
-    try:
-        if task.name == "retrieval":
-            return _evaluate_retrieval(model, samples, cfg, collate, device, progress)
-        predictions = _predict(model, samples, cfg, collate, device, progress)
-        if task.name == "ner":
-            names = task.label_names
-            # Row i holds sample i's tags + 1, padded with 0.
-            pred_tags = [[names[t - 1] for t in row[: len(s["tags"])]] for row, s in zip(predictions.tolist(), samples)]
-            gold_tags = [[names[t] for t in s["tags"]] for s in samples]
-            words = sum(len(seq) for seq in gold_tags)
-            correct = sum(p == g for ps, gs in zip(pred_tags, gold_tags) for p, g in zip(ps, gs))
-            return {**entity_metrics(pred_tags, gold_tags), "word_accuracy": 100.0 * correct / max(words, 1)}
-        if task.name == "multilabel":
-            return multilabel_metrics(predictions, torch.from_numpy(np.stack([s["target"] for s in samples])))
-        return classification_metrics(predictions[:, 0], torch.tensor([s["label"] for s in samples]), task.num_labels)
-    finally:
-        model.train(was_training)
-
-
-def _predict(model, samples: list[dict], cfg: FinetuneConfig, collate: TaskCollate, device, progress: bool) -> torch.Tensor:
-    """``model.predict`` of every sample as rows of a ``[N, W]`` tensor (NER: tag ids + 1, 0-padded),
-    the batches shared out over the ranks and the rows summed."""
-    kind = cfg.task.name
-    if kind == "ner":
-        width = max(len(s["tags"]) for s in samples)
-    else:
-        width = cfg.task.num_labels if kind == "multilabel" else 1
-    rows = torch.zeros(len(samples), width, dtype=torch.long, device=device)
-    starts = range(0, len(samples), cfg.eval.batch_size)
-    for index in tqdm(shard(len(starts)), desc="evaluate", disable=not progress, dynamic_ncols=True):
-        start = starts[0 if index is None else index]
-        chunk = samples[start : start + cfg.eval.batch_size]
-        pred = model.predict(to_device(collate(chunk), device))
-        if index is None:  # a padding forward (ZeRO-3 needs as many on every rank) is discarded
-            continue
-        if kind == "ner":
-            for i, tags in enumerate(pred):
-                rows[start + i, : len(tags)] = torch.tensor(tags, device=device) + 1
-        else:
-            rows[start : start + len(chunk)] = pred.view(len(chunk), -1)
-    return all_reduce_sum(rows).cpu()
-
-
-def _evaluate_retrieval(model, samples, cfg, collate, device, progress) -> dict[str, float]:
-    """Every caption against every image: images are the distinct ``image_id``s, captions every sample."""
-    image_rows: dict[int, int] = {}
-    for row, sample in enumerate(samples):
-        image_rows.setdefault(sample["image_id"], row)
-    image_index = {image_id: i for i, image_id in enumerate(image_rows)}
-    caption_image = torch.tensor([image_index[s["image_id"]] for s in samples])
-    image_samples = [samples[row] for row in image_rows.values()]
-
-    def score_batch(images: torch.Tensor, captions: torch.Tensor) -> torch.Tensor:
-        pairs = [{**image_samples[i], "input_ids": samples[c]["input_ids"]} for i, c in zip(images.tolist(), captions.tolist())]
-        return model.predict(to_device(collate(pairs), device))
-
-    total = len(image_samples) * len(samples) + len(samples)
-    with tqdm(total=total, desc="retrieval pairs", disable=not progress, dynamic_ncols=True, unit="pair") as bar:
-        return recall_at_k(
-            score_batch, caption_image, len(image_samples), cfg.eval.batch_size,
-            image_block=cfg.eval.retrieval_image_chunk, caption_block=cfg.eval.retrieval_caption_chunk,
-            device=device, progress=bar.update,
-        )
-
-
-def results_record(cfg: FinetuneConfig, metrics: dict, data: str, num_samples: int, baselines: dict | None, **extra) -> dict:
-    record = {
-        "task": cfg.task.name,
-        "fusion": cfg.fusion.name,
-        "modalities": cfg.data.modalities,
-        "data": data,
-        "num_samples": num_samples,
-        "headline": HEADLINE[cfg.task.name],
-        "metrics": metrics,
-        **extra,
-    }
-    if baselines is not None:
-        record["baselines"] = baselines
-    return record
-
-
-def write_results(path: Path, record: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic.write_json(path, record)
-
-
-def format_results(record: dict) -> str:
-    """The metrics as a table, with the data's chance level and unimodal ceilings where known."""
-    lines = [f"{record['task']} with fusion {record['fusion']} on {record['data']} ({record['num_samples']} samples)"]
-    lines += [f"  {name:<16}{value:>9.2f}" for name, value in record["metrics"].items() if not name.startswith("num_")]
-    stats = record.get("baselines")
-    if stats:
-        lines.append(f"  baselines of this data ({stats.get('metric', '?')}):")
-        for key in ("chance", "text_only_ceiling", "image_only_ceiling"):
-            if key in stats:
-                lines.append(f"  {key:<20}{stats[key]:>9.2f}")
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -161,17 +37,32 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    from finetune.export import locate
+
+    try:
+        if args.batch_size is not None and args.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+        if args.max_samples < 0:
+            raise ValueError(f"--max-samples must be >= 0 (0: all), got {args.max_samples}")
+        baselines = read_baselines(args.baselines) if args.baselines else None
+        where = locate(args.checkpoint)  # imports torch only for a run directory, to read its latest checkpoint
+    except (OSError, ValueError) as err:
+        print(f"finetune.evaluate: error: {err}", file=sys.stderr)
+        return 2
+
+    import torch
+
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-
-    from finetune.export import load_finetuned, locate
+    from finetune.data import read_samples
+    from finetune.evaluation import evaluate_samples, format_results, results_record, write_results
+    from finetune.export import load_finetuned
     from preprocess.feature_format import FeatureSpec
     from pretrain.data import feature_spec_of
 
     try:
-        where = locate(args.checkpoint)
         FeatureSpec.load(where.root).check_compatible(feature_spec_of(args.data, "--data"), f"fine-tuned model {where.root}", f"data {args.data}")
-        baselines = json.loads(Path(args.baselines).read_text(encoding="utf-8"))["statistics"] if args.baselines else None
         finetuned = load_finetuned(where)
     except (OSError, ValueError, KeyError) as err:  # OSError: missing files, unreadable bucket
         print(f"finetune.evaluate: error: {err}", file=sys.stderr)
@@ -193,6 +84,16 @@ def main(argv: list[str] | None = None) -> int:
     print(format_results(record))
     log.info("wrote %s", out)
     return 0
+
+
+def read_baselines(path: str) -> dict:
+    """The ``statistics`` of a ``task.json`` (``finetune.synth_tasks``); one-line errors."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))["statistics"]
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--baselines {path}: no such file") from None
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise ValueError(f"--baselines {path}: not a task.json with a 'statistics' object (finetune.synth_tasks writes one)") from None
 
 
 if __name__ == "__main__":

@@ -20,7 +20,8 @@ import torch.distributed as dist
 
 from finetune.config import FinetuneConfig
 from finetune.data import build_train_loader, read_samples
-from finetune.evaluate import HEADLINE, RESULTS_FILE, evaluate_samples, format_results, results_record, write_results
+from finetune.evaluate import RESULTS_FILE
+from finetune.evaluation import HEADLINE, evaluate_samples, format_results, results_record, write_results
 from finetune.tasks import build_finetune_model
 from preprocess import atomic
 from preprocess.feature_format import FeatureSpec

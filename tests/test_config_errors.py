@@ -134,6 +134,21 @@ def test_export_of_a_missing_run(tmp_path, module):
     assert_one_line_error(run_guarded(module, ["--run", missing, "--out", str(tmp_path / "out")]), missing)
 
 
+@pytest.mark.parametrize(
+    "extra, key",
+    [
+        ([], "no-such-run"),  # the checkpoint is neither a run, a checkpoint nor an export
+        (["--baselines", "{tmp}/missing.json"], "--baselines"),
+        (["--baselines", "{tmp}/bad.json"], "--baselines"),
+        (["--batch-size", "0"], "--batch-size"),
+    ],
+)
+def test_finetune_evaluate(tmp_path, extra, key):
+    write(tmp_path / "bad.json", '{"not": "a task.json"}')
+    args = ["--checkpoint", str(tmp_path / "no-such-run"), "--data", str(tmp_path / "x.tar"), *extra]
+    assert_one_line_error(run_guarded("finetune.evaluate", [a.format(tmp=tmp_path) for a in args]), key)
+
+
 def test_the_guard_catches_a_heavy_import():
     """The check itself: a module that imports torch is stopped at that import."""
     result = run_guarded("pretrain.model", [])

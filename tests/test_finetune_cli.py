@@ -20,7 +20,7 @@ import torch
 
 from finetune.config import DataConfig, EvalConfig, FinetuneConfig, TaskConfig
 from finetune.data import TaskCollate, read_samples
-from finetune.evaluate import evaluate_samples
+from finetune.evaluation import evaluate_samples
 from finetune.fusion import FusionConfig
 from finetune.tasks import build_finetune_model
 from pretrain.release import load_release

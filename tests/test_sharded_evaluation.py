@@ -14,7 +14,7 @@ from finetune.config import DataConfig as TaskDataConfig
 from finetune.config import EvalConfig as TaskEvalConfig
 from finetune.config import FinetuneConfig, TaskConfig
 from finetune.data import read_samples
-from finetune.evaluate import evaluate_samples
+from finetune.evaluation import evaluate_samples
 from finetune.fusion import FusionConfig
 from finetune.tasks import build_finetune_model
 from pretrain.data_config import DataConfig
