@@ -52,9 +52,7 @@ class ExtractConfig:
             raise ValueError("boxes_field and labels_field must be non-empty JSON field names")
 
     def sample_rules(self) -> SampleRules:
-        from preprocess.raw_input import (
-            SampleRules,  # torch and webdataset: imported where samples are read
-        )
+        from preprocess.raw_input import SampleRules  # torch and webdataset: imported where samples are read
 
         d = self.detector
         return SampleRules(
