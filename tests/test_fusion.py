@@ -377,11 +377,21 @@ def test_a_few_steps_fit_a_label_that_needs_both_modalities(name):
         ({"muse_exchange_quantile": 1.5}, "fusion.muse_exchange_quantile"),
         ({"muse_caption_weight": -0.1}, "fusion.muse_caption_weight"),
         ({"mbt_fusion_layer": -2}, "fusion.mbt_fusion_layer"),
+        ({"mbt_parameters": "both"}, "fusion.mbt_parameters is 'both'; choose one of per_modality, shared"),
+        ({"mbt_classifier": "mlp"}, "fusion.mbt_classifier"),
+        ({"mi2p_foreign": "frozen"}, "fusion.mi2p_foreign is 'frozen'; choose one of frozen_copy, shared"),
     ],
 )
 def test_config_rejects_bad_values_naming_the_key(overrides, message):
     with pytest.raises(ValueError, match=message):
         FusionConfig(**overrides)
+
+
+def test_the_removed_mi2p_freeze_foreign_key_is_an_error_naming_it_and_its_successor():
+    from preprocess.config import ConfigError, from_dict
+
+    with pytest.raises(ConfigError, match="unknown key 'fusion.mi2p_freeze_foreign'.*mi2p_foreign"):
+        from_dict(FusionConfig, {"name": "mi2p", "mi2p_freeze_foreign": True}, prefix="fusion")
 
 
 def test_depth_dependent_values_are_checked_against_the_release():

@@ -5,7 +5,8 @@ not see each other are simply run as separate calls of the same layer (same weig
 tricks needed); tokens that may see each other are concatenated and share one call under a key
 mask. Everything here reuses the release's own modules: word/segment/position embeddings, region
 embeddings, each ``BertLayer`` and the ``BertPooler``. Strategies add only the parameters their
-paper adds (bottleneck tokens, plug-ins, decoders).
+paper adds (bottleneck tokens, plug-ins, decoders, MBT's per-modality copies of the layers,
+MI2P's frozen foreign extractor).
 """
 
 from __future__ import annotations
