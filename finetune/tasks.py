@@ -48,7 +48,9 @@ class FinetuneModel(ImageBertPreTrainedModel):
         self.task = task
         self.fusion = build_fusion(fusion, encoder if encoder is not None else ImageBertModel(config))
         if task.name == "ner":
-            self.tagger = WordTagger(self.fusion.hidden_size, self.fusion.pooled_dims, task.num_labels, task.crf_dropout)
+            self.tagger = WordTagger(
+                self.fusion.hidden_size, self.fusion.pooled_dims, task.num_labels, task.crf_dropout
+            )
         else:
             outputs = 1 if task.name == "retrieval" else task.num_labels
             self.head = PooledHead(
