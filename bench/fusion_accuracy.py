@@ -49,6 +49,7 @@ from finetune.synth_tasks import TASK_FILE, TASKS, SynthTaskConfig, label_names,
 from finetune.tasks import build_finetune_model  # noqa: E402
 from preprocess import atomic  # noqa: E402
 from preprocess.feature_format import FeatureSpec  # noqa: E402
+from pretrain.engine import param_groups  # noqa: E402
 from pretrain.model import ImageBertForPretraining  # noqa: E402
 from pretrain.release import load_release, save_release  # noqa: E402
 
@@ -116,7 +117,8 @@ def run_variant(release, task: str, fusion_name: str, modalities: str, root: Pat
 
     torch.manual_seed(args.seed)
     model = build_finetune_model(copy.deepcopy(release.model), task_cfg, fusion)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    # The engine's groups: no weight decay on biases and norms, none of MI2P's frozen copy, the NER tagger at task.crf_lr.
+    optimizer = torch.optim.AdamW(param_groups(model, 0.01, model.lr_overrides()), lr=args.lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 20) * max(0.0, 1 - s / args.steps))
     rng = np.random.default_rng(args.seed)
     start = time.perf_counter()

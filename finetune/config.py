@@ -29,7 +29,12 @@ class TaskConfig:
     label_names: list[str] = field(default_factory=list)
     # Hidden width of the MLP head on each pooled summary (0: one linear layer). MSA's MLP head.
     head_hidden: int = 0
-    dropout: float = 0.1  # on pooled summaries / token states before the head
+    dropout: float = 0.1  # on pooled summaries / token states before the head (ner: crf_dropout instead)
+    # ner: the tagger (emission layers and CRF) as MuSE's reference trains it: its own learning
+    # rate (null: train.lr; the reference's scripts set it equal to the learning rate) and dropout
+    # on what the emission layers read (the reference: 0.5).
+    crf_lr: float | None = None
+    crf_dropout: float = 0.5
     multilabel_threshold: float = 0.5  # sigmoid probability above which a label is predicted
     # Retrieval: ImageBERT's three fine-tuning losses over cross-encoder scores.
     retrieval_loss: Literal["binary", "multiclass", "triplet"] = "multiclass"
@@ -50,6 +55,10 @@ class TaskConfig:
             raise ValueError(f"task.head_hidden must be >= 0 (0: linear head), got {self.head_hidden}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"task.dropout must be in [0, 1), got {self.dropout}")
+        if not 0.0 <= self.crf_dropout < 1.0:
+            raise ValueError(f"task.crf_dropout must be in [0, 1), got {self.crf_dropout}")
+        if self.crf_lr is not None and self.crf_lr <= 0:
+            raise ValueError(f"task.crf_lr must be > 0 (or null: train.lr), got {self.crf_lr}")
         if not 0.0 < self.multilabel_threshold < 1.0:
             raise ValueError(f"task.multilabel_threshold must be in (0, 1), got {self.multilabel_threshold}")
         if self.retrieval_negatives < 1:

@@ -1,8 +1,9 @@
 """Task heads over a ``FusedOutput``, and the retrieval losses.
 
 A fusion strategy hands over one or more pooled summaries (MBT: one per modality; late fusion:
-the concatenation; the others: one). Heads apply one layer (or MLP) per summary and average
-the logits, which is MBT's per-modality logit averaging and a plain head for everyone else.
+the concatenation; the others: one). Heads apply one layer (or MLP) per summary, or one shared
+layer to every summary when the strategy says so (``FusionEncoder.shared_head``: MBT's
+classifier), and average the logits; with one summary that is a plain head.
 """
 
 from __future__ import annotations
@@ -15,23 +16,31 @@ from finetune.crf import CRF
 
 
 class PooledHead(nn.Module):
-    """One linear layer (or a one-hidden-layer MLP) per pooled summary; logits averaged over summaries."""
+    """One linear layer (or a one-hidden-layer MLP) per pooled summary, or one for all of them
+    (``shared``); logits averaged over summaries."""
 
-    def __init__(self, pooled_dims: list[int], num_outputs: int, hidden: int = 0, dropout: float = 0.1):
+    def __init__(
+        self, pooled_dims: list[int], num_outputs: int, hidden: int = 0, dropout: float = 0.1, shared: bool = False
+    ):
         super().__init__()
+        if shared and len(set(pooled_dims)) != 1:
+            raise ValueError(f"a shared head needs summaries of one width, got {pooled_dims}")
         self.dropout = nn.Dropout(dropout)
+        self.shared = shared
+        self.num_summaries = len(pooled_dims)
 
         def head(dim: int) -> nn.Module:
             if hidden == 0:
                 return nn.Linear(dim, num_outputs)
             return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, num_outputs))
 
-        self.heads = nn.ModuleList(head(d) for d in pooled_dims)
+        self.heads = nn.ModuleList(head(d) for d in (pooled_dims[:1] if shared else pooled_dims))
 
     def forward(self, pooled: list[torch.Tensor]) -> torch.Tensor:
-        if len(pooled) != len(self.heads):
-            raise ValueError(f"head built for {len(self.heads)} pooled summaries, got {len(pooled)}")
-        logits = [head(self.dropout(p)) for head, p in zip(self.heads, pooled)]
+        if len(pooled) != self.num_summaries:
+            raise ValueError(f"head built for {self.num_summaries} pooled summaries, got {len(pooled)}")
+        heads = [self.heads[0]] * len(pooled) if self.shared else self.heads
+        logits = [head(self.dropout(p)) for head, p in zip(heads, pooled)]
         return torch.stack(logits, 0).float().mean(0)
 
     def init_from_itm(self, itm_head: nn.Linear) -> int:

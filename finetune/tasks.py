@@ -48,15 +48,38 @@ class FinetuneModel(ImageBertPreTrainedModel):
         self.task = task
         self.fusion = build_fusion(fusion, encoder if encoder is not None else ImageBertModel(config))
         if task.name == "ner":
-            self.tagger = WordTagger(self.fusion.hidden_size, self.fusion.pooled_dims, task.num_labels, task.dropout)
+            self.tagger = WordTagger(
+                self.fusion.hidden_size, self.fusion.pooled_dims, task.num_labels, task.crf_dropout
+            )
         else:
             outputs = 1 if task.name == "retrieval" else task.num_labels
-            self.head = PooledHead(self.fusion.pooled_dims, outputs, task.head_hidden, task.dropout)
+            self.head = PooledHead(
+                self.fusion.pooled_dims, outputs, task.head_hidden, task.dropout, shared=self.fusion.shared_head
+            )
         if getattr(self.fusion, "caption_decoder", None) is not None:  # MuSE predicts words with the word embeddings
             self._tied_weights_keys = {
                 "fusion.caption_decoder.vocab_weight": "fusion.encoder.bert.embeddings.word_embeddings.weight"
             }
         self.post_init()  # initialises what is new; the encoder's modules are initialised already
+        self._freeze()
+
+    def _freeze(self) -> None:
+        for module in self.fusion.frozen_modules():  # MI2P's frozen foreign extractor
+            module.requires_grad_(False)
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        # Loading replaces the parameters with new ones that require gradients: freeze again.
+        loaded = super().from_pretrained(*args, **kwargs)
+        (loaded[0] if isinstance(loaded, tuple) else loaded)._freeze()
+        return loaded
+
+    def lr_overrides(self) -> dict[str, float]:
+        """Learning rates of parameter-name prefixes that differ from ``train.lr``: the NER tagger's
+        (``task.crf_lr``), for ``pretrain.engine.param_groups``."""
+        if self.task.name == "ner" and self.task.crf_lr is not None:
+            return {"tagger.": self.task.crf_lr}
+        return {}
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)

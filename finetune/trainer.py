@@ -81,7 +81,10 @@ def run(cfg: FinetuneConfig, init: str | Path, run_dir: str | Path, resume: bool
         atomic.write_json(paths.root / INIT_FILE, {"release": str(Path(init).resolve())})
     dist.barrier()
 
-    engine = build_engine(model.train(), cfg.deepspeed, cfg.train, cfg.data.batch_size, paths.checkpoints, resume=resume_from)
+    engine = build_engine(
+        model.train(), cfg.deepspeed, cfg.train, cfg.data.batch_size, paths.checkpoints, resume=resume_from,
+        lr_overrides=model.lr_overrides(),
+    )
     done = resume_from.global_step if resume_from is not None else 0
     if resume_from is not None:
         log.info("resumed from %s", resume_from.tag)

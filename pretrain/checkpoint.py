@@ -178,6 +178,9 @@ def convert_to_universal(ckpt_dir: str | Path, tag: str) -> str:
     return universal_tag
 
 
+MODEL_STATES_FILE = "mp_rank_00_model_states.pt"  # DeepSpeed's, without ZeRO-3
+
+
 def consolidated_weights(ckpt_dir: str | Path, tag: str) -> dict[str, torch.Tensor]:
     """Full fp32 weights of a checkpoint, whatever its ZeRO stage and number of ranks."""
     tag_dir = Path(ckpt_dir) / tag
@@ -186,10 +189,23 @@ def consolidated_weights(ckpt_dir: str | Path, tag: str) -> dict[str, torch.Tens
     if has_zero_shards(tag_dir):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
-    # Without ZeRO the module's full weights sit in the model-states file. It is a pickle that
-    # DeepSpeed wrote for this run (it holds the DeepSpeed config), hence weights_only=False.
-    states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        weights = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+        # ZeRO-1 leaves frozen parameters (requires_grad off: MI2P's foreign extractor) out of its
+        # shards; they are only in the model-states file's module weights. (ZeRO-2/3 shard them
+        # too, and ZeRO-3 names its model-states files per rank.)
+        if (tag_dir / MODEL_STATES_FILE).is_file():
+            for name, value in _module_weights(tag_dir).items():
+                if name not in weights and value.numel():
+                    weights[name] = value
+        return weights
+    # Without ZeRO the module's full weights sit in the model-states file.
+    return _module_weights(tag_dir)
+
+
+def _module_weights(tag_dir: Path) -> dict[str, torch.Tensor]:
+    """The module's weights as rank 0's model-states file holds them, floats as fp32. It is a
+    pickle that DeepSpeed wrote for this run (it holds the DeepSpeed config), hence weights_only=False."""
+    states = torch.load(tag_dir / MODEL_STATES_FILE, map_location="cpu", weights_only=False)
     return {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
 
 

@@ -145,13 +145,28 @@ def setup_logging(rank: int) -> None:
 # ---------------------------------------------------------------- DeepSpeed
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on matrices only: biases and LayerNorm gains are left alone (BERT's recipe)."""
-    decay, no_decay = [], []
-    for param in model.parameters():  # yields a tied matrix once
+def param_groups(
+    model: torch.nn.Module, weight_decay: float, lr_overrides: dict[str, float] | None = None
+) -> list[dict[str, Any]]:
+    """Weight decay on matrices only: biases and LayerNorm gains are left alone (BERT's recipe).
+
+    ``lr_overrides`` maps parameter-name prefixes to their own learning rate (e.g. a fine-tuned
+    CRF's): those parameters get their own two groups with an ``lr``; the rest take the
+    optimizer's. Frozen parameters (``requires_grad`` off) are in no group.
+    """
+    overrides = dict(lr_overrides or {})
+    groups: dict[str | None, tuple[list, list]] = {None: ([], [])}
+    groups.update({prefix: ([], []) for prefix in overrides})
+    for name, param in model.named_parameters():  # yields a tied matrix once
         if param.requires_grad:
-            (decay if param.ndim >= 2 else no_decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            prefix = next((p for p in overrides if name.startswith(p)), None)
+            groups[prefix][0 if param.ndim >= 2 else 1].append(param)
+    result = []
+    for prefix, (decay, no_decay) in groups.items():
+        lr = {} if prefix is None else {"lr": overrides[prefix]}
+        result += [{"params": decay, "weight_decay": weight_decay, **lr}, {"params": no_decay, "weight_decay": 0.0, **lr}]
+    # An override that matches nothing adds no empty group (ZeRO flattens every group).
+    return [group for group in result if group["params"] or "lr" not in group]
 
 
 def cpu_flags() -> set[str]:
@@ -195,10 +210,12 @@ def bucket_elements(num_params: int) -> int:
 
 def deepspeed_config(
     ds: DeepSpeedConfig, schedule: ScheduleConfig, micro_batch_size: int, load_universal: bool = False,
-    num_params: int | None = None,
+    num_params: int | None = None, group_lrs: list[float] | None = None,
 ) -> dict[str, Any]:
     """DeepSpeed's config for training ``schedule`` with the ``deepspeed:`` section ``ds`` (its
-    precision decided: ``choose_precision``); ZeRO's buckets sized to a model of ``num_params``."""
+    precision decided: ``choose_precision``); ZeRO's buckets sized to a model of ``num_params``.
+    ``group_lrs``: each parameter group's peak learning rate, where groups differ (``param_groups``'
+    overrides); the cosine schedule scales each group's own ``lr``, the linear one needs the list."""
     if ds.precision == "auto":
         raise ValueError("deepspeed_config needs a decided precision: pass choose_precision's answer")
     buckets = {}
@@ -210,7 +227,7 @@ def deepspeed_config(
         scheduler = {
             "type": "WarmupDecayLR",
             "params": {
-                "warmup_min_lr": 0.0, "warmup_max_lr": schedule.lr, "warmup_num_steps": warmup,
+                "warmup_min_lr": 0.0, "warmup_max_lr": group_lrs or schedule.lr, "warmup_num_steps": warmup,
                 "total_num_steps": schedule.steps, "warmup_type": "linear",
             },
         }
@@ -255,22 +272,26 @@ def deepspeed_config(
 def build_engine(
     model: torch.nn.Module, ds: DeepSpeedConfig, schedule: ScheduleConfig, micro_batch_size: int,
     checkpoints: Path, resume: checkpoint.TrainerState | None = None, load_schedule: bool = True,
+    lr_overrides: dict[str, float] | None = None,
 ):
     """The DeepSpeed engine over ``model``; with ``resume``, its weights, optimizer state and (with
     ``load_schedule``) learning-rate schedule loaded from that checkpoint, through a universal
-    checkpoint when it was written by another number of ranks."""
+    checkpoint when it was written by another number of ranks. ``lr_overrides``: parameter-name
+    prefixes trained at their own peak learning rate (``param_groups``)."""
     import deepspeed
 
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     ds = replace(ds, precision=choose_precision(ds.precision, device))
     universal = resume is not None and checkpoint.needs_universal(checkpoints, resume, dist.get_world_size())
     load_tag = checkpoint.convert_to_universal(checkpoints, resume.tag) if universal else None
+    groups = param_groups(model, ds.weight_decay, lr_overrides)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
-        model_parameters=param_groups(model, ds.weight_decay),
+        model_parameters=groups,
         config=deepspeed_config(
             ds, schedule, micro_batch_size, load_universal=universal,
             num_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
+            group_lrs=[group.get("lr", schedule.lr) for group in groups] if lr_overrides else None,
         ),
     )
     if resume is not None:

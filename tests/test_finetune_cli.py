@@ -111,6 +111,32 @@ def test_finetune_resume_and_evaluate(workspace):
     assert check.returncode == 0 and check.stdout.split() == ["FinetuneModel", "mbt", "no-deepspeed"], check.stderr[-3000:]
 
 
+@pytest.mark.slow
+def test_mi2p_foreign_extractor_stays_pretrained_through_training_checkpoint_and_export(workspace):
+    """The project's trainer (DeepSpeed, AdamW over its parameter groups): MI2P's frozen foreign
+    copy comes out of the checkpoint and the export bit-identical to the release's encoder, while
+    the host encoder it was copied from has trained."""
+    from finetune.export import export, load_finetuned
+    from pretrain import checkpoint
+
+    root, release = workspace
+    run_dir = root / "run-mi2p"
+    # fp32: under bf16 DeepSpeed casts the whole module, the frozen copy included (rounded once, then fixed).
+    overrides = [o for o in _overrides(root, 3) if not o.startswith("fusion.")] + ["fusion.name=mi2p", "deepspeed.precision=fp32"]
+    done = _run(["-m", "finetune", "--config", str(CONFIG), "--init", str(release), "--run-dir", str(run_dir), *overrides])
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    pretrained = {k.removeprefix("imagebert."): v for k, v in load_release(release).model.state_dict().items()}
+    weights = checkpoint.consolidated_weights(run_dir / "checkpoints", "global_step3")
+    foreign = {k.removeprefix("fusion.foreign_encoder."): v for k, v in weights.items() if k.startswith("fusion.foreign_encoder.")}
+    changed = [k for k, v in foreign.items() if not torch.equal(v, pretrained[k])]
+    assert foreign and not changed, changed[:5]
+    host = "bert.encoder.layer.0.output.dense.weight"
+    assert not torch.equal(weights[f"fusion.encoder.{host}"], pretrained[host])
+    model = load_finetuned(export(run_dir, root / "exported-mi2p")).model
+    for name, param in model.fusion.foreign_encoder.named_parameters():
+        assert torch.equal(param, pretrained[name]) and not param.requires_grad, name
+
+
 _LOAD_EXPORT = """
 import sys
 from finetune.export import load_finetuned

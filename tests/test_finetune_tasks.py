@@ -155,3 +155,35 @@ def test_training_batches_report_the_samples_skipped_in_each_shard(release, tmp_
     for _ in range(12):
         skipped.update(next(loader)["skipped_samples"])
     assert set(skipped) == {str(cut)} and skipped[str(cut)] >= 1, skipped
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_ner_tagger_trains_at_its_own_learning_rate_and_dropout(schedule, release):
+    """task.crf_lr: the tagger (emission layers and CRF, MuSE's reference group) in parameter groups of
+    their own, which DeepSpeed's schedulers (built from the engine's config) keep at that peak."""
+    from deepspeed.runtime import lr_schedules
+
+    from finetune.config import TrainConfig
+    from pretrain.engine import deepspeed_config, param_groups
+    from pretrain.engine_config import DeepSpeedConfig
+
+    task = TaskConfig(**{**task_config_dict("ner"), "crf_lr": 1e-3})
+    model = build_finetune_model(copy.deepcopy(release.model), task, FusionConfig(name="muse"))
+    assert model.tagger.dropout.p == 0.5  # task.crf_dropout's default, the reference's
+    groups = param_groups(model, 0.01, model.lr_overrides())
+    tagger = {id(p) for p in model.tagger.parameters()}
+    assert {id(p) for g in groups if g.get("lr") == 1e-3 for p in g["params"]} == tagger
+    assert not any(id(p) in tagger for g in groups if "lr" not in g for p in g["params"])
+    train = TrainConfig(lr=5e-5, steps=10, warmup_steps=2, schedule=schedule)
+    group_lrs = [g.get("lr", train.lr) for g in groups]
+    config = deepspeed_config(DeepSpeedConfig(precision="fp32"), train, 2, group_lrs=group_lrs)
+    own = ["lr" in g for g in groups]  # before the optimizer fills in every group's lr
+    optimizer = torch.optim.AdamW(groups, lr=train.lr)
+    scheduler = getattr(lr_schedules, config["scheduler"]["type"])(optimizer, **config["scheduler"]["params"])
+    peaks = []
+    for step in range(8):
+        scheduler.step()
+        lrs = [g["lr"] for g in optimizer.param_groups]
+        assert all(lr == pytest.approx(lrs[0] * (20 if o else 1), abs=1e-12) for lr, o in zip(lrs, own)), step
+        peaks.append(lrs[0])
+    assert 0.9 * 5e-5 < max(peaks) <= 5e-5 * (1 + 1e-9) and peaks[-1] < max(peaks)  # warm-up to ~train.lr, decay

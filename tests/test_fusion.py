@@ -7,12 +7,16 @@ initialises) it.
 
 from __future__ import annotations
 
+import copy
+import math
+
+import numpy as np
 import pytest
 import torch
 
 from finetune.config import TaskConfig
 from finetune.fusion import STRATEGY_NAMES, FusionConfig
-from finetune.fusion.muse import exchange_counts
+from finetune.fusion.muse import lowest_attended
 from finetune.fusion.routing import FusionInputs
 from finetune.tasks import FinetuneModel
 from pretrain.model import ImageBertConfig, ImageBertModel
@@ -79,9 +83,12 @@ def with_other_image(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def layer_calls(fusion, batch) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
     """Every call of a pretrained layer during one forward: (layer index, input states, output states)."""
     calls = []
+    # MBT's per-modality parameters: the image stream's own copies count as the same layers.
+    image_layers = getattr(fusion, "image_layers", None) or []
     hooks = [
         layer.register_forward_hook(lambda m, args, out, i=index: calls.append((i, args[0].detach(), out.detach())))
-        for index, layer in enumerate(fusion.layers)
+        for layers in (fusion.layers, image_layers)
+        for index, layer in enumerate(layers)
     ]
     try:
         with torch.no_grad():
@@ -167,10 +174,10 @@ def test_mbt_default_fusion_layer_is_two_thirds_of_depth_with_one_layer_after_it
     assert build_fusion(FusionConfig(name="mbt"), tiny_encoder(layers=3)).fusion_layer == 1
 
 
-def test_muse_exchanges_exact_fraction_in_exact_layers():
+def test_muse_exchanges_below_the_quantile_in_exact_layers():
     theta, start, end = 0.3, 1, 2
     encoder = tiny_encoder(layers=4)
-    cfg = FusionConfig(name="muse", muse_exchange_start=start, muse_exchange_end=end, muse_exchange_fraction=theta)
+    cfg = FusionConfig(name="muse", muse_exchange_start=start, muse_exchange_end=end, muse_exchange_quantile=theta)
     fusion = build_fusion(cfg, encoder).eval()
     batch = make_batch()
     text_real = batch["attention_mask"].bool()
@@ -205,8 +212,9 @@ def test_muse_exchanges_exact_fraction_in_exact_layers():
         for sample in range(2):
             n_text = int(text_real[sample].sum()) - 1  # real tokens other than [CLS]
             n_regions = int(image_real[sample].sum()) - 1
-            assert int(text_changed[sample].sum()) == round(theta * n_text)
-            assert int(image_changed[sample].sum()) == round(theta * n_regions)
+            # Below the theta-quantile of n distinct attention weights: ceil(theta * (n - 1)) tokens.
+            assert int(text_changed[sample].sum()) == math.ceil(theta * (n_text - 1))
+            assert int(image_changed[sample].sum()) == math.ceil(theta * (n_regions - 1))
         # Never [CLS], never padding.
         assert not text_changed[:, 0].any() and not (text_changed & ~text_real).any()
         assert not image_changed[:, 0].any() and not (image_changed & ~image_real).any()
@@ -219,12 +227,23 @@ def test_muse_exchanges_exact_fraction_in_exact_layers():
         assert torch.allclose(image_ffn[image_changed], expected_image[image_changed], atol=1e-6)
 
 
-def test_exchange_counts_round_half_to_even_like_python():
-    mask = torch.zeros(5, 12, dtype=torch.bool)
-    for row, real in enumerate([1, 2, 4, 6, 12]):
+def test_lowest_attended_is_the_references_quantile_rule():
+    """Per sample: real non-[CLS] tokens strictly below numpy's theta-quantile of their [CLS] attention."""
+    g = torch.Generator().manual_seed(0)
+    mask = torch.zeros(6, 12, dtype=torch.bool)
+    for row, real in enumerate([1, 2, 4, 6, 11, 12]):
         mask[row, :real] = True
-    for theta in (0.0, 0.2, 0.25, 0.5, 1.0):
-        assert exchange_counts(mask, theta).tolist() == [round(theta * (n - 1)) for n in [1, 2, 4, 6, 12]]
+    scores = torch.rand(6, 12, generator=g)
+    scores[5, 3:6] = scores[5, 2]  # ties: all or none of them are below the threshold
+    for theta in (0.0, 0.1, 0.2, 0.5, 1.0):
+        selected = lowest_attended(scores, mask, theta)
+        for row in range(6):
+            real = scores[row, 1 : int(mask[row].sum())].double().numpy()
+            expected = np.zeros(12, dtype=bool)
+            if len(real):
+                expected[1 : 1 + len(real)] = real < np.quantile(real, theta)
+            assert selected[row].tolist() == expected.tolist(), (theta, row)
+    assert not lowest_attended(scores, mask, 1.0)[0].any()  # [CLS] alone: nothing to exchange
 
 
 def test_muse_auxiliary_losses_follow_their_weights():
@@ -316,7 +335,7 @@ def test_gradients_reach_new_and_pretrained_parameters(name):
         optimizer.zero_grad()
         _objective(fusion(FusionInputs(**batch)), heads).backward()
         optimizer.step()
-    new = {n: p for n, p in fusion.named_parameters() if not n.startswith("encoder.")}
+    new = {n: p for n, p in fusion.named_parameters() if not n.startswith("encoder.") and p.requires_grad}
     if name in ("single_stream", "late"):
         assert not new
     for param_name, param in new.items():
@@ -355,14 +374,24 @@ def test_a_few_steps_fit_a_label_that_needs_both_modalities(name):
     [
         ({"name": "cross"}, "fusion.name"),
         ({"mbt_bottlenecks": -1}, "fusion.mbt_bottlenecks"),
-        ({"muse_exchange_fraction": 1.5}, "fusion.muse_exchange_fraction"),
+        ({"muse_exchange_quantile": 1.5}, "fusion.muse_exchange_quantile"),
         ({"muse_caption_weight": -0.1}, "fusion.muse_caption_weight"),
         ({"mbt_fusion_layer": -2}, "fusion.mbt_fusion_layer"),
+        ({"mbt_parameters": "both"}, "fusion.mbt_parameters is 'both'; choose one of per_modality, shared"),
+        ({"mbt_classifier": "mlp"}, "fusion.mbt_classifier"),
+        ({"mi2p_foreign": "frozen"}, "fusion.mi2p_foreign is 'frozen'; choose one of frozen_copy, shared"),
     ],
 )
 def test_config_rejects_bad_values_naming_the_key(overrides, message):
     with pytest.raises(ValueError, match=message):
         FusionConfig(**overrides)
+
+
+def test_the_removed_mi2p_freeze_foreign_key_is_an_error_naming_it_and_its_successor():
+    from preprocess.config import ConfigError, from_dict
+
+    with pytest.raises(ConfigError, match="unknown key 'fusion.mi2p_freeze_foreign'.*mi2p_foreign"):
+        from_dict(FusionConfig, {"name": "mi2p", "mi2p_freeze_foreign": True}, prefix="fusion")
 
 
 def test_depth_dependent_values_are_checked_against_the_release():
@@ -375,3 +404,101 @@ def test_depth_dependent_values_are_checked_against_the_release():
         build_fusion(FusionConfig(name="mi2p", mi2p_heads=3), encoder)
     resolved = FusionConfig(name="muse").resolved(6)
     assert (resolved.muse_exchange_start, resolved.muse_exchange_end) == (1, 3)
+
+
+def _train_steps(model: FinetuneModel, batch: dict[str, torch.Tensor], steps: int = 3, lr: float = 1e-2) -> None:
+    """A few AdamW steps on the whole model through the engine's own parameter groups."""
+    from pretrain.engine import param_groups
+
+    optimizer = torch.optim.AdamW(param_groups(model, weight_decay=0.01), lr=lr)
+    model.train()
+    for _ in range(steps):
+        optimizer.zero_grad()
+        model({**batch, "region_blanked": None, "labels": torch.tensor([0, 1])}).loss.backward()
+        optimizer.step()
+    model.eval()
+
+
+def test_mi2p_foreign_extractor_is_a_frozen_pretrained_copy(tmp_path):
+    from pretrain.engine import param_groups
+    from pretrain.weights import load_model
+
+    encoder = tiny_encoder()
+    pretrained = {k: v.clone() for k, v in encoder.state_dict().items()}
+    task = TaskConfig(name="classification", label_names=["a", "b"])
+    model = FinetuneModel(encoder.config, task, FusionConfig(name="mi2p"), encoder=encoder)
+    fusion, batch = model.fusion, make_batch()
+    foreign = dict(fusion.foreign_encoder.named_parameters())
+    assert foreign and not any(p.requires_grad for p in foreign.values())
+    in_optimizer = {id(p) for group in param_groups(model, 0.01) for p in group["params"]}
+    assert not in_optimizer & {id(p) for p in foreign.values()}
+    with torch.no_grad():
+        text, image = fusion.embed(FusionInputs(**batch))
+        before = fusion.foreign_features(text, image, FusionInputs(**batch))
+
+    _train_steps(model, batch)
+
+    # The pretrained weights, bit for bit, while the host encoder they were copied from has moved.
+    for name, param in foreign.items():
+        assert torch.equal(param, pretrained[name]), f"foreign {name} changed"
+    host = "bert.encoder.layer.0.output.dense.weight"
+    assert not torch.equal(encoder.state_dict()[host], pretrained[host])
+    with torch.no_grad():
+        after = fusion.foreign_features(*fusion.embed(FusionInputs(**batch)), FusionInputs(**batch))
+    assert all(torch.equal(a.states, b.states) for a, b in zip(before, after))
+    # Export and reload: the frozen copy comes back as it was, still frozen.
+    model.save_pretrained(tmp_path)
+    loaded = load_model(FinetuneModel, tmp_path, task, FusionConfig(name="mi2p"))
+    for name, param in loaded.fusion.foreign_encoder.named_parameters():
+        assert torch.equal(param, pretrained[name]) and not param.requires_grad, name
+    assert torch.equal(loaded.fusion.encoder.bert.encoder.layer[0].output.dense.weight,
+                       encoder.bert.encoder.layer[0].output.dense.weight)
+
+
+def test_mi2p_shared_foreign_extractor_drifts_with_the_host():
+    """``mi2p_foreign: shared`` keeps no copy, and its foreign features move as the shared layers train."""
+    encoder = tiny_encoder()
+    task = TaskConfig(name="classification", label_names=["a", "b"])
+    model = FinetuneModel(encoder.config, task, FusionConfig(name="mi2p", mi2p_foreign="shared"), encoder=encoder)
+    fusion, inputs = model.fusion, FusionInputs(**make_batch())
+    assert fusion.foreign_encoder is None
+    with torch.no_grad():
+        before = fusion.foreign_features(*fusion.embed(inputs), inputs)
+    _train_steps(model, make_batch())
+    with torch.no_grad():
+        after = fusion.foreign_features(*fusion.embed(inputs), inputs)
+    assert not torch.allclose(before[0].states, after[0].states)
+
+
+def test_mbt_per_modality_parameters_start_pretrained_and_train_apart():
+    encoder = tiny_encoder()
+    task = TaskConfig(name="classification", label_names=["a", "b"])
+    shared_model = FinetuneModel(encoder.config, task, FusionConfig(name="mbt", mbt_parameters="shared"),
+                                 encoder=copy.deepcopy(encoder)).eval()
+    model = FinetuneModel(encoder.config, task, FusionConfig(name="mbt"), encoder=encoder).eval()
+    fusion, batch = model.fusion, make_batch()
+    assert fusion.image_layers is not None and shared_model.fusion.image_layers is None
+    # Copies of the pretrained layers: same values, separate parameters.
+    for text_param, image_param in zip(fusion.layers.parameters(), fusion.image_layers.parameters()):
+        assert torch.equal(text_param, image_param) and text_param is not image_param
+    shared_model.fusion.bottlenecks.data.copy_(fusion.bottlenecks.data)
+    with torch.no_grad():
+        a, b = fusion(FusionInputs(**batch)), shared_model.fusion(FusionInputs(**batch))
+    assert torch.equal(a.text_states, b.text_states) and torch.equal(a.region_states, b.region_states)
+    _train_steps(model, batch)
+    text_w, image_w = fusion.layers[0].output.dense.weight, fusion.image_layers[0].output.dense.weight
+    assert not torch.equal(text_w, image_w)
+
+
+def test_mbt_classifier_is_one_linear_on_both_cls_with_logits_averaged():
+    encoder = tiny_encoder()
+    task = TaskConfig(name="classification", label_names=["a", "b", "c"])
+    model = FinetuneModel(encoder.config, task, FusionConfig(name="mbt"), encoder=encoder).eval()
+    assert len(model.head.heads) == 1
+    with torch.no_grad():
+        pooled = model.fusion(FusionInputs(**make_batch())).pooled
+        linear = model.head.heads[0]
+        assert torch.allclose(model.head(pooled), (linear(pooled[0]) + linear(pooled[1])) / 2)
+    per_modality = FinetuneModel(encoder.config, task, FusionConfig(name="mbt", mbt_classifier="per_modality"),
+                                 encoder=encoder)
+    assert len(per_modality.head.heads) == 2

@@ -10,6 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 STRATEGY_NAMES = ("single_stream", "mbt", "muse", "mi2p", "late")
+MBT_PARAMETERS = ("per_modality", "shared")
+MBT_CLASSIFIERS = ("shared", "per_modality")
+MI2P_FOREIGN = ("frozen_copy", "shared")
 
 
 @dataclass
@@ -19,30 +22,40 @@ class FusionConfig:
     # MBT (Nagrani et al. 2021): B bottleneck tokens from layer L_f on (0-based layer index).
     mbt_bottlenecks: int = 4  # B; 0 lets nothing cross between the modalities
     mbt_fusion_layer: int | None = None  # L_f; None -> min(round(2/3 * num_layers), num_layers - 2), the paper's mid fusion
+    mbt_parameters: str = "per_modality"  # per_modality: the image stream runs its own copy of the layers (the paper's) | shared
+    mbt_classifier: str = "shared"  # shared: one linear on both [CLS], logits averaged (the paper's) | per_modality
 
     # MuSE (Zhu et al. 2023): token exchange in layers mu..eta (0-based, inclusive).
     muse_exchange_start: int | None = None  # mu; None -> max(1, num_layers // 6) (MuSE's run scripts: 1 of 6)
     muse_exchange_end: int | None = None  # eta; None -> max(mu, num_layers // 2) (MuSE's run scripts: 3 of 6)
-    muse_exchange_fraction: float = 0.2  # theta: share of each modality's tokens replaced per exchange layer
-    muse_caption_weight: float = 0.1  # alpha: captioning from region embeddings; 0 disables (no decoder built)
-    muse_generation_weight: float = 0.1  # beta: region-feature generation from text; 0 disables
+    # theta: the tokens whose [CLS] attention lies below this quantile are exchanged (MuSE's --use_quantile rule)
+    muse_exchange_quantile: float = 0.1  # MuSE's run scripts: 0.1
+    muse_caption_weight: float = 0.001  # alpha: captioning from region embeddings; 0 disables (no decoder built)
+    muse_generation_weight: float = 0.001  # beta: region-feature generation from text; 0 disables
     muse_aux_noise: float = 1.0  # std of the Gaussian noise added to embeddings before the decoders (training only)
 
     # MI2P (Liang et al. 2022): injection plug-ins after every layer of each host stream.
     mi2p_heads: int = 4  # attention heads of each plug-in; must divide hidden_size
-    mi2p_freeze_foreign: bool = True  # foreign features computed without gradient (the paper freezes the extractor)
+    # frozen_copy: the foreign extractor is a frozen copy of the pretrained encoder (the paper's) |
+    # shared: the host's own (fine-tuned) encoder, run without gradient
+    mi2p_foreign: str = "frozen_copy"
 
     def __post_init__(self) -> None:
         if self.name not in STRATEGY_NAMES:
             raise ValueError(f"fusion.name is {self.name!r}; choose one of {', '.join(STRATEGY_NAMES)}")
+        for key, choices in (
+            ("mbt_parameters", MBT_PARAMETERS), ("mbt_classifier", MBT_CLASSIFIERS), ("mi2p_foreign", MI2P_FOREIGN)
+        ):
+            if getattr(self, key) not in choices:
+                raise ValueError(f"fusion.{key} is {getattr(self, key)!r}; choose one of {', '.join(choices)}")
         if self.mbt_bottlenecks < 0:
             raise ValueError(f"fusion.mbt_bottlenecks is {self.mbt_bottlenecks}; use 0 or more (paper: 4)")
         for key in ("mbt_fusion_layer", "muse_exchange_start", "muse_exchange_end"):
             value = getattr(self, key)
             if value is not None and value < 0:
                 raise ValueError(f"fusion.{key} is {value}; layer indices are 0-based and non-negative")
-        if not 0.0 <= self.muse_exchange_fraction <= 1.0:
-            raise ValueError(f"fusion.muse_exchange_fraction is {self.muse_exchange_fraction}; use a value in [0, 1]")
+        if not 0.0 <= self.muse_exchange_quantile <= 1.0:
+            raise ValueError(f"fusion.muse_exchange_quantile is {self.muse_exchange_quantile}; use a value in [0, 1]")
         for key in ("muse_caption_weight", "muse_generation_weight", "muse_aux_noise"):
             if getattr(self, key) < 0:
                 raise ValueError(f"fusion.{key} is {getattr(self, key)}; use 0 or more")

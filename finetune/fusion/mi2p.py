@@ -6,8 +6,14 @@ host with the text injected. After each host layer an injection plug-in lets the
 states. The plug-in's output projection starts at zero, so at initialisation the host runs its
 pretrained unimodal path exactly; fine-tuning opens the injection gradually.
 
-The foreign features are the other modality's own unimodal encoding (the whole encoder, alone),
-computed without gradient by default: the paper keeps the foreign extractor frozen. The paper
+The foreign features are the other modality's own unimodal encoding (the whole encoder, alone).
+The paper keeps the foreign extractor pretrained and frozen, so by default
+(``fusion.mi2p_foreign: frozen_copy``) it is a frozen copy of the release's encoder taken before
+fine-tuning (embeddings and layers; ``requires_grad`` off, so no optimizer holds it): whatever
+the hosts learn, the foreign features of an input stay the pretrained ones. It is part of the
+model's state, so exports and checkpoints carry it. ``shared`` runs the hosts' own encoder
+without gradient instead: no second copy in memory, but its features drift as the shared layers
+are fine-tuned through the host path, so that extractor is not frozen. The paper
 derives keys for CNN channels from a per-channel convolution with global pooling because a
 feature map's channels are not tokens; our regions already are tokens in the hidden space, so
 keys and values are plain linear projections for both directions.
@@ -18,7 +24,7 @@ variant): a learned score per summary, softmax over the two, weighted sum.
 
 from __future__ import annotations
 
-import contextlib
+import copy
 
 import torch
 import torch.nn.functional as F
@@ -82,13 +88,36 @@ class InjectionFusion(FusionEncoder):
         self.image_into_text = nn.ModuleList(InjectionPlugin(hidden, cfg.mi2p_heads) for _ in range(layers))
         self.text_into_image = nn.ModuleList(InjectionPlugin(hidden, cfg.mi2p_heads) for _ in range(layers))
         self.combine = AttentionWeightedCombination(hidden)
-        self.freeze_foreign = cfg.mi2p_freeze_foreign
+        # The pretrained weights as they are now, before any fine-tuning step. The pooler is
+        # dropped: foreign features are token states, never a summary.
+        self.foreign_encoder = None
+        if cfg.mi2p_foreign == "frozen_copy":
+            self.foreign_encoder = copy.deepcopy(encoder).requires_grad_(False)
+            self.foreign_encoder.bert.pooler = None
+
+    def frozen_modules(self) -> list[nn.Module]:
+        return [self.foreign_encoder] if self.foreign_encoder is not None else []
+
+    def foreign_features(self, text: Stream, image: Stream, inputs: FusionInputs) -> tuple[Stream, Stream]:
+        """Each modality's unimodal encoding by the foreign extractor, without gradient."""
+        with torch.no_grad():
+            if self.foreign_encoder is not None:
+                text, image = self.embed(inputs, self.foreign_encoder)
+                layers = self.foreign_encoder.bert.encoder.layer
+            else:
+                layers = self.layers
+            for layer in layers:
+                text, image = run_layer(layer, text), run_layer(layer, image)
+        return text, image
+
+    def train(self, mode: bool = True) -> "InjectionFusion":
+        super().train(mode)
+        if self.foreign_encoder is not None:
+            self.foreign_encoder.eval()  # frozen means no dropout either: the pretrained features as they are
+        return self
 
     def route(self, text: Stream, image: Stream, inputs: FusionInputs) -> FusedOutput:
-        with torch.no_grad() if self.freeze_foreign else contextlib.nullcontext():
-            foreign_text, foreign_image = text, image
-            for layer in self.layers:
-                foreign_text, foreign_image = run_layer(layer, foreign_text), run_layer(layer, foreign_image)
+        foreign_text, foreign_image = self.foreign_features(text, image, inputs)
         for index, layer in enumerate(self.layers):
             text_host, image_host = run_layer(layer, text), run_layer(layer, image)
             text = Stream(self.image_into_text[index](text_host.states, foreign_image), text.mask)

@@ -2,19 +2,37 @@
 
 Both modalities run through the same pretrained layers as separate streams (MuSE's
 CrossTransformer with shared parameters). In exchange layers ``mu..eta`` (0-based, inclusive)
-the layer is split at its two sub-blocks: after self-attention, in each modality the fraction
-``theta`` of tokens that [CLS] attends to least is replaced by the other modality's mean token
-plus a residual (the token itself), and only then does the feed-forward block run. This is where
-MuSE's reference code exchanges (after the post-LN attention block, before the FFN).
+the layer is split at its two sub-blocks: after self-attention, in each modality the tokens
+that [CLS] attends to least are replaced by the other modality's mean token plus a residual
+(the token itself), and only then does the feed-forward block run. This is where MuSE's
+reference code exchanges (after the post-LN attention block, before the FFN).
 
-[CLS] never takes part in the exchange and padding never counts: a modality with ``n`` real
-non-[CLS] tokens exchanges exactly ``round(theta * n)`` of them (round half to even, Python's
-``round``). The [CLS] attention row comes from ``routing.cls_attention``; the selection is
-discrete, so it is computed without gradient.
+Which tokens: the reference's ``--use_quantile`` rule, which all its run scripts use. Per
+sample, the tokens whose [CLS] attention lies strictly below the ``theta``-quantile (linear
+interpolation, as ``numpy.quantile``) of the attention over its real non-[CLS] tokens; with
+distinct weights that is ``ceil(theta * (n - 1))`` of ``n`` tokens. [CLS] never takes part and,
+unlike the reference (which pads text to a fixed length and ranks the padding too), padding
+neither counts nor is exchanged. The [CLS] attention row comes from ``routing.cls_attention``;
+the selection is discrete, so it is computed without gradient.
 
 MuSE's two auxiliary losses (``muse_decoders``) regularise the embeddings the streams start
 from: captioning from the image stream's embeddings (weight alpha) and region-feature generation
 from the text stream's embeddings (weight beta). They are computed in training mode only.
+
+Defaults are the reference's run scripts: theta 0.1, exchange layers 1..3 of 6, alpha = beta =
+1e-3 (its twitter2015 script and argument defaults; its twitter2017 script uses 1e-4). The
+NER head's CRF learning rate and dropout are task keys (``task.crf_lr``, ``task.crf_dropout``).
+
+Where this differs from the paper and its code (substitutions):
+
+- encoders: the paper encodes text with BERT and the image with a ResNet, projects both into a
+  small common space and exchanges in a separate CrossTransformer. Here both streams are the
+  release's own ImageBERT layers over word-piece and region (ROI feature) embeddings, in the
+  encoder's hidden space, which ImageBERT pretraining already shares between the modalities;
+- image generation: the paper generates pixels (PixelCNN++); our image is a set of region
+  features, so the generator predicts each region's feature from the text, queried by its box;
+- captioning: the paper's NIC-style LSTM captioner becomes one causal transformer decoder layer
+  over the release's word embeddings (``muse_decoders.CaptionDecoder``).
 """
 
 from __future__ import annotations
@@ -44,7 +62,7 @@ class ExchangeFusion(FusionEncoder):
         super().__init__(encoder, pooled_dims=[2 * hidden])
         self.exchange_start = cfg.muse_exchange_start
         self.exchange_end = cfg.muse_exchange_end
-        self.exchange_fraction = cfg.muse_exchange_fraction
+        self.exchange_quantile = cfg.muse_exchange_quantile
         self.caption_weight = cfg.muse_caption_weight
         self.generation_weight = cfg.muse_generation_weight
         self.caption_decoder = (
@@ -65,8 +83,8 @@ class ExchangeFusion(FusionEncoder):
                 text, image = run_layer(layer, text), run_layer(layer, image)
                 continue
             with torch.no_grad():
-                text_selected = lowest_attended(cls_attention(layer, text), text.mask, self.exchange_fraction)
-                image_selected = lowest_attended(cls_attention(layer, image), image.mask, self.exchange_fraction)
+                text_selected = lowest_attended(cls_attention(layer, text), text.mask, self.exchange_quantile)
+                image_selected = lowest_attended(cls_attention(layer, image), image.mask, self.exchange_quantile)
             text_mid = run_attention_block(layer, text)
             image_mid = run_attention_block(layer, image)
             # Both means come from the states before either exchange, so the swap is symmetric.
@@ -96,16 +114,13 @@ class ExchangeFusion(FusionEncoder):
         return sum(losses) if losses else None
 
 
-def exchange_counts(mask: torch.Tensor, fraction: float) -> torch.Tensor:
-    """How many tokens each sample exchanges: round(fraction * real non-[CLS] tokens), per sample [B]."""
-    candidates = mask[:, 1:].sum(-1).double()
-    return torch.round(candidates * fraction).long()
-
-
-def lowest_attended(cls_row: torch.Tensor, mask: torch.Tensor, fraction: float) -> torch.Tensor:
-    """Bool [B, N]: the ``exchange_counts`` real non-[CLS] tokens with the least [CLS] attention."""
+def lowest_attended(cls_row: torch.Tensor, mask: torch.Tensor, quantile: float) -> torch.Tensor:
+    """Bool [B, N]: the real non-[CLS] tokens whose [CLS] attention is strictly below the
+    ``quantile``-quantile of that sample's real non-[CLS] tokens' attention (MuSE's quantile rule)."""
     candidates = mask.clone()
     candidates[:, 0] = False
-    scores = cls_row.float().masked_fill(~candidates, float("inf"))
-    rank = scores.argsort(dim=-1, stable=True).argsort(dim=-1)
-    return rank < exchange_counts(mask, fraction)[:, None]
+    # NaN marks what is not a candidate: nanquantile skips it and no comparison with it is true,
+    # so a sample without candidates exchanges nothing.
+    scores = cls_row.float().masked_fill(~candidates, float("nan"))
+    threshold = torch.nanquantile(scores, quantile, dim=-1, keepdim=True)
+    return candidates & (scores < threshold)

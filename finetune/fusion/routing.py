@@ -5,7 +5,8 @@ not see each other are simply run as separate calls of the same layer (same weig
 tricks needed); tokens that may see each other are concatenated and share one call under a key
 mask. Everything here reuses the release's own modules: word/segment/position embeddings, region
 embeddings, each ``BertLayer`` and the ``BertPooler``. Strategies add only the parameters their
-paper adds (bottleneck tokens, plug-ins, decoders).
+paper adds (bottleneck tokens, plug-ins, decoders, MBT's per-modality copies of the layers,
+MI2P's frozen foreign extractor).
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ class Stream:
 class FusedOutput:
     text_states: torch.Tensor  # [B, T, H] final text token states (MNER tags them)
     region_states: torch.Tensor  # [B, R, H] final region states (no image [CLS])
-    # One or more [B, D_i] summaries: a head applies one linear per entry and averages the logits.
+    # One or more [B, D_i] summaries: a head applies one linear per entry (or one shared linear to
+    # every entry: FusionEncoder.shared_head) and averages the logits.
     pooled: list[torch.Tensor]
     aux_loss: torch.Tensor | None = None  # already weighted (MuSE's alpha/beta); None when the strategy has none
 
@@ -100,28 +102,39 @@ class FusionEncoder(nn.Module):
     ``forward`` embeds the text stream (``[CLS] text [SEP]``) and the image stream (an image
     [CLS], then the regions) with the release's own embeddings and hands both to ``route``,
     which each strategy implements: which tokens share an attention call in which layer, and
-    what crosses between the modalities. Subclasses also set ``pooled_dims``.
+    what crosses between the modalities. Subclasses also set ``pooled_dims`` (and ``shared_head``).
     """
 
-    def __init__(self, encoder: ImageBertModel, pooled_dims: list[int]):
+    def __init__(self, encoder: ImageBertModel, pooled_dims: list[int], shared_head: bool = False):
         super().__init__()
         self.encoder = encoder
         self.hidden_size = encoder.config.hidden_size
         self.pooled_dims = pooled_dims
+        # True: a head applies ONE layer to every pooled summary (they share a space: MBT's classifier).
+        self.shared_head = shared_head
 
     @property
     def layers(self) -> nn.ModuleList:
         return self.encoder.bert.encoder.layer
 
+    def frozen_modules(self) -> list[nn.Module]:
+        """Modules that must never train (``requires_grad`` off; the fine-tuning model keeps them so)."""
+        return []
+
     def forward(self, inputs: FusionInputs) -> FusedOutput:
         check_feature_dim(inputs.region_features, self.encoder.config)
-        text = Stream(self.encoder.embed_tokens(inputs.input_ids, segment=0), inputs.attention_mask.bool())
-        return self.route(text, self.embed_image(inputs), inputs)
+        return self.route(*self.embed(inputs), inputs)
 
     def route(self, text: Stream, image: Stream, inputs: FusionInputs) -> FusedOutput:
         raise NotImplementedError
 
-    def embed_image(self, inputs: FusionInputs) -> Stream:
+    def embed(self, inputs: FusionInputs, encoder: ImageBertModel | None = None) -> tuple[Stream, Stream]:
+        """The text and the image stream, embedded by ``encoder``'s embeddings (default: the release's)."""
+        encoder = encoder if encoder is not None else self.encoder
+        text = Stream(encoder.embed_tokens(inputs.input_ids, segment=0), inputs.attention_mask.bool())
+        return text, self.embed_image(inputs, encoder)
+
+    def embed_image(self, inputs: FusionInputs, encoder: ImageBertModel) -> Stream:
         """The image stream: an image [CLS] followed by the regions.
 
         Two-stream strategies need a summary token per modality. The image [CLS] is the text's
@@ -129,8 +142,8 @@ class FusionEncoder(nn.Module):
         so it starts from pretrained weights and differs from every region (those share the
         region position). Single stream drops it: its regions follow the text.
         """
-        cls = self.encoder.embed_tokens(inputs.input_ids[:, :1], segment=1)
-        regions = self.encoder.embed_regions(inputs.region_features, inputs.region_geometry, inputs.region_blanked)
+        cls = encoder.embed_tokens(inputs.input_ids[:, :1], segment=1)
+        regions = encoder.embed_regions(inputs.region_features, inputs.region_geometry, inputs.region_blanked)
         cls_mask = torch.ones_like(inputs.region_mask[:, :1], dtype=torch.bool)
         return Stream(torch.cat([cls, regions.to(cls.dtype)], 1), torch.cat([cls_mask, inputs.region_mask.bool()], 1))
 
