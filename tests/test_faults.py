@@ -37,8 +37,11 @@ def _env() -> dict[str, str]:
     env = dict(os.environ)
     env.update(DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "MASTER_PORT"):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
         env.pop(name, None)
+    # A free port for a one-rank run's process group (torchrun gets its own with --master_port):
+    # the default, 29500, may be held by any other run on the machine.
+    env["MASTER_PORT"] = str(free_port())
     return env
 
 
@@ -170,10 +173,10 @@ def test_sigkills_at_random_moments_lose_no_checkpoint_and_repeat_no_step(shards
         before = _latest_step(run_dir)
         log = tmp_path / f"run{trial}.log"
         with open(log, "w") as out:
-            # A fresh port each time: a killed trainer's DataLoader worker holds its store's port
+            # A fresh port each time (_env): a killed trainer's DataLoader worker holds its store's port
             # until it notices (within 5 s) that its parent is gone.
             proc = subprocess.Popen(_launch(1, ["-m", "pretrain", "--config", str(config)], run_dir, "--resume"), cwd=REPO,
-                                    env={**_env(), "MASTER_PORT": str(free_port())}, stdout=out, stderr=subprocess.STDOUT)
+                                    env=_env(), stdout=out, stderr=subprocess.STDOUT)
         if kills == 10:
             assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
             break
