@@ -322,7 +322,10 @@ def worker(args) -> None:
         "analytic_bytes_per_param": analytic_bytes_per_param(args.precision, stage, offload, dist.get_world_size(), on_cuda),
         "final_loss": losses["loss"].detach().item(),
     }
-    print("ZEROMEM " + json.dumps(result), flush=True)
+    # One write, newline included: the ranks share the pipe, and print() writes the text and its
+    # end separately when stdout is unbuffered, so two ranks' lines could run into one.
+    sys.stdout.write("ZEROMEM " + json.dumps(result) + "\n")
+    sys.stdout.flush()
     dist.barrier()
 
 
