@@ -182,11 +182,11 @@ def write_or_check_spec(output: Location, spec: FeatureSpec, calibration: Batchn
         diffs = existing.differences(spec, path, "this run's detector")
         if diffs:
             raise ExtractError(f"{path} does not match this run's detector ({'; '.join(diffs)[:600]}); use a fresh --output")
-    if calibration is not None:
-        # Before the spec: whoever finds a spec finds its calibration. Same network, same bytes,
-        # so another worker or a rerun writing it again changes nothing.
-        calibration.save(output)
     if existing is None:
+        if calibration is not None:
+            # Before the spec: whoever finds a spec finds its calibration (and a rerun or another
+            # worker, finding the spec, loaded this file rather than writing it again).
+            calibration.save(output)
         spec.save(output)
 
 
