@@ -4,6 +4,8 @@ session fixtures: ``tokenizer`` (the quickstart's MiniLM tokenizer, shipped in a
 (a real S3-compatible server on 127.0.0.1, ``tests/s3_server.py``)."""
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -11,6 +13,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# DeepSpeed JIT-builds a C++ op (about a minute of CPU) into ~/.cache/torch_extensions with the
+# first `ninja` on PATH. SLURM jobs activate the venv and so run its ninja; if the test process
+# ran another one, the two would rebuild the op each time they alternate. The venv's first keeps
+# one build for the whole session.
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
 @pytest.fixture(scope="session")

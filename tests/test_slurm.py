@@ -56,10 +56,6 @@ def _job_env(cluster: SlurmCluster) -> dict[str, str]:
             "TRANSFORMERS_OFFLINE": "1",
             "TOKENIZERS_PARALLELISM": "false",
             "OMP_NUM_THREADS": "1",
-            # DeepSpeed JIT-builds a C++ op on first use. Jobs activate the venv and so run its
-            # ninja, which may differ from the one on the test process's PATH; two ninjas
-            # sharing one build directory rebuild the op (minutes) every time they alternate.
-            "TORCH_EXTENSIONS_DIR": str(Path.home() / ".cache" / "torch_extensions_vlp_slurm_tests"),
         }
     )
 
