@@ -73,6 +73,9 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=6, help="timed steps per round")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--itm-pairs", choices=["masked", "unmasked"], default="masked",
+                   help="the batch of data.itm_pairs: masked (one forward, the figures below) or unmasked "
+                        "(the pretraining default: ITM in a second forward over the unmasked pairs)")
     p.add_argument("--skip-visualbert", action="store_true", help="leave out (b)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     return p.parse_args(argv)
@@ -101,7 +104,8 @@ def imagebert(args) -> ImageBertForPretraining:
 
 
 def make_batch(args, dev: torch.device) -> dict:
-    """A masked batch like pretrain.data's: 15% of tokens and regions masked, half the pairs negatives.
+    """A masked batch like pretrain.data's: 15% of tokens and regions masked, half the pairs negatives
+    (with ``--itm-pairs unmasked``, apart from the masked inputs as ``itm_input_ids``).
     On the device in float32, as the trainer hands it over (the model casts its inputs)."""
     g = torch.Generator().manual_seed(0)
     b, t, r = args.batch, args.text, args.regions
@@ -119,6 +123,9 @@ def make_batch(args, dev: torch.device) -> dict:
         "region_masked": region_masked, "region_cls_prob": cls_prob,
         "itm_labels": (torch.rand(b, generator=g) < 0.5).long(),
     }
+    if args.itm_pairs == "unmasked":
+        batch["itm_input_ids"] = torch.randint(min(1000, args.vocab // 2), args.vocab, (b, t), generator=g)
+        batch["itm_attention_mask"] = torch.ones(b, t, dtype=torch.long)
     return {k: v.to(dev) for k, v in batch.items()}
 
 

@@ -235,9 +235,19 @@ class PretrainCollate:
         return caption_of, torch.tensor(labels, dtype=torch.long)
 
     def __call__(self, samples: list[dict[str, Any]], generator: torch.Generator | None = None) -> dict[str, Any]:
+        """The masked inputs and targets, and the ITM pairs: with ``data.itm_pairs: unmasked``
+        the masked inputs hold every sample's own caption and the ITM pairs come apart, unmasked,
+        as ``itm_input_ids`` / ``itm_attention_mask``; with ``masked`` the masked inputs are the
+        ITM pairs themselves (``pretrain.model.masked_rows`` says which rows the masked
+        objectives score)."""
         generator = generator or self._generator()
         caption_of, itm_labels = self.draw_negatives(samples, generator)
-        batch = pad_samples(samples, caption_of, self.pad_token_id)
+        if self.data.itm_pairs == "unmasked":
+            batch = pad_samples(samples, list(range(len(samples))), self.pad_token_id)
+            itm_text = pad_captions([samples[j] for j in caption_of], self.pad_token_id)
+            batch["itm_input_ids"], batch["itm_attention_mask"] = itm_text["input_ids"], itm_text["attention_mask"]
+        else:
+            batch = pad_samples(samples, caption_of, self.pad_token_id)
         mask_text_rows, mask_region_rows = choose_modality(len(samples), self.masking, generator)
         maskable = batch.pop("maskable") & mask_text_rows[:, None]
         batch["input_ids"], batch["mlm_labels"] = mask_text(
@@ -263,6 +273,25 @@ def _float32_zeros(shape: tuple[int, ...]) -> torch.Tensor:
     return torch.empty(0, dtype=torch.float32).set_(storage, 0, shape).zero_()
 
 
+def pad_captions(captions: list[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """``input_ids``, ``attention_mask`` and ``maskable`` (real, non-special tokens), padded to
+    the longest caption."""
+    text_length = max(len(c["input_ids"]) for c in captions)
+    input_ids = np.full((len(captions), text_length), pad_token_id, dtype=np.int64)
+    attention_mask = np.zeros((len(captions), text_length), dtype=np.int64)
+    maskable = np.zeros((len(captions), text_length), dtype=bool)
+    for i, caption in enumerate(captions):
+        t = len(caption["input_ids"])
+        input_ids[i, :t] = caption["input_ids"]
+        attention_mask[i, :t] = 1
+        maskable[i, :t] = ~caption["special_tokens_mask"]
+    return {
+        "input_ids": torch.from_numpy(input_ids),
+        "attention_mask": torch.from_numpy(attention_mask),
+        "maskable": torch.from_numpy(maskable),
+    }
+
+
 def pad_samples(samples: list[dict[str, Any]], caption_of: list[int], pad_token_id: int) -> dict[str, Any]:
     """Unmasked padded tensors: sample i's regions with sample ``caption_of[i]``'s caption.
 
@@ -270,15 +299,10 @@ def pad_samples(samples: list[dict[str, Any]], caption_of: list[int], pad_token_
     batch (not to the maxima of the config), so short batches cost less.
     """
     n = len(samples)
-    captions = [samples[j] for j in caption_of]
-    text_length = max(len(c["input_ids"]) for c in captions)
     num_regions = max(len(s["features"]) for s in samples)
     feature_dim = samples[0]["features"].shape[1]
     num_classes = samples[0]["cls_prob"].shape[1]
 
-    input_ids = np.full((n, text_length), pad_token_id, dtype=np.int64)
-    attention_mask = np.zeros((n, text_length), dtype=np.int64)
-    maskable = np.zeros((n, text_length), dtype=bool)
     geometry = np.zeros((n, num_regions, 5), dtype=np.float32)
     region_mask = np.zeros((n, num_regions), dtype=np.int64)
     # The float16 rows are widened by torch, whose copy uses the CPU's vector conversion (F16C):
@@ -286,19 +310,14 @@ def pad_samples(samples: list[dict[str, Any]], caption_of: list[int], pad_token_
     # give the same float32 bits for every float16 except signalling NaNs, which torch quiets.
     features = _float32_zeros((n, num_regions, feature_dim))
     cls_prob = _float32_zeros((n, num_regions, num_classes))
-    for i, (sample, caption) in enumerate(zip(samples, captions)):
-        t, r = len(caption["input_ids"]), len(sample["features"])
-        input_ids[i, :t] = caption["input_ids"]
-        attention_mask[i, :t] = 1
-        maskable[i, :t] = ~caption["special_tokens_mask"]
+    for i, sample in enumerate(samples):
+        r = len(sample["features"])
         features[i, :r] = torch.from_numpy(sample["features"])
         geometry[i, :r] = sample["geometry"]
         region_mask[i, :r] = 1
         cls_prob[i, :r] = torch.from_numpy(sample["cls_prob"])
     return {
-        "input_ids": torch.from_numpy(input_ids),
-        "attention_mask": torch.from_numpy(attention_mask),
-        "maskable": torch.from_numpy(maskable),
+        **pad_captions([samples[j] for j in caption_of], pad_token_id),
         "region_features": features,
         "region_geometry": torch.from_numpy(geometry),
         "region_mask": torch.from_numpy(region_mask),

@@ -8,6 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# What ITM scores. ``unmasked`` (ImageBERT, UNITER): its own forward over the pairs as they are,
+# negatives included, while the masked objectives run on every sample with its own caption.
+# ``masked``: one forward for everything, ITM on the masked pairs and the masked objectives on
+# the matched ones only (cheaper per step; the masked positions of negatives score nothing).
+ITM_PAIRS = ("unmasked", "masked")
+
 
 @dataclass
 class DataConfig:
@@ -19,6 +25,7 @@ class DataConfig:
     num_workers: int = 2
     shuffle_buffer: int = 1000
     itm_negative_rate: float = 0.5  # share of pairs whose caption is replaced by another sample's
+    itm_pairs: str = "unmasked"  # see ITM_PAIRS
 
     def __post_init__(self) -> None:
         if self.batch_size < 2:
@@ -33,3 +40,5 @@ class DataConfig:
             raise ValueError(f"data.shuffle_buffer must be >= 1 (1 disables shuffling), got {self.shuffle_buffer}")
         if not 0.0 <= self.itm_negative_rate < 1.0:
             raise ValueError(f"data.itm_negative_rate must be in [0, 1), got {self.itm_negative_rate}")
+        if self.itm_pairs not in ITM_PAIRS:
+            raise ValueError(f"data.itm_pairs must be one of {list(ITM_PAIRS)}, got {self.itm_pairs!r}")

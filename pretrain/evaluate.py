@@ -29,7 +29,7 @@ from pretrain.data_config import DataConfig
 from pretrain.distributed import all_reduce_sum, shard
 from pretrain.evaluate_config import EvalConfig
 from pretrain.masking_config import MaskingConfig
-from pretrain.model import IGNORE_INDEX, ImageBertForPretraining
+from pretrain.model import IGNORE_INDEX, ImageBertForPretraining, masked_rows
 from pretrain.model_config import ObjectiveWeights
 from pretrain.retrieval import recall_at_k
 
@@ -53,13 +53,13 @@ def masked_modelling_metrics(
         out = model(to_device(batch, device), weights)
         if index is None:  # a padding forward: every rank runs as many (ZeRO-3)
             continue
-        matched = batch["itm_labels"].bool()
-        # What each loss is averaged over inside the model (masked positions of matched pairs),
-        # so that batch means combine into the mean over the whole validation set.
-        masked_regions = int((batch["region_masked"] & batch["region_mask"].bool() & matched[:, None]).sum())
+        scored = masked_rows(batch)
+        # What each loss is averaged over inside the model (masked positions of the rows it
+        # scores), so that batch means combine into the mean over the whole validation set.
+        masked_regions = int((batch["region_masked"] & batch["region_mask"].bool() & scored[:, None]).sum())
         count = {
-            "mlm": int(((batch["mlm_labels"] != IGNORE_INDEX) & matched[:, None]).sum()),
-            "moc": masked_regions, "mrfr": masked_regions, "itm": len(matched),
+            "mlm": int(((batch["mlm_labels"] != IGNORE_INDEX) & scored[:, None]).sum()),
+            "moc": masked_regions, "mrfr": masked_regions, "itm": len(scored),
         }
         for name, (correct, seen) in out.counts.items():
             sums[f"{name}_correct"] += float(correct)
@@ -67,7 +67,7 @@ def masked_modelling_metrics(
         for name, loss in out.losses.items():
             sums[f"{name}_loss_sum"] += float(loss) * count[name]
             sums[f"{name}_loss_count"] += count[name]
-        sums["positives"] += int(matched.sum())
+        sums["positives"] += int(batch["itm_labels"].sum())
     total = all_reduce_sum(torch.tensor([sums[n] for n in names], dtype=torch.float64, device=device)).tolist()
     sums = dict(zip(names, total))
     metrics = {f"{n}_acc": 100.0 * sums[f"{n}_correct"] / max(sums[f"{n}_seen"], 1) for n in accuracies}

@@ -256,7 +256,9 @@ class ImageBertForPretraining(ImageBertPreTrainedModel):
     """ImageBERT with MLM (decoder tied to the word embeddings), MOC, MRFR and ITM heads.
 
     ``forward`` takes a batch from ``pretrain.data`` (already masked) and returns the losses.
-    Masked-modelling losses count on matched pairs only (``itm_labels == 1``).
+    Masked-modelling losses count on matched pairs only (``masked_rows``). A batch with
+    ``itm_input_ids`` (``data.itm_pairs: unmasked``, ImageBERT's and UNITER's way) gets ITM from
+    a second forward over those unmasked pairs; otherwise ITM reads the masked forward.
     """
 
     _tied_weights_keys = {
@@ -312,7 +314,7 @@ class ImageBertForPretraining(ImageBertPreTrainedModel):
         )
         text_states = enc.last_hidden_state[:, : enc.text_length]
         region_states = enc.last_hidden_state[:, enc.text_length :]
-        matched = batch["itm_labels"].bool()
+        matched = masked_rows(batch)
         losses: dict[str, torch.Tensor] = {}
         counts: dict[str, tuple[torch.Tensor, int]] = {}
 
@@ -342,7 +344,13 @@ class ImageBertForPretraining(ImageBertPreTrainedModel):
             loss_sum = F.mse_loss(predicted, target, reduction="none").mean(-1).sum()
             losses["mrfr"] = _mean_or_zero(loss_sum, len(target), predicted)
         if weights.itm:
-            itm_logits = self.itm_head(enc.pooler_output).float()
+            summary = enc.pooler_output
+            if "itm_input_ids" in batch:
+                summary = self.imagebert(
+                    batch["itm_input_ids"], batch["itm_attention_mask"], batch["region_features"],
+                    batch["region_geometry"], batch["region_mask"],
+                ).pooler_output
+            itm_logits = self.itm_head(summary).float()
             losses["itm"] = F.cross_entropy(itm_logits, batch["itm_labels"].long())
             counts["itm"] = ((itm_logits.argmax(-1) == batch["itm_labels"]).sum(), len(itm_logits))
 
@@ -361,6 +369,15 @@ class ImageBertForPretraining(ImageBertPreTrainedModel):
         enc = self.imagebert(input_ids, attention_mask, region_features, region_geometry, region_mask)
         logits = self.itm_head(enc.pooler_output).float()
         return logits[:, 1] - logits[:, 0]
+
+
+def masked_rows(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[B] bool: the rows whose masked positions the masked objectives score. Every row when the
+    ITM pairs come apart (``itm_input_ids``: the masked inputs are each sample with its own
+    caption), else the matched pairs only: a negative's caption does not describe its regions."""
+    if "itm_input_ids" in batch:
+        return torch.ones_like(batch["itm_labels"], dtype=torch.bool)
+    return batch["itm_labels"].bool()
 
 
 def masked_mean(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

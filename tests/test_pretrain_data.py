@@ -67,7 +67,10 @@ def test_batch_contract(shards, tokenizer):
         "region_geometry": ((b, r, 5), torch.float32), "region_mask": ((b, r), torch.long),
         "region_blanked": ((b, r), torch.bool), "region_masked": ((b, r), torch.bool), "region_cls_prob": ((b, r, spec.num_classes), torch.float32),
         "itm_labels": ((b,), torch.long),
+        "itm_input_ids": ((b, batch["itm_input_ids"].shape[1]), torch.long),
+        "itm_attention_mask": ((b, batch["itm_input_ids"].shape[1]), torch.long),
     }
+    assert 3 <= batch["itm_input_ids"].shape[1] <= data.max_text_length
     for name, (shape, dtype) in expected.items():
         assert tuple(batch[name].shape) == shape, name
         assert batch[name].dtype == dtype, name
@@ -89,16 +92,30 @@ def test_batch_contract(shards, tokenizer):
         assert torch.equal(batch["region_features"][i, :n], torch.from_numpy(originals[key]["features"].astype(np.float32)))
 
 
-def test_itm_negatives_have_other_captions(shards, tokenizer):
+@pytest.mark.parametrize("itm_pairs", ["unmasked", "masked"])
+def test_itm_negatives_have_other_captions(shards, tokenizer, itm_pairs):
+    """The ITM pairs hold another sample's caption exactly where the label says 0. Unmasked
+    (the default): they come apart from the masked inputs, which hold every sample's own caption
+    and are masked; masked: the masked inputs are the pairs."""
     pattern, spec = shards
-    data = DataConfig(batch_size=8, num_workers=0, shuffle_buffer=20)
+    data = DataConfig(batch_size=8, num_workers=0, shuffle_buffer=20, itm_pairs=itm_pairs)
     originals = original_samples(pattern, tokenizer, spec)
     labels = []
-    for batch in take(build_train_loader(pattern, tokenizer, spec, data, MaskingConfig(text_rate=0.0), 3, 0, 1), 25):
+    text_rate = 0.5 if itm_pairs == "unmasked" else 0.0
+    for batch in take(build_train_loader(pattern, tokenizer, spec, data, MaskingConfig(text_rate=text_rate), 3, 0, 1), 25):
+        pairs = ("itm_input_ids", "itm_attention_mask") if itm_pairs == "unmasked" else ("input_ids", "attention_mask")
         for i, key in enumerate(batch["keys"]):
-            text = decode_text(tokenizer, batch["input_ids"][i], batch["attention_mask"][i])
+            text = decode_text(tokenizer, batch[pairs[0]][i], batch[pairs[1]][i])
             own = tokenizer.decode(originals[key]["input_ids"], skip_special_tokens=True)
             assert (text == own) == bool(batch["itm_labels"][i]), (key, text, own)
+            if itm_pairs == "unmasked":  # the masked inputs: the own caption, with [MASK]s
+                ids = torch.where(batch["mlm_labels"][i] == IGNORE_INDEX, batch["input_ids"][i], batch["mlm_labels"][i])
+                assert decode_text(tokenizer, ids, batch["attention_mask"][i]) == own
+        if itm_pairs == "unmasked":
+            assert (batch["input_ids"] == tokenizer.mask_token_id).any()
+            assert not (batch["itm_input_ids"] == tokenizer.mask_token_id).any()
+        else:
+            assert "itm_input_ids" not in batch
         labels.append(batch["itm_labels"])
     share = torch.cat(labels).float().mean().item()
     assert 0.4 < share < 0.6  # 200 pairs at itm_negative_rate 0.5
@@ -217,6 +234,8 @@ def test_bad_samples_are_skipped_and_logged(tmp_path, tokenizer, caplog):
 def test_config_and_spec_errors(shards):
     with pytest.raises(ValueError, match="data.itm_negative_rate"):
         DataConfig(itm_negative_rate=1.0)
+    with pytest.raises(ValueError, match=r"data.itm_pairs must be one of \['unmasked', 'masked'\], got 'raw'"):
+        DataConfig(itm_pairs="raw")
     with pytest.raises(ValueError, match="data.batch_size"):
         DataConfig(batch_size=1)
     with pytest.raises(ValueError, match="eval.retrieval_candidates"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from pretrain_shards import feature_spec, make_feature_samples
 from pretrain.data import PretrainCollate, SampleDecoder
@@ -114,7 +115,7 @@ def test_each_loss_falls(tokenizer, one_thread):
     batches = batches_of(tokenizer, 64, 16, seed=3)
     model = tiny_model(tokenizer, dropout=0.0)
     before = validation_losses(model, batches)
-    train_steps(model, batches, ObjectiveWeights(), steps=160)
+    train_steps(model, batches, ObjectiveWeights(), steps=240)
     after = validation_losses(model, batches)
     assert set(before) == {"mlm", "moc", "mrfr", "itm"}
     for name in before:
@@ -136,8 +137,10 @@ def test_moc_kl_loss_falls(tokenizer, one_thread):
 
 
 def test_masked_losses_ignore_negative_pairs(tokenizer):
-    """Changing a negative pair's masked targets changes nothing: masked losses count on matched pairs only."""
-    batch = batches_of(tokenizer, 16, 16, seed=4, masking=MaskingConfig(text_rate=0.5, region_rate=0.5))[0]
+    """``data.itm_pairs: masked``: changing a negative pair's masked targets changes nothing, the
+    masked losses count on matched pairs only."""
+    batch = batches_of(tokenizer, 16, 16, seed=4, masking=MaskingConfig(text_rate=0.5, region_rate=0.5),
+                       data=DataConfig(batch_size=16, itm_pairs="masked"))[0]
     negative = batch["itm_labels"] == 0
     assert negative.any()
     model = tiny_model(tokenizer).eval()
@@ -153,6 +156,33 @@ def test_masked_losses_ignore_negative_pairs(tokenizer):
         result = model(changed).losses
     for name in ("mlm", "mrfr"):
         assert float(result[name]) == pytest.approx(float(reference[name]), rel=1e-6)
+
+
+def test_unmasked_itm_pairs_get_their_own_forward(tokenizer):
+    """``data.itm_pairs: unmasked`` (the default): ITM scores the pairs as they are, in a forward
+    apart from the masked one, so it is what ``itm_scores`` gives them; the masked losses count
+    every row (each holds its own caption); and the ITM pairs do not touch the masked losses."""
+    batch = batches_of(tokenizer, 16, 16, seed=4, masking=MaskingConfig(text_rate=0.5, region_rate=0.5))[0]
+    negative = batch["itm_labels"] == 0
+    assert negative.any() and not negative.all()
+    model = tiny_model(tokenizer).eval()
+    torch.nn.init.normal_(model.itm_head.weight, std=1.0, generator=torch.Generator().manual_seed(0))  # scores that differ
+    with torch.no_grad():
+        out = model(batch)
+        scores = model.itm_scores(batch["itm_input_ids"], batch["itm_attention_mask"], batch["region_features"],
+                                  batch["region_geometry"], batch["region_mask"])
+        expected = F.binary_cross_entropy_with_logits(scores, batch["itm_labels"].float())
+        assert float(out.losses["itm"]) == pytest.approx(float(expected), rel=1e-5)
+        # Every row's masked tokens are scored, negatives' included.
+        assert int(out.counts["mlm"][1]) == int((batch["mlm_labels"] != IGNORE_INDEX).sum())
+        assert int((batch["mlm_labels"][negative] != IGNORE_INDEX).sum()) > 0
+        on_masked_inputs = model.itm_scores(batch["input_ids"], batch["attention_mask"], batch["region_features"],
+                                            batch["region_geometry"], batch["region_mask"])
+        assert (scores - on_masked_inputs).abs().max() > 1e-2  # so the match above says which pairs ITM read
+        swapped = dict(batch, itm_input_ids=batch["itm_input_ids"].flip(0), itm_attention_mask=batch["itm_attention_mask"].flip(0))
+        again = model(swapped).losses
+    for name in ("mlm", "moc", "mrfr"):
+        assert float(again[name]) == float(out.losses[name])
 
 
 @pytest.mark.parametrize("pooling", ["cls", "mean"])
