@@ -21,7 +21,7 @@ set). Each single-stage run uses the quickstart's first-stage schedule (it start
 pretrained text model, as that stage does); the second stage of the two-stage run uses the
 quickstart's second-stage schedule. The report is the last held-out evaluation of each run
 (ITM accuracy, zero-shot retrieval R@1/5/10 ranked by the ITM head), as a markdown table and as
-JSON (``OUT/report.json``).
+JSON (``OUT/report-<settings key>.json``).
 
 Data directories are named by their settings and resume; a run directory is named by its
 config and the newest commit that changed the code it runs (``CODE``), and a finished one
@@ -145,8 +145,9 @@ def run_configs(args, features: Path) -> dict[str, dict]:
     return {name: copy.deepcopy(base) | {"stages": s} for name, s in stages.items()}
 
 
-# What a run's result depends on besides its config; a commit that touches only docs keeps the cache.
-CODE = ("preprocess", "pretrain", "configs", "bench/two_stage.py", "pyproject.toml", "constraints.txt")
+# What a run's result depends on besides its config (which the run key holds whole): a commit that
+# touches only docs or this script's reporting keeps the cache.
+CODE = ("preprocess", "pretrain", "configs", "pyproject.toml", "constraints.txt")
 
 
 def _commit() -> str:
@@ -219,9 +220,11 @@ def report(args, run_dirs: dict[str, Path]) -> dict:
                       r["step"] == args.steps - args.stage2_steps)
     table.append(f"| (stage 1 then 2, at the end of stage 1, step {stage1_end['step']}) | " +
                  " | ".join(f"{stage1_end[k]:.1f}" for k in METRICS) + " |")
-    summary = {"settings": vars(args) | {"out": str(args.out)}, "commit": _commit(), "table": "\n".join(table),
-               "results": results}
-    (args.out / "report.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "parallel")}
+    summary = {"settings": settings, "commit": _commit(), "table": "\n".join(table), "results": results}
+    path = args.out / f"report-{_key(settings)}.json"  # one per design, so reports of several sit side by side
+    path.write_text(json.dumps(summary, indent=1, default=str) + "\n")
+    print(f"{path}:")
     print("\n".join(table))
     return summary
 
