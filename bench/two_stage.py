@@ -24,8 +24,8 @@ quickstart's second-stage schedule. The report is the last held-out evaluation o
 JSON (``OUT/report-<settings key>.json``).
 
 Data directories are named by their settings and resume; a run directory is named by its
-config and the newest commit that changed the code it runs (``CODE``), and a finished one
-(``done.json``) is not run again.
+config, the content of the feature shards it reads and the newest commit that changed the code
+it runs (``CODE``), and a finished one (``done.json``) is not run again.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "configs/pretrain/quickstart.yaml"
 EXTRACT_CONFIG = REPO / "configs/preprocess/quickstart.yaml"
+SAMPLES_PER_SHARD = 200
 METRICS = ("itm_acc", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
 CONDITIONS = ("stage 1 only", "stage 2 only", "stage 1 then 2")
 
@@ -66,8 +67,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if not 0 < args.stage2_steps < args.steps:
         p.error("--stage2-steps must be between 0 and --steps")
-    if args.candidates > args.eval_samples:
-        p.error("--candidates must be <= --eval-samples")
+    if not args.candidates <= args.eval_samples <= SAMPLES_PER_SHARD:
+        p.error(f"need --candidates <= --eval-samples <= {SAMPLES_PER_SHARD} (the held-out set is one shard)")
     return args
 
 
@@ -98,7 +99,7 @@ def build_data(args) -> Path:
         "eval": (3, args.eval_samples, []),
     }
     root = args.out / f"data-{_key({k: [v[0], v[1], *v[2]] for k, v in sets.items()})}"
-    per_shard = 200
+    per_shard = SAMPLES_PER_SHARD
     for name, (seed, samples, flags) in sets.items():
         raw, features = root / "raw" / name, root / "features" / name
         _python("-m", "preprocess", "synth", "--out", str(raw), "--num-samples", str(samples), "--seed", str(seed),
@@ -130,7 +131,7 @@ def run_configs(args, features: Path) -> dict[str, dict]:
                      "retrieval_candidates": args.candidates}
     base["data"]["num_workers"] = 0  # two runs side by side on two cores: no loader process beside each
     base["logging"]["progress_bar"] = False
-    base["checkpoint"]["every_steps"] = args.steps  # only at stage ends: nothing to resume here but a kill
+    base["checkpoint"]["every_steps"] = args.steps  # at stage ends (and on a stop signal) only: short runs
     noisy, clean, held_out = _shards(features, "noisy"), _shards(features, "clean"), "eval/00000.tar"
 
     def stage(template: dict, name: str, shards: str, steps: int) -> dict:
@@ -163,13 +164,29 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _data_digest(features: Path, set_name: str) -> str:
+    """The sha256 of one set's feature shards and spec: a run is named by what it reads, not by
+    where, so designs that differ only in the noisy set share their clean-only run."""
+    digest = hashlib.sha256()
+    for path in sorted((features / set_name).glob("*.tar")) + [features / set_name / "feature_spec.json"]:
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def run_key(config: dict, commit: str) -> str:
+    features = Path(config["shards_root"])
+    read = sorted({stage[key].split("/")[0] for stage in config["stages"] for key in ("shards", "eval_shards")})
+    settings = {k: v for k, v in config.items() if k != "shards_root"}
+    return _key({"config": settings, "data": {name: _data_digest(features, name) for name in read}, "commit": commit})
+
+
 def run_all(args, configs: dict[str, dict]) -> dict[str, Path]:
     """Run every config not finished yet, ``--parallel`` at a time; returns the run directories."""
     commit = _commit()
     run_dirs, pending = {}, []
     for name, config in configs.items():
         slug = name.replace(" ", "-")
-        run_dir = args.out / "runs" / f"{slug}-{_key({'config': config, 'commit': commit})}"
+        run_dir = args.out / "runs" / f"{slug}-{run_key(config, commit)}"
         run_dirs[name] = run_dir
         if (run_dir / "done.json").is_file():
             print(f"{name}: done before ({run_dir})", flush=True)
