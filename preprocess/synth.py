@@ -10,6 +10,11 @@ never occurs in ``--split train`` and every ``--split heldout`` scene holds at l
 
 Every sample is a pure function of (seed, split, index): the same seed gives byte-identical
 shards, and a killed run resumes by skipping the shards already in place.
+
+``--caption-mismatch P`` and ``--caption-corrupt Q`` make a web-like noisy set: a share P of the
+captions is another scene's, a share Q is this scene's with wrong colours and dropped words. The
+noise is drawn from a random stream of its own, so the images and clean captions are the same
+as without it, and with both at 0 the shards are exactly those of a run without the flags.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from preprocess.config import ConfigError, dump_yaml, from_dict
 
 # The scene library's public names, importable from here as well (finetune uses both modules).
 from preprocess.synth_scenes import (
+    COLOUR_WORDS,
     COLOURS,
     HELDOUT_PAIRS,
     SPLITS,
@@ -59,6 +65,7 @@ __all__ = [
     "SceneObject",
     "SynthConfig",
     "cli",
+    "corrupt_caption",
     "describe",
     "encode_image",
     "image_extension",
@@ -125,17 +132,71 @@ def image_extension(data: bytes) -> str:
     raise ValueError("image bytes are not JPEG, PNG or WebP")
 
 
-def make_sample(seed: int, split: str, index: int, image_size=(96, 192), formats=("jpg",)):
+def make_sample(
+    seed: int, split: str, index: int, image_size=(96, 192), formats=("jpg",),
+    caption_mismatch: float = 0.0, caption_corrupt: float = 0.0,
+):
     """Sample ``index`` of a dataset: ``(key, encoded image bytes, caption, metadata)``.
 
-    A pure function of its arguments, so any shard can be regenerated on its own.
+    A pure function of its arguments, so any shard can be regenerated on its own. With caption
+    noise (``caption_mismatch`` + ``caption_corrupt`` > 0) the JSON says which caption is noisy
+    (``caption_noise``: ``mismatched``, ``corrupted`` or null); the model never reads it.
     """
-    rng = np.random.default_rng([seed, SPLITS.index(split), index])
-    scene = sample_scene(rng, split, image_size)
-    caption = describe(scene, rng)
+    rng, scene, caption = _scene_and_caption(seed, split, index, image_size)
     image_format = formats[int(rng.integers(len(formats)))]
     meta = scene_metadata(scene, split) | {"image_format": image_format}
+    if caption_mismatch or caption_corrupt:
+        caption, meta["caption_noise"] = _noisy_caption(
+            caption, seed, split, index, image_size, caption_mismatch, caption_corrupt
+        )
     return f"{index:09d}", encode_image(render(scene), image_format), caption, meta
+
+
+def _scene_and_caption(seed: int, split: str, index: int, image_size) -> tuple[np.random.Generator, Scene, str]:
+    """Sample ``index``'s scene and clean caption, and its random stream (which goes on to pick the format)."""
+    rng = np.random.default_rng([seed, SPLITS.index(split), index])
+    scene = sample_scene(rng, split, image_size)
+    return rng, scene, describe(scene, rng)
+
+
+# Tags the caption-noise stream apart from the sample's own [seed, split, index] stream, so
+# drawing noise never shifts a draw of the scene, its caption or its format.
+_NOISE_STREAM = 0x6E6F6973
+
+
+def _noisy_caption(
+    caption: str, seed: int, split: str, index: int, image_size, mismatch: float, corrupt: float
+) -> tuple[str, str | None]:
+    """``(caption, kind)``: another scene's caption with probability ``mismatch``, this one
+    corrupted with probability ``corrupt``, else unchanged (kind None)."""
+    rng = np.random.default_rng([seed, SPLITS.index(split), index, _NOISE_STREAM])
+    draw = rng.uniform()
+    if draw < mismatch:
+        # Another sample of the same generator (often one that is not in this set, as web alt
+        # text often describes some other picture).
+        other = int(rng.integers(2**31 - 1))
+        other += other >= index  # never this sample itself
+        return _scene_and_caption(seed, split, other, image_size)[2], "mismatched"
+    if draw < mismatch + corrupt:
+        return corrupt_caption(caption, rng), "corrupted"
+    return caption, None
+
+
+_COLOUR_WORDS = {word: colour for colour, words in COLOUR_WORDS.items() for word in words}
+
+
+def corrupt_caption(caption: str, rng: np.random.Generator, drop: float = 0.2) -> str:
+    """The caption with every colour word replaced by another colour and a share ``drop`` of the
+    other words dropped: it still looks like a caption of the scene but misdescribes it."""
+    words = []
+    for word in caption.split(" "):
+        bare = word.rstrip(",;:")
+        if bare in _COLOUR_WORDS:
+            wrong = [c for c in COLOURS if c != _COLOUR_WORDS[bare]]
+            words.append(wrong[int(rng.integers(len(wrong)))] + word[len(bare):])
+        elif rng.uniform() >= drop:
+            words.append(word)
+    return " ".join(words)
 
 
 def write_shard(path: str | Path, samples: Iterable[tuple]) -> int:
@@ -197,6 +258,8 @@ class SynthConfig:
     split: str = "train"
     image_size: tuple[int, int] = (96, 192)
     formats: tuple[str, ...] = ("jpg",)
+    caption_mismatch: float = 0.0  # share of captions replaced by another scene's
+    caption_corrupt: float = 0.0  # share of captions with wrong colours and dropped words
 
     def __post_init__(self) -> None:
         if self.num_samples < 1:
@@ -212,6 +275,14 @@ class SynthConfig:
         if not self.formats or unknown:
             raise ValueError(
                 f"--formats takes a comma list of {','.join(IMAGE_FORMATS)}, got {','.join(self.formats)!r}"
+            )
+        for flag, share in (("--caption-mismatch", self.caption_mismatch), ("--caption-corrupt", self.caption_corrupt)):
+            if not 0.0 <= share <= 1.0:
+                raise ValueError(f"{flag} is a share of the captions, in [0, 1], got {share}")
+        if self.caption_mismatch + self.caption_corrupt > 1.0:
+            raise ValueError(
+                "--caption-mismatch + --caption-corrupt must be <= 1 (each caption gets at most one kind of noise), "
+                f"got {self.caption_mismatch} + {self.caption_corrupt}"
             )
 
     @property
@@ -239,6 +310,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--formats", default="jpg", help=f"comma list of {','.join(IMAGE_FORMATS)}, chosen per sample"
     )
+    parser.add_argument(
+        "--caption-mismatch", type=float, default=0.0, metavar="P", help="share of captions replaced by another scene's"
+    )
+    parser.add_argument(
+        "--caption-corrupt", type=float, default=0.0, metavar="Q",
+        help="share of captions with wrong colours and a fifth of the other words dropped",
+    )
     return parser
 
 
@@ -253,6 +331,8 @@ def cli(argv: list[str]) -> int:
             split=args.split,
             image_size=tuple(args.image_size),
             formats=tuple(f.strip() for f in args.formats.split(",") if f.strip()),
+            caption_mismatch=args.caption_mismatch,
+            caption_corrupt=args.caption_corrupt,
         )
         pending = _prepare_out_dir(args.out, config)
     except (_UsageError, ValueError, OSError) as err:
@@ -271,7 +351,11 @@ def cli(argv: list[str]) -> int:
             first = shard * config.samples_per_shard
             indices = range(first, min(first + config.samples_per_shard, config.num_samples))
             samples = (
-                make_sample(config.seed, config.split, i, config.image_size, config.formats) for i in indices
+                make_sample(
+                    config.seed, config.split, i, config.image_size, config.formats,
+                    config.caption_mismatch, config.caption_corrupt,
+                )
+                for i in indices
             )
             write_shard(args.out / shard_name(shard), samples)
             bar.update(len(indices))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import re
@@ -212,6 +213,69 @@ def test_caption_relations_match_the_layout():
     assert relations >= 10
 
 
+# sha256 over the captions and JSON of samples 0-49 (seed 0, train) as the generator wrote them
+# before caption noise existed: the noise must not move a single draw of a clean sample.
+_CLEAN_CAPTIONS_SHA256 = "2ffa5a375ae74d7f9468b87400d905d0fb2cb3f96c83effd825bc588f75bc849"
+
+
+def test_no_caption_noise_gives_todays_samples_and_shards(tmp_path):
+    digest = hashlib.sha256()
+    for index in range(50):
+        _, _, caption, meta = make_sample(0, "train", index, caption_mismatch=0.0, caption_corrupt=0.0)
+        digest.update(caption.encode())
+        digest.update(json.dumps(meta, sort_keys=True).encode())
+    assert digest.hexdigest() == _CLEAN_CAPTIONS_SHA256
+    args = ["--num-samples", "6", "--samples-per-shard", "3", "--seed", "2"]
+    plain = _run(tmp_path, "plain", *args)
+    zero = _run(tmp_path, "zero", *args, "--caption-mismatch", "0", "--caption-corrupt", "0")
+    for name in ("00000.tar", "00001.tar"):
+        assert (plain / name).read_bytes() == (zero / name).read_bytes()
+
+
+def _names_every_object(caption: str, meta: dict) -> bool:
+    return all(
+        _mentions(caption, COLOUR_WORDS[o["colour"]]) and _mentions(caption, SHAPE_WORDS[o["shape"]])
+        for o in meta["objects"]
+    )
+
+
+def _colours_named(caption: str) -> list[str]:
+    colour_of = {word: colour for colour, words in COLOUR_WORDS.items() for word in words}
+    return [colour_of[w] for w in re.findall(r"[a-z-]+", caption) if w in colour_of]
+
+
+def test_caption_noise_shares_and_kinds(tmp_path):
+    count, mismatch, corrupt = 400, 0.3, 0.2
+    kinds = {"mismatched": 0, "corrupted": 0, None: 0}
+    for index in range(count):
+        key, image, caption, meta = make_sample(7, "train", index, caption_mismatch=mismatch, caption_corrupt=corrupt)
+        clean_key, clean_image, clean_caption, clean_meta = make_sample(7, "train", index)
+        # only the caption (and the JSON's record of the noise) changes
+        assert (key, image) == (clean_key, clean_image)
+        assert {k: v for k, v in meta.items() if k != "caption_noise"} == clean_meta
+        kind = meta["caption_noise"]
+        kinds[kind] += 1
+        if kind is None:
+            assert caption == clean_caption
+        elif kind == "corrupted":
+            # every colour word is swapped for another colour, the other words are kept or dropped
+            wrong, right = _colours_named(caption), _colours_named(clean_caption)
+            assert len(wrong) == len(right) and all(w != r for w, r in zip(wrong, right)), caption
+            assert len(caption.split()) <= len(clean_caption.split())
+        else:
+            kinds.setdefault("misdescribes", 0)
+            kinds["misdescribes"] += not _names_every_object(caption, meta)
+    # binomial standard deviation at n=400 is 0.02-0.023: allow 3 of them
+    assert abs(kinds["mismatched"] / count - mismatch) < 0.07, kinds
+    assert abs(kinds["corrupted"] / count - corrupt) < 0.07, kinds
+    # another scene's caption only rarely happens to name all of this scene's objects
+    assert kinds["misdescribes"] >= 0.9 * kinds["mismatched"], kinds
+    # the same arguments give the same noisy shard bytes
+    args = ["--num-samples", "20", "--samples-per-shard", "20", "--caption-mismatch", "0.5"]
+    first, again = _run(tmp_path, "a", *args), _run(tmp_path, "b", *args)
+    assert (first / "00000.tar").read_bytes() == (again / "00000.tar").read_bytes()
+
+
 def test_heldout_pairs_only_in_heldout_split(tmp_path):
     for scene in _scenes("train", 400, seed=2):
         assert not {(o.colour, o.shape) for o in scene.objects} & HELDOUT_PAIRS
@@ -261,6 +325,9 @@ def test_library_writer_accepts_images_and_bytes(tmp_path):
         (["--num-samples", "5", "--image-size", "200", "100"], "--image-size"),
         (["--num-samples", "5", "--formats", "jpg,bmp"], "--formats"),
         (["--num-samples", "five"], "--num-samples"),
+        (["--num-samples", "5", "--caption-mismatch", "1.5"], "--caption-mismatch"),
+        (["--num-samples", "5", "--caption-corrupt", "-0.1"], "--caption-corrupt"),
+        (["--num-samples", "5", "--caption-mismatch", "0.6", "--caption-corrupt", "0.6"], "--caption-corrupt"),
     ],
 )
 def test_bad_arguments_give_one_line_error(tmp_path, capsys, args, needle):
