@@ -73,7 +73,9 @@ def python_m(*args: str, log: Path | None = None) -> None:
     env = os.environ | {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "DS_ACCELERATOR": "cpu",
                         "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
                         # a free port each: concurrent single-process runs would collide on torch's default
-                        "MASTER_PORT": str(free_port())}
+                        "MASTER_PORT": str(free_port()),
+                        # the venv's tools first, as the Makefile: another `ninja` would rebuild DeepSpeed's CPU op
+                        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     with open(log, "a") if log else open(os.devnull, "w") as out:
         result = subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
     if result.returncode:
@@ -143,7 +145,7 @@ def overrides(task: str, variant: str, root: Path, args) -> list[str]:
         f"fusion.name={fusion}", f"data.modalities={modalities}", f"data.batch_size={args.batch}",
         f"train.steps={args.steps}", f"train.lr={args.lr}", f"train.warmup_steps={args.warmup}",
         # validate (on the test shard) and checkpoint once, at the end: the table reads only the final metrics
-        f"eval.every_steps={args.steps}", f"checkpoint.every_steps={args.steps}", "checkpoint.keep=1",
+        f"eval.every_steps={args.steps}", f"checkpoint.every_steps={args.steps}",
         "logging.progress_bar=false", f"seed={args.seed}", *args.set,
     ]
 
