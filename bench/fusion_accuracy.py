@@ -215,6 +215,8 @@ def main() -> int:
 
     with ThreadPoolExecutor(max(1, args.jobs)) as pool:  # threads only wait on the subprocesses
         for name, entry in pool.map(one, pending):
+            # re-read first: another bench on the same --work (other tasks) may have added results since
+            results = json.loads(results_file.read_text()) if results_file.is_file() else {}
             results[name] = entry
             atomic.write_json(results_file, results)
             task = name.split("/")[0]
