@@ -103,9 +103,9 @@ def imagebert(args) -> ImageBertForPretraining:
     return ImageBertForPretraining(config)
 
 
-def make_batch(args, dev: torch.device) -> dict:
+def make_batch(args, dev: torch.device, itm_pairs: str = "masked") -> dict:
     """A masked batch like pretrain.data's: 15% of tokens and regions masked, half the pairs negatives
-    (with ``--itm-pairs unmasked``, apart from the masked inputs as ``itm_input_ids``).
+    (with ``itm_pairs="unmasked"``, apart from the masked inputs as ``itm_input_ids``).
     On the device in float32, as the trainer hands it over (the model casts its inputs)."""
     g = torch.Generator().manual_seed(0)
     b, t, r = args.batch, args.text, args.regions
@@ -123,7 +123,7 @@ def make_batch(args, dev: torch.device) -> dict:
         "region_masked": region_masked, "region_cls_prob": cls_prob,
         "itm_labels": (torch.rand(b, generator=g) < 0.5).long(),
     }
-    if args.itm_pairs == "unmasked":
+    if itm_pairs == "unmasked":
         batch["itm_input_ids"] = torch.randint(min(1000, args.vocab // 2), args.vocab, (b, t), generator=g)
         batch["itm_attention_mask"] = torch.ones(b, t, dtype=torch.long)
     return {k: v.to(dev) for k, v in batch.items()}
@@ -287,7 +287,7 @@ def main(argv=None) -> int:
 
         args.precision = choose_precision("auto", dev)
     dtype = DTYPES[args.precision]
-    batch = make_batch(args, dev)
+    batch = make_batch(args, dev, args.itm_pairs)
     weights = ObjectiveWeights()
     ours = BareLoop(imagebert(args), lambda m: m(batch, weights).loss, dtype, autocast=True)
     params = sum(p.numel() for p in ours.model.parameters())
