@@ -40,7 +40,6 @@ import argparse
 import hashlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -54,6 +53,7 @@ from finetune.evaluate import RESULTS_FILE  # noqa: E402
 from finetune.evaluation import HEADLINE  # noqa: E402
 from finetune.synth_tasks import TASK_FILE, TASKS, SynthTaskConfig, write_task_shards  # noqa: E402
 from preprocess import atomic  # noqa: E402
+from project_runs import code_version, command_env  # noqa: E402  (bench/, this script's directory)
 
 VARIANTS = {
     "text only": ("single_stream", "text"),
@@ -69,38 +69,16 @@ PRETRAIN_CONFIG = REPO / "configs" / "pretrain" / "bench-small.yaml"
 
 
 def python_m(*args: str, log: Path | None = None) -> None:
-    """``python -m ARGS`` in the repository, one intra-op thread (the runs share the CPU); output to ``log``."""
-    env = os.environ | {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "DS_ACCELERATOR": "cpu",
-                        "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-                        # a free port each: concurrent single-process runs would collide on torch's default
-                        "MASTER_PORT": str(free_port()),
-                        # the venv's tools first, as the Makefile: another `ninja` would rebuild DeepSpeed's CPU op
-                        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    """``python -m ARGS`` in the repository (``project_runs.command_env``); output to ``log``."""
     with open(log, "a") if log else open(os.devnull, "w") as out:
-        result = subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+        result = subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=command_env(), stdout=out,
+                                stderr=subprocess.STDOUT)
     if result.returncode:
         raise RuntimeError(f"python -m {' '.join(args)} failed ({result.returncode}); see {log}")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # What the measured code is: a commit that only touches docs does not invalidate the results.
 CODE_PATHS = ("*.py", "*.yaml", "pyproject.toml", "constraints.txt")
-
-
-def code_version() -> str:
-    """The last commit that changed the code, plus a hash of uncommitted code changes: results are
-    only reused for the same code."""
-    def git(*args: str) -> bytes:
-        return subprocess.run(["git", *args, "--", *CODE_PATHS], cwd=REPO, capture_output=True, check=True).stdout
-
-    commit = git("log", "-1", "--format=%H").decode().strip()
-    diff = git("diff", "HEAD")
-    return commit + (f"+dirty-{hashlib.sha256(diff).hexdigest()[:10]}" if diff.strip() else "")
 
 
 def pretrained_release(work: Path) -> Path:
@@ -198,7 +176,7 @@ def main() -> int:
     release = args.init.resolve() if args.init else pretrained_release(args.work)
     calibration = args.features or args.work / "pretrain" / "features"
     roots = {task: prepare_task(task, args.work, args.train_samples, args.test_samples, calibration) for task in args.tasks}
-    code = code_version()
+    code = code_version(CODE_PATHS)
     pending = []
     for task in args.tasks:
         for variant in args.variants:

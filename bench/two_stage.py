@@ -24,8 +24,8 @@ quickstart's second-stage schedule. The report is the last held-out evaluation o
 JSON (``OUT/report-<settings key>.json``).
 
 Data directories are named by their settings and resume; a run directory is named by its
-config, the content of the feature shards it reads and the newest commit that changed the code
-it runs (``CODE``), and a finished one (``done.json``) is not run again.
+config, the content of the feature shards it reads and the code it runs (``CODE``: the newest
+commit that changed it, plus any uncommitted change), and a finished one (``done.json``) is not run again.
 """
 
 from __future__ import annotations
@@ -34,14 +34,14 @@ import argparse
 import copy
 import hashlib
 import json
-import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import yaml
+
+from project_runs import code_version, command_env  # bench/, this script's directory
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "configs/pretrain/quickstart.yaml"
@@ -72,20 +72,12 @@ def parse_args(argv=None):
     return args
 
 
-# Every command runs with one intra-op thread (two runs share two cores), offline, and with this
-# interpreter's environment first on PATH (DeepSpeed builds its CPU op with the `ninja` it finds).
-ENV = os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-                    "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"),
-                    "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                    "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
-
-
 def _key(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def _python(*argv: str) -> None:
-    subprocess.run([sys.executable, *argv], cwd=REPO, env=ENV, check=True)
+    subprocess.run([sys.executable, *argv], cwd=REPO, env=command_env(), check=True)
 
 
 # ---------------------------------------------------------------- data
@@ -151,19 +143,6 @@ def run_configs(args, features: Path) -> dict[str, dict]:
 CODE = ("preprocess", "pretrain", "configs", "pyproject.toml", "constraints.txt")
 
 
-def _commit() -> str:
-    """The newest commit that changed the code the runs use (uncommitted changes are not seen)."""
-    return subprocess.run(["git", "log", "-1", "--format=%H", "--", *CODE], cwd=REPO, capture_output=True,
-                          text=True, check=True).stdout.strip()
-
-
-def _free_port() -> int:
-    # Single-rank runs side by side each need their own rendezvous port.
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _data_digest(features: Path, set_name: str) -> str:
     """The sha256 of one set's feature shards and spec: a run is named by what it reads, not by
     where, so designs that differ only in the noisy set share their clean-only run."""
@@ -182,7 +161,7 @@ def run_key(config: dict, commit: str) -> str:
 
 def run_all(args, configs: dict[str, dict]) -> dict[str, Path]:
     """Run every config not finished yet, ``--parallel`` at a time; returns the run directories."""
-    commit = _commit()
+    commit = code_version(CODE)
     run_dirs, pending = {}, []
     for name, config in configs.items():
         slug = name.replace(" ", "-")
@@ -202,7 +181,7 @@ def run_all(args, configs: dict[str, dict]) -> dict[str, Path]:
                    "--run-dir", str(run_dir), "--resume"]
             print(f"{name}: {' '.join(cmd)}", flush=True)
             log = open(run_dir.parent / f"{run_dir.name}.log", "a")
-            proc = subprocess.Popen(cmd, cwd=REPO, env=ENV | {"MASTER_PORT": str(_free_port())},
+            proc = subprocess.Popen(cmd, cwd=REPO, env=command_env(),
                                     stdout=log, stderr=subprocess.STDOUT)
             running.append((name, proc, time.monotonic()))
         time.sleep(5)
@@ -238,7 +217,7 @@ def report(args, run_dirs: dict[str, Path]) -> dict:
     table.append(f"| (stage 1 then 2, at the end of stage 1, step {stage1_end['step']}) | " +
                  " | ".join(f"{stage1_end[k]:.1f}" for k in METRICS) + " |")
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "parallel")}
-    summary = {"settings": settings, "commit": _commit(), "table": "\n".join(table), "results": results}
+    summary = {"settings": settings, "commit": code_version(CODE), "table": "\n".join(table), "results": results}
     path = args.out / f"report-{_key(settings)}.json"  # one per design, so reports of several sit side by side
     path.write_text(json.dumps(summary, indent=1, default=str) + "\n")
     print(f"{path}:")
