@@ -167,7 +167,7 @@ class SampleDecoder:
             "caption": caption,
             "input_ids": np.asarray(tokens["input_ids"], dtype=np.int64),
             "special_tokens_mask": np.asarray(tokens["special_tokens_mask"], dtype=bool),
-            # Kept float16 until the collate: evaluation holds thousands of these. Views of the
+            # Kept float16 (the batch too, see pad_samples): evaluation holds thousands of these. Views of the
             # tar member's buffer where that is writable (the shard reader's are), copies otherwise,
             # so the collate can hand them to torch.
             "features": np.require(sample.features[:keep], np.float16, ["C", "W"]),
@@ -259,8 +259,8 @@ class PretrainCollate:
         return batch
 
 
-def _float32_zeros(shape: tuple[int, ...]) -> torch.Tensor:
-    """A zero float32 tensor; in a DataLoader worker, in shared memory from the start.
+def _shared_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A zero tensor; in a DataLoader worker, in shared memory from the start.
 
     The DataLoader hands a worker's batch to the main process by moving each tensor into a new
     shared-memory block, a second copy of it; at 32 x 36 x 2048 that cost a worker more time than
@@ -268,9 +268,9 @@ def _float32_zeros(shape: tuple[int, ...]) -> torch.Tensor:
     does in workers, and a tensor already there is handed over as it is.
     """
     if get_worker_info() is None:
-        return torch.zeros(shape, dtype=torch.float32)
-    storage = torch.UntypedStorage._new_shared(math.prod(shape) * 4)
-    return torch.empty(0, dtype=torch.float32).set_(storage, 0, shape).zero_()
+        return torch.zeros(shape, dtype=dtype)
+    storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
+    return torch.empty(0, dtype=dtype).set_(storage, 0, shape).zero_()
 
 
 def pad_captions(captions: list[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -305,11 +305,11 @@ def pad_samples(samples: list[dict[str, Any]], caption_of: list[int], pad_token_
 
     geometry = np.zeros((n, num_regions, 5), dtype=np.float32)
     region_mask = np.zeros((n, num_regions), dtype=np.int64)
-    # The float16 rows are widened by torch, whose copy uses the CPU's vector conversion (F16C):
-    # 4-9x faster than numpy's cast here, and this is most of the collate's time at 2048-d. Both
-    # give the same float32 bits for every float16 except signalling NaNs, which torch quiets.
-    features = _float32_zeros((n, num_regions, feature_dim))
-    cls_prob = _float32_zeros((n, num_regions, num_classes))
+    # Features and class distributions stay float16, as the shards store them: the model widens
+    # them where it computes (on the GPU, for free), with the same values, while a float32 batch
+    # would double the bytes each worker writes to shared memory and the host copies to the device.
+    features = _shared_zeros((n, num_regions, feature_dim), torch.float16)
+    cls_prob = _shared_zeros((n, num_regions, num_classes), torch.float16)
     for i, sample in enumerate(samples):
         r = len(sample["features"])
         features[i, :r] = torch.from_numpy(sample["features"])

@@ -294,12 +294,13 @@ def test_release_keeps_the_pooling(tokenizer, tmp_path):
 
 
 def test_targets_keep_their_precision_and_the_step_waits_for_nothing(tokenizer):
-    """The batch reaches the device as it is (the model casts its inputs): a bf16 model regresses the
-    float32 features, and the counts evaluation reads stay tensors (no host sync in the step)."""
+    """The batch reaches the device as it is (the model casts its inputs): features and class
+    distributions stay float16 as the shards store them, a bf16 model regresses them widened to
+    float32, and the counts evaluation reads stay tensors (no host sync in the step)."""
     from pretrain.data import to_device
 
     batch = to_device(batches_of(tokenizer, 16, 16, seed=10)[0], torch.device("cpu"))
-    assert batch["region_features"].dtype == batch["region_cls_prob"].dtype == torch.float32
+    assert batch["region_features"].dtype == batch["region_cls_prob"].dtype == torch.float16
     model = tiny_model(tokenizer, dropout=0.0).to(torch.bfloat16)
     out = model(batch)
     assert all(torch.isfinite(loss) for loss in out.losses.values())
