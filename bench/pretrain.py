@@ -69,7 +69,8 @@ def parse_args(argv=None):
     p.add_argument("--regions", type=int, default=10, help="regions per sample")
     p.add_argument("--precision", choices=["auto", *DTYPES], default="fp32",
                    help="auto: bf16 where the device computes it natively (the trainer's default), else fp32")
-    p.add_argument("--zero", type=int, default=2, help="ZeRO stage of the trainer in (a)")
+    p.add_argument("--zero", type=lambda v: v if v == "auto" else int(v), default="auto",
+                   help="ZeRO stage of the trainer in (a): auto (the default of the config: 0 on one rank, 2 on several), 0-3")
     p.add_argument("--steps", type=int, default=6, help="timed steps per round")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--warmup", type=int, default=2)
@@ -314,7 +315,7 @@ def main(argv=None) -> int:
                   "feature_dim": args.feature_dim},
         "ranks": dist.get_world_size(), "batch": args.batch, "text": args.text, "regions": args.regions,
         "precision": args.precision,
-        "trainer_zero_stage": args.zero,
+        "trainer_zero_stage": loops["trainer"].engine.zero_optimization_stage(),
         "samples_per_s": rates,
         "a_trainer_over_bare": rates["trainer"] / rates["bare"],
         "c_step_flops": flops, "c_step_seconds": step_seconds, "c_achieved_flops_per_s": flops / step_seconds,

@@ -106,7 +106,9 @@ DEEPSPEED_BUCKETS = {"zero_optimization": {
 
 def analytic_bytes_per_param(precision: str, stage: int, offload: bool, ranks: int, on_cuda: bool) -> float:
     """The ZeRO paper's model-state bytes per parameter on this rank's device (params + grads + Adam)."""
-    p, g, k = (2, 2, 12) if precision == "bf16" else (4, 4, 8)  # k: fp32 master copy (bf16 only) and 2 moments
+    # k: fp32 master copy (bf16 only) and 2 moments. Without ZeRO, bf16 is autocast over fp32
+    # weights (pretrain.engine.deepspeed_config): fp32's bytes, the same 16 in all.
+    p, g, k = (2, 2, 12) if precision == "bf16" and stage > 0 else (4, 4, 8)
     if offload and on_cuda:
         return p  # gradients and optimizer go to the host; the device keeps the working parameters
     return {0: p + g + k, 1: p + g + k / ranks, 2: p + (g + k) / ranks, 3: (p + g + k) / ranks}[stage]

@@ -29,7 +29,9 @@ from preprocess.launch_env import read_launch_env
 from pretrain import checkpoint
 from pretrain.data import feature_spec_of
 from pretrain.distributed import init_distributed
-from pretrain.engine import Phase, RunPaths, SkipCounts, Trainer, build_engine, setup_logging
+from pretrain.engine import (
+    Phase, RunPaths, SkipCounts, Trainer, build_engine, evaluation_precision, setup_logging,
+)
 from pretrain.release import load_release
 
 log = logging.getLogger("finetune")
@@ -107,7 +109,7 @@ def run(cfg: FinetuneConfig, init: str | Path, run_dir: str | Path, resume: bool
         log_keys=(HEADLINE[cfg.task.name],),
     )
     trainer = Trainer(
-        paths, env, device, cfg.logging, cfg.checkpoint, cfg.nonfinite_loss, cfg.eval.every_steps, cfg.deepspeed.zero_stage
+        paths, env, device, cfg.logging, cfg.checkpoint, cfg.nonfinite_loss, cfg.eval.every_steps
     )
     try:
         result = trainer.run(engine, phase, batches, finetuning_step, evaluate if val_samples is not None else None)
@@ -119,7 +121,8 @@ def run(cfg: FinetuneConfig, init: str | Path, run_dir: str | Path, resume: bool
     else:
         last_eval = result.last_eval
         if val_samples is not None and last_eval is None:  # resumed after the last step's checkpoint
-            last_eval = {"step": step, **evaluate()}
+            with evaluation_precision(engine):
+                last_eval = {"step": step, **evaluate()}
         if env.rank == 0:
             if last_eval is not None:
                 metrics = {k: v for k, v in last_eval.items() if k != "step" and k not in SkipCounts.FIELDS}

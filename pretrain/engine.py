@@ -200,6 +200,39 @@ def choose_precision(requested: str, device: torch.device) -> str:
     return "fp32"
 
 
+def offloads(ds: DeepSpeedConfig) -> bool:
+    """Whether ``deepspeed.extra`` moves optimizer state or parameters to the host (ZeRO-Offload),
+    which needs ZeRO."""
+    zero = ds.extra.get("zero_optimization", {})
+    return any(zero.get(key, {}).get("device", "none") != "none" for key in ("offload_optimizer", "offload_param"))
+
+
+def choose_zero_stage(ds: DeepSpeedConfig, world_size: int, resume: checkpoint.TrainerState | None) -> int:
+    """The ZeRO stage to train at: ``deepspeed.zero_stage`` itself, or for ``auto`` the stage of the
+    checkpoint resumed from, else ZeRO-0 on one rank and ZeRO-2 on several or with offloading.
+
+    On one rank partitioning saves no memory, and ZeRO's per-parameter hooks, bucket copies and
+    norms cost step time: on one H200 at BERT-base ZeRO-0 trains 1.36x as fast as ZeRO-2
+    (docs/benchmarks.md, "One GPU"). A checkpoint keeps its stage because unpartitioned optimizer
+    state (ZeRO-0) and partitioned state (ZeRO 1-3) do not load into each other: DeepSpeed's
+    universal checkpoints convert between world sizes and between ZeRO 1-3 only.
+    """
+    if ds.zero_stage == "auto":
+        if resume is not None:
+            stage = resume.zero_stage
+        else:
+            stage = 2 if world_size > 1 or offloads(ds) else 0
+    else:
+        stage = ds.zero_stage
+    if resume is not None and (resume.zero_stage == 0) != (stage == 0):
+        raise SystemExit(
+            f"checkpoint {resume.tag} was written at ZeRO-{resume.zero_stage} and cannot be loaded at ZeRO-{stage}: "
+            "DeepSpeed converts optimizer state between ZeRO stages 1-3 only; set deepspeed.zero_stage to "
+            f"{resume.zero_stage} (or auto, which keeps the checkpoint's stage)"
+        )
+    return stage
+
+
 def bucket_elements(num_params: int) -> int:
     """ZeRO's reduce, all-gather and prefetch bucket size for a model of ``num_params``: 1/16 of it,
     within [1e6, 5e8]. DeepSpeed allocates a reduce bucket of that many elements whatever the model;
@@ -216,8 +249,9 @@ def deepspeed_config(
     precision decided: ``choose_precision``); ZeRO's buckets sized to a model of ``num_params``.
     ``group_lrs``: each parameter group's peak learning rate, where groups differ (``param_groups``'
     overrides); the cosine schedule scales each group's own ``lr``, the linear one needs the list."""
-    if ds.precision == "auto":
-        raise ValueError("deepspeed_config needs a decided precision: pass choose_precision's answer")
+    if ds.precision == "auto" or ds.zero_stage == "auto":
+        raise ValueError("deepspeed_config needs a decided precision and ZeRO stage: pass choose_precision's "
+                         "and choose_zero_stage's answers")
     buckets = {}
     if num_params is not None:
         size = bucket_elements(num_params)
@@ -242,11 +276,16 @@ def deepspeed_config(
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": ds.gradient_accumulation_steps,
-        "gradient_clipping": ds.gradient_clipping,
+        # Without ZeRO the engine clips with torch's foreach kernels instead (clip_before_each_step).
+        "gradient_clipping": ds.gradient_clipping if ds.zero_stage > 0 else 0.0,
         "zero_optimization": {"stage": ds.zero_stage, **buckets},
         # bf16 has fp32's range: the overflow check (two passes over every gradient per step, a few
         # percent of a CPU step) could only catch a model already diverged, which its loss shows.
-        "bf16": {"enabled": ds.precision == "bf16", "check_grad_overflow": False},
+        "bf16": {"enabled": ds.precision == "bf16" and ds.zero_stage > 0, "check_grad_overflow": False},
+        # At ZeRO-0, bf16 is torch's autocast over fp32 weights (the usual mixed precision): without
+        # ZeRO, DeepSpeed's bf16 mode wraps the optimizer in its own per-parameter bf16 optimizer,
+        # which on one H200 at BERT-base trained at 0.67x autocast's rate (docs/benchmarks.md).
+        "torch_autocast": {"enabled": ds.precision == "bf16" and ds.zero_stage == 0, "dtype": "bfloat16"},
         "fp16": {"enabled": ds.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         "optimizer": {
             "type": "AdamW",
@@ -281,7 +320,10 @@ def build_engine(
     import deepspeed
 
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    ds = replace(ds, precision=choose_precision(ds.precision, device))
+    ds = replace(
+        ds, precision=choose_precision(ds.precision, device),
+        zero_stage=choose_zero_stage(ds, dist.get_world_size(), resume),
+    )
     universal = resume is not None and checkpoint.needs_universal(checkpoints, resume, dist.get_world_size())
     load_tag = checkpoint.convert_to_universal(checkpoints, resume.tag) if universal else None
     groups = param_groups(model, ds.weight_decay, lr_overrides)
@@ -294,6 +336,12 @@ def build_engine(
             group_lrs=[group.get("lr", schedule.lr) for group in groups] if lr_overrides else None,
         ),
     )
+    if ds.zero_stage == 0 and ds.gradient_clipping > 0:
+        clip_before_each_step(engine.optimizer, ds.gradient_clipping)
+    if ds.zero_stage == 0 and dist.get_world_size() == 1:
+        # DeepSpeed would still "average" the gradients over the one rank: a flat copy of all of
+        # them, an all-reduce and a copy back, every step.
+        engine.enable_backward_allreduce = False
     if resume is not None:
         load_path, _ = engine.load_checkpoint(
             str(checkpoints), tag=load_tag or resume.tag, load_optimizer_states=True,
@@ -302,6 +350,25 @@ def build_engine(
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {resume.tag} from {checkpoints}")
     return engine
+
+
+def clip_before_each_step(optimizer: torch.optim.Optimizer, max_norm: float) -> None:
+    """Clip the global gradient norm to ``max_norm`` before each step of ``optimizer`` (the torch
+    AdamW that DeepSpeed steps without ZeRO, on gradients already averaged over the ranks).
+
+    DeepSpeed's own clipping there computes a norm and launches a multiply per parameter and
+    all-reduces the result, hundreds of small kernels a step; torch's foreach clipping does the
+    same arithmetic in a few. The norm goes where DeepSpeed's engine looks for it
+    (``optimizer._global_grad_norm``), so ``engine.get_global_grad_norm()`` reports it.
+    """
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"expected DeepSpeed to step a torch optimizer without ZeRO, got {type(optimizer).__name__}")
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+
+    def clip(optimizer, args, kwargs) -> None:
+        optimizer._global_grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+
+    optimizer.register_step_pre_hook(clip)
 
 
 # ---------------------------------------------------------------- the step loop
@@ -398,6 +465,14 @@ def train_micro_step(
     return MicroStep(nonfinite, stop, losses)
 
 
+def evaluation_precision(engine):
+    """The autocast the engine trains under (bf16 at ZeRO-0), for evaluations that call the module
+    directly; a no-op where the weights themselves are in the training precision."""
+    return torch.autocast(
+        engine.device.type, dtype=engine.torch_autocast_dtype(), enabled=engine.torch_autocast_enabled()
+    )
+
+
 class SkipCounts:
     """Batches skipped for a non-finite loss and samples the loader skipped per shard, since the
     last ``metrics.jsonl`` record; and the current run of non-finite batches."""
@@ -425,11 +500,11 @@ class Trainer:
 
     def __init__(
         self, paths: RunPaths, env: LaunchEnv, device: torch.device, logging_cfg: LoggingConfig,
-        checkpoint_cfg: CheckpointConfig, nonfinite_cfg: NonFiniteLossConfig, eval_every: int, zero_stage: int,
+        checkpoint_cfg: CheckpointConfig, nonfinite_cfg: NonFiniteLossConfig, eval_every: int,
     ):
         self.paths, self.env, self.device = paths, env, device
         self.logging_cfg, self.checkpoint_cfg, self.nonfinite_cfg = logging_cfg, checkpoint_cfg, nonfinite_cfg
-        self.eval_every, self.zero_stage = eval_every, zero_stage
+        self.eval_every = eval_every
         self.writer = None
         if env.rank == 0:
             from torch.utils.tensorboard import SummaryWriter
@@ -479,13 +554,14 @@ class Trainer:
                 self._log(engine, phase, global_step, sums.all_reduced(), time.perf_counter() - interval_start, bar)
                 interval_start = time.perf_counter()
             if evaluate is not None and (global_step % self.eval_every == 0 or last):
-                result.last_eval = self._evaluate(evaluate, phase, global_step)
+                with evaluation_precision(engine):
+                    result.last_eval = self._evaluate(evaluate, phase, global_step)
                 engine.train()
                 interval_start = time.perf_counter()  # evaluation time is not training throughput
             if stop or global_step % self.checkpoint_cfg.every_steps == 0 or last:
                 result.state = checkpoint.TrainerState(
                     global_step=global_step, stage=phase.index, step_in_stage=step_in_phase,
-                    world_size=self.env.world_size, zero_stage=self.zero_stage,
+                    world_size=self.env.world_size, zero_stage=engine.zero_optimization_stage(),
                 )
                 checkpoint.save(engine, self.paths.checkpoints, result.state, self.checkpoint_cfg.keep)
                 interval_start = time.perf_counter()

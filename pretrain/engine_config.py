@@ -43,7 +43,10 @@ class ScheduleConfig:
 class DeepSpeedConfig:
     """The ``deepspeed:`` section: ZeRO, precision and the AdamW optimizer."""
 
-    zero_stage: int = 2
+    # auto: ZeRO-0 on one rank (partitioning saves nothing there and ZeRO's per-parameter work
+    # costs time: docs/benchmarks.md), ZeRO-2 on several or with ZeRO-Offload; a resumed run keeps
+    # the stage its checkpoint was written with (pretrain.engine.choose_zero_stage).
+    zero_stage: int | Literal["auto"] = "auto"
     # auto: bf16 where the hardware computes it natively (a GPU with bf16, a CPU with AVX-512 BF16
     # or AMX), else fp32; decided at start by every rank together (pretrain.engine.choose_precision).
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
@@ -57,8 +60,8 @@ class DeepSpeedConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.zero_stage not in (0, 1, 2, 3):
-            raise ValueError(f"deepspeed.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.zero_stage not in ("auto", 0, 1, 2, 3):
+            raise ValueError(f"deepspeed.zero_stage must be auto, 0, 1, 2 or 3, got {self.zero_stage}")
         if self.gradient_accumulation_steps < 1:
             raise ValueError("deepspeed.gradient_accumulation_steps must be >= 1")
         if self.gradient_clipping < 0:

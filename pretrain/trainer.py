@@ -123,7 +123,7 @@ def run(cfg: PretrainConfig, run_dir: str | Path, resume: bool, spec: FeatureSpe
         stage_finished = source.step_in_stage >= cfg.stages[source.stage].steps
         first_stage = source.stage + 1 if stage_finished else source.stage
     trainer = Trainer(
-        paths, env, device, cfg.logging, cfg.checkpoint, cfg.nonfinite_loss, cfg.eval.every_steps, cfg.deepspeed.zero_stage
+        paths, env, device, cfg.logging, cfg.checkpoint, cfg.nonfinite_loss, cfg.eval.every_steps
     )
     last_eval = None
     try:
@@ -193,7 +193,7 @@ def start_stage(
     log.info(
         "stage %d (%s): %d/%d steps done, %s, ZeRO-%d", index, stage.name, done, stage.steps,
         "resumed" if mid_stage else ("from previous stage" if source else "from initial weights"),
-        cfg.deepspeed.zero_stage,
+        engine.zero_optimization_stage(),
     )
     first_global_step = source.global_step - done if source is not None else 0
     phase = Phase(

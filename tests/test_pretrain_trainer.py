@@ -100,7 +100,7 @@ def test_quickstart_and_tiny_configs_load():
     "overrides, message",
     [
         (["checkpoint.keep=1"], "checkpoint.keep must be >= 2"),
-        (["deepspeed.zero_stage=4"], "deepspeed.zero_stage must be 0, 1, 2 or 3"),
+        (["deepspeed.zero_stage=4"], "deepspeed.zero_stage must be auto, 0, 1, 2 or 3"),
         (["deepspeed.precision=fp8"], "deepspeed.precision must be one of"),
         (["model.bert=/some/bert"], "set exactly one of model.bert"),
         (["model.tokenizer=null"], "model.tokenizer is required"),
@@ -150,6 +150,83 @@ def test_deepspeed_config_follows_the_job_config():
     assert cosine["scheduler"]["type"] == "WarmupCosineLR"
     assert cosine["scheduler"]["params"]["cos_min_ratio"] == 0.1
     assert cosine["checkpoint"]["load_universal"] is True
+
+
+def test_zero_stage_auto_is_zero0_on_one_rank_and_a_checkpoint_keeps_its_stage():
+    from pretrain.checkpoint import TrainerState
+    from pretrain.engine import choose_zero_stage, deepspeed_config
+    from pretrain.engine_config import DeepSpeedConfig
+
+    auto = DeepSpeedConfig()
+    assert auto.zero_stage == "auto"
+    assert choose_zero_stage(auto, 1, None) == 0
+    assert choose_zero_stage(auto, 2, None) == 2
+    offload = DeepSpeedConfig(extra={"zero_optimization": {"offload_optimizer": {"device": "cpu"}}})
+    assert choose_zero_stage(offload, 1, None) == 2  # ZeRO-Offload needs ZeRO
+
+    def written_at(zero_stage: int, world_size: int) -> TrainerState:
+        return TrainerState(global_step=4, stage=0, step_in_stage=4, world_size=world_size, zero_stage=zero_stage)
+
+    assert choose_zero_stage(auto, 2, written_at(0, 1)) == 0  # unpartitioned state loads on any world size
+    assert choose_zero_stage(auto, 1, written_at(3, 2)) == 3  # partitioned: a universal checkpoint converts it
+    assert choose_zero_stage(DeepSpeedConfig(zero_stage=1), 4, written_at(3, 2)) == 1  # ZeRO 1-3 convert
+    with pytest.raises(SystemExit, match="written at ZeRO-0 and cannot be loaded at ZeRO-2.*zero_stage to 0"):
+        choose_zero_stage(DeepSpeedConfig(zero_stage=2), 2, written_at(0, 1))
+    with pytest.raises(SystemExit, match="written at ZeRO-2 and cannot be loaded at ZeRO-0"):
+        choose_zero_stage(DeepSpeedConfig(zero_stage=0), 1, written_at(2, 2))
+
+    cfg = load_config(PretrainConfig, TINY, ["deepspeed.precision=bf16", "deepspeed.zero_stage=0"])
+    zero0 = deepspeed_config(cfg.deepspeed, cfg.stages[0], cfg.data.batch_size)
+    # bf16 without ZeRO is torch's autocast over fp32 weights, not DeepSpeed's bf16 optimizer.
+    assert zero0["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"} and not zero0["bf16"]["enabled"]
+    cfg = load_config(PretrainConfig, TINY, ["deepspeed.precision=bf16", "deepspeed.zero_stage=2"])
+    zero2 = deepspeed_config(cfg.deepspeed, cfg.stages[0], cfg.data.batch_size)
+    assert zero2["bf16"]["enabled"] and not zero2["torch_autocast"]["enabled"]
+    with pytest.raises(ValueError, match="ZeRO stage"):
+        cfg = load_config(PretrainConfig, TINY, ["deepspeed.precision=bf16", "deepspeed.zero_stage=auto"])
+        deepspeed_config(cfg.deepspeed, cfg.stages[0], cfg.data.batch_size)
+
+
+# One rank, ZeRO-0 (auto), fp32, max grad norm 0.05: the engine's own clipping against torch's
+# clip_grad_norm_ on a copy of the model; prints the largest difference and the reported norm.
+_CLIPPING = """
+import copy, json, os, sys
+from pathlib import Path
+import deepspeed, torch
+os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+deepspeed.init_distributed("gloo", verbose=False)
+from pretrain.engine import build_engine
+from pretrain.engine_config import DeepSpeedConfig, ScheduleConfig
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+reference = copy.deepcopy(model)
+x = torch.randn(4, 8)
+engine = build_engine(model, DeepSpeedConfig(precision="fp32", gradient_clipping=0.05), ScheduleConfig(steps=10),
+                      4, Path("unused"))
+clipped = {}
+engine.optimizer.register_step_pre_hook(  # runs after the engine's own pre-hook
+    lambda opt, args, kwargs: clipped.update({n: p.grad.clone() for n, p in engine.module.named_parameters()}))
+engine.backward(engine(x).pow(2).mean())
+engine.step()
+reference(x).pow(2).mean().backward()
+norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.05)
+print(json.dumps({
+    "zero_stage": engine.zero_optimization_stage(), "allreduce": engine.enable_backward_allreduce,
+    "norm": float(norm), "reported": float(engine.get_global_grad_norm()),
+    "max_diff": max((clipped[n] - p.grad).abs().max().item() for n, p in reference.named_parameters()),
+}))
+"""
+
+
+def test_zero0_clips_like_torch_and_reports_the_norm():
+    env = _env()
+    out = subprocess.run([sys.executable, "-c", _CLIPPING], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["zero_stage"] == 0 and got["allreduce"] is False  # one rank: no averaging copies
+    assert got["norm"] > 0.5  # well above the 0.05 limit: the clipping really scales
+    assert got["reported"] == pytest.approx(got["norm"], rel=1e-6)
+    assert got["max_diff"] < 1e-7
 
 
 def test_precision_auto_is_bf16_only_where_the_hardware_computes_it(monkeypatch, caplog):
@@ -292,6 +369,39 @@ metrics = evaluate(release.model, cfg.shard_path(cfg.stages[-1].eval_shards), re
                    cfg.data, cfg.masking, cfg.eval, torch.device("cpu"), objectives=cfg.objectives)
 print(json.dumps(metrics))
 """
+
+
+def test_auto_zero0_bf16_on_one_rank_resumes_on_two(shards, tmp_path):
+    """zero_stage auto on one rank trains at ZeRO-0 with bf16 autocast over fp32 weights; the
+    checkpoint (unpartitioned) goes on at ZeRO-0 on two ranks without a universal conversion."""
+    run_dir = tmp_path / "run"
+    first = _write_config(tmp_path / "first.yaml", shards, [_stage("web", 2)],
+                          deepspeed={"zero_stage": "auto", "precision": "bf16"}, checkpoint={"every_steps": 2},
+                          eval={"every_steps": 10000})
+    _run(_pretrain_cmd(1, first, run_dir), tmp_path / "first.log")
+    assert "stage 0 (web): 0/2 steps done, from initial weights, ZeRO-0" in (tmp_path / "first.log").read_text()
+    state = latest_state(run_dir / "checkpoints")
+    assert (state.global_step, state.zero_stage, state.world_size) == (2, 0, 1)
+    import torch
+
+    from pretrain.checkpoint import MODEL_STATES_FILE
+
+    saved = torch.load(run_dir / "checkpoints" / tag_for(2) / MODEL_STATES_FILE, map_location="cpu", weights_only=False)
+    assert {v.dtype for v in saved["module"].values() if v.is_floating_point()} == {torch.float32}
+    # The optimizer state sits whole beside the weights, per parameter and full-shaped (nothing flat or partitioned).
+    shapes = {tuple(state["exp_avg"].shape) for state in saved["optimizer"]["state"].values()}
+    assert tuple(saved["module"]["imagebert.bert.embeddings.word_embeddings.weight"].shape) in shapes
+
+    longer = _write_config(tmp_path / "longer.yaml", shards, [_stage("web", 3)],
+                           deepspeed={"zero_stage": "auto", "precision": "bf16"}, checkpoint={"every_steps": 2},
+                           eval={"every_steps": 10000})
+    _run(_pretrain_cmd(2, longer, run_dir, "--resume"), tmp_path / "second.log")
+    second = (tmp_path / "second.log").read_text()
+    assert "stage 0 (web): 2/3 steps done, resumed, ZeRO-0" in second and "universal" not in second
+    final = latest_state(run_dir / "checkpoints")
+    assert (final.global_step, final.zero_stage, final.world_size) == (3, 0, 2)
+    assert [r["step"] for r in _metrics(run_dir)] == [2, 3]
+    assert all(math.isfinite(r["mrfr_loss"]) and math.isfinite(r["itm_loss"]) for r in _metrics(run_dir))
 
 
 def test_zero3_bf16_two_ranks_then_resume_into_the_next_stage(shards, tmp_path):
