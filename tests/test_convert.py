@@ -364,8 +364,9 @@ def test_convert_refuses_bad_input_with_one_line(releases, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_fine_tune_each_converted_release_with_mbt(releases):
-    """The README's commands: ``python -m finetune --init RELEASE fusion.name=mbt`` for a few steps."""
-    root, paths = releases
+    """The README's commands: ``python -m pretrain.convert`` of each source, then
+    ``python -m finetune --init RELEASE fusion.name=mbt`` for a few steps."""
+    root, _ = releases
     data = root / "data"
     write_symbolic_task_shards("classification", data / "train", 24, seed=1)
     write_symbolic_task_shards("classification", data / "val", 8, seed=2)
@@ -373,7 +374,17 @@ def test_fine_tune_each_converted_release_with_mbt(releases):
            "MASTER_PORT": str(29600 + os.getpid() % 300)}
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
         env.pop(name, None)
-    for source, release in paths.items():
+    sources = {
+        "visualbert": ["visualbert", str(root / "visualbert")],
+        "uniter": ["uniter", str(root / "uniter.pt"), "--tokenizer", str(root / "tokenizer"),
+                   "--uniter-config", str(root / "uniter-tiny.json")],
+    }
+    for source, args in sources.items():
+        release = root / f"cli-{source}"
+        converted = subprocess.run([sys.executable, "-m", "pretrain.convert", "--from", *args, "--out", str(release),
+                                    "--feature-spec", str(data / "train")], cwd=REPO, env=env, capture_output=True,
+                                   text=True, timeout=120)
+        assert converted.returncode == 0 and converted.stdout.strip() == str(release), converted.stderr[-3000:]
         run_dir = root / f"ft-{source}"
         done = subprocess.run(
             [sys.executable, "-m", "finetune", "--config", str(REPO / "configs/finetune/classification.yaml"),
