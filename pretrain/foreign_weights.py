@@ -172,10 +172,11 @@ def uniter_config(weights: dict[str, torch.Tensor], config_file: str | Path | No
 def uniter_weights(
     weights: dict[str, torch.Tensor], num_region_classes: int, config_file: str | Path | None = None
 ) -> Imported:
-    """A UNITER state dict (``UniterForPretraining``'s, or a ``UniterModel``'s without the ``uniter.`` prefix)."""
+    """A UNITER state dict (``UniterForPretraining``'s, or a ``UniterModel``'s without the ``uniter.`` prefix).
+    LayerNorm tensors named ``gamma`` / ``beta`` (TensorFlow's names, which UNITER's loader renames) are read too."""
     if not any(k.startswith("uniter.") for k in weights):
         weights = {f"uniter.{k}": v for k, v in weights.items()}
-    weights = dict(weights)
+    weights = {re.sub(r"\.beta$", ".bias", re.sub(r"\.gamma$", ".weight", k)): v for k, v in weights.items()}
     needed = ("uniter.embeddings.word_embeddings.weight", "uniter.img_embeddings.pos_linear.weight",
               "uniter.encoder.layer.0.intermediate.dense.weight", "uniter.img_embeddings.img_linear.weight")
     missing = [k for k in needed if k not in weights]

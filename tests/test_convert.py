@@ -204,7 +204,7 @@ def test_converted_visualbert_computes_what_visualbert_computes(model_class, tmp
                              visual_attention_mask=region_mask)
             mlm = model.mlm_head(ours.last_hidden_state)
             itm = model.itm_head(ours.pooler_output)
-        assert (mlm - heads.prediction_logits).abs().max() <= 1e-4  # logits over 30k words, |logit| ~ 100
+        assert (mlm - heads.prediction_logits).abs().max() <= 1e-5
         assert (itm - heads.seq_relationship_logits.flip(-1)).abs().max() <= 1e-5  # their 0 is "matches", our 1
     else:
         assert model.mlm_head.bias.abs().sum() == 0  # a VisualBertModel has none: initialised
@@ -242,6 +242,13 @@ def test_uniter_region_from_the_shards_5d_geometry_equals_uniters_from_7d(tmp_pa
     theirs = uniter_regions(state, features, position7)
     assert (ours - theirs).abs().max() <= 1e-5 and theirs.std() > 0.5
     assert (ours_masked - uniter_regions(state, features, position7, masked)).abs().max() <= 1e-5
+    # LayerNorms under TensorFlow's names (gamma, beta), which UNITER's own loader accepts, convert the same.
+    legacy = {k.removesuffix("LayerNorm.weight") + "LayerNorm.gamma" if k.endswith("LayerNorm.weight") else
+              k.removesuffix("LayerNorm.bias") + "LayerNorm.beta" if k.endswith("LayerNorm.bias") else k: v
+              for k, v in state.items()}
+    assert sum(k.endswith(".gamma") for k in legacy) == 2 + 2 * LAYERS + 1
+    with torch.no_grad():
+        assert torch.equal(converted_uniter(legacy, tmp_path).eval().imagebert.embed_regions(features, geometry), ours)
     # The map itself, on the geometry alone: M @ g is UNITER's position vector.
     mapped = geometry.double() @ foreign_weights.UNITER_POSITION_FROM_GEOMETRY.T
     assert (mapped - position7.double()).abs().max() <= 1e-6
@@ -346,6 +353,10 @@ def test_convert_refuses_bad_input_with_one_line(releases, tmp_path, capsys):
         (["--from", "uniter", str(root / "spec" / "feature_spec.json"), "--tokenizer", str(root / "tokenizer")],
          "not a PyTorch state dict"),
     ]
+    fine_tuned = tmp_path / "uniter-vqa.pt"  # a task head the map does not know
+    torch.save({**uniter_state_dict(), "vqa_output.0.weight": torch.zeros(3, HIDDEN)}, fine_tuned)
+    cases.append((["--from", "uniter", str(fine_tuned), "--tokenizer", str(root / "tokenizer"),
+                   "--uniter-config", str(root / "uniter-tiny.json")], "unused ['vqa_output.0.weight']"))
     no_tokenizer = visualbert_dir(tmp_path / "vb-bare", VisualBertModel, with_tokenizer=False)
     cases.append((["--from", "visualbert", str(no_tokenizer)], "holds no tokenizer files: give --tokenizer DIR"))
     wide = tmp_path / "wide"
