@@ -32,6 +32,7 @@ from transformers import (
     PreTrainedModel,
 )
 from transformers import initialization as init
+from transformers.masking_utils import create_bidirectional_mask
 from transformers.models.bert.modeling_bert import BertLMPredictionHead, BertPredictionHeadTransform
 
 from pretrain.model_config import POOLINGS, ObjectiveWeights
@@ -48,6 +49,12 @@ class ImageBertConfig(BertConfig):
     row of the position table, which text never reaches); ``summary_pooling``: what the ITM and
     task heads read, BERT's pooler on [CLS] (``cls``, ImageBERT) or on the mean over the real
     positions (``mean``, for checkpoints trained with mean pooling).
+
+    Three switches let a converted release (``pretrain.convert``) compute exactly what its
+    original computes; their defaults are ImageBERT's: ``region_feature_norm`` (a LayerNorm on
+    the projected feature; VisualBERT has none), ``region_geometry`` (the 5-d geometry term;
+    VisualBERT embeds no boxes) and ``region_own_norm`` (regions get a final LayerNorm of their
+    own in place of BERT's embedding LayerNorm, as in UNITER).
     """
 
     model_type = "imagebert"
@@ -58,6 +65,9 @@ class ImageBertConfig(BertConfig):
         num_region_classes: int = 1601,
         region_position_id: int | None = None,
         summary_pooling: str = "cls",
+        region_feature_norm: bool = True,
+        region_geometry: bool = True,
+        region_own_norm: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -68,6 +78,9 @@ class ImageBertConfig(BertConfig):
         self.feature_dim = int(feature_dim)
         self.num_region_classes = int(num_region_classes)
         self.summary_pooling = summary_pooling
+        self.region_feature_norm = bool(region_feature_norm)
+        self.region_geometry = bool(region_geometry)
+        self.region_own_norm = bool(region_own_norm)
         last = self.max_position_embeddings - 1
         self.region_position_id = last if region_position_id is None else int(region_position_id)
 
@@ -87,15 +100,24 @@ class ImageBertRegionEmbeddings(nn.Module):
     near-constant vector whose bias gradient was measured at ~1e5x every other parameter's:
     global-norm clipping then scaled the rest of the step below Adam's epsilon and ITM never
     left chance. Zero-initialised, so a masked region starts as its geometry alone.
+
+    The config's region switches drop the feature LayerNorm or the geometry term, or add
+    ``own_norm``, the regions' final LayerNorm (``ImageBertModel.embed_regions`` applies it).
     """
 
     def __init__(self, config: ImageBertConfig):
         super().__init__()
         self.feature_proj = nn.Linear(config.feature_dim, config.hidden_size)
-        self.feature_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        if config.region_feature_norm:
+            self.feature_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        else:
+            self.feature_norm = nn.Identity()
         self.blank_feature = nn.Parameter(torch.zeros(config.hidden_size))
-        self.geometry_proj = nn.Linear(GEOMETRY_DIM, config.hidden_size)
-        self.geometry_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.embeds_geometry = config.region_geometry
+        if config.region_geometry:
+            self.geometry_proj = nn.Linear(GEOMETRY_DIM, config.hidden_size)
+            self.geometry_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.own_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.region_own_norm else None
 
     def forward(
         self, region_features: torch.Tensor, region_geometry: torch.Tensor, region_blanked: torch.Tensor | None = None
@@ -104,6 +126,8 @@ class ImageBertRegionEmbeddings(nn.Module):
         features = self.feature_norm(self.feature_proj(region_features.to(dtype)))
         if region_blanked is not None:
             features = torch.where(region_blanked.bool().unsqueeze(-1), self.blank_feature.to(dtype), features)
+        if not self.embeds_geometry:
+            return features
         geometry = self.geometry_norm(self.geometry_proj(region_geometry.to(dtype)))
         return features + geometry
 
@@ -162,10 +186,14 @@ class ImageBertModel(ImageBertPreTrainedModel):
         inputs = self.region_embeddings(region_features, region_geometry, region_blanked)
         positions = torch.full((batch, length), self.config.region_position_id, device=inputs.device)
         segments = torch.ones((batch, length), dtype=torch.long, device=inputs.device)
-        return self.bert.embeddings(
-            inputs_embeds=inputs.to(self.get_input_embeddings().weight.dtype),
-            token_type_ids=segments, position_ids=positions,
-        )
+        inputs = inputs.to(self.get_input_embeddings().weight.dtype)
+        own_norm = self.region_embeddings.own_norm
+        if own_norm is None:
+            return self.bert.embeddings(inputs_embeds=inputs, token_type_ids=segments, position_ids=positions)
+        # BertEmbeddings' sum, normalised by the regions' own LayerNorm (region_own_norm, UNITER).
+        text = self.bert.embeddings
+        summed = inputs + text.token_type_embeddings(segments) + text.position_embeddings(positions)
+        return text.dropout(own_norm(summed))
 
     def pool(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The summary the ITM and task heads read: BERT's pooler (dense + tanh) on token 0
@@ -190,6 +218,10 @@ class ImageBertModel(ImageBertPreTrainedModel):
         region_blanked: torch.Tensor | None = None,  # [B, R] True where the model must not see the feature
     ) -> ImageBertOutput:
         check_feature_dim(region_features, self.config)
+        if self.config.region_own_norm:
+            return self._forward_own_region_norm(
+                input_ids, attention_mask, region_features, region_geometry, region_mask, region_blanked
+            )
         batch, text_length = input_ids.shape
         region_length = region_features.shape[1]
         device = input_ids.device
@@ -212,6 +244,21 @@ class ImageBertModel(ImageBertPreTrainedModel):
         )
         states = out.last_hidden_state
         return ImageBertOutput(states, self.pool(states, mask), text_length)
+
+    def _forward_own_region_norm(
+        self, input_ids, attention_mask, region_features, region_geometry, region_mask, region_blanked
+    ) -> ImageBertOutput:
+        """``forward`` when regions have a LayerNorm of their own: BertModel would normalise the
+        joint sequence with its embedding LayerNorm, so each stream is embedded by itself and the
+        encoder runs on both."""
+        embedded = torch.cat(
+            [self.embed_tokens(input_ids, segment=0), self.embed_regions(region_features, region_geometry, region_blanked)],
+            dim=1,
+        )
+        mask = torch.cat([attention_mask.long(), region_mask.long()], dim=1)
+        attention = create_bidirectional_mask(config=self.config, inputs_embeds=embedded, attention_mask=mask)
+        states = self.bert.encoder(embedded, attention_mask=attention).last_hidden_state
+        return ImageBertOutput(states, self.pool(states, mask), input_ids.shape[1])
 
 
 def check_feature_dim(region_features: torch.Tensor, config: ImageBertConfig) -> None:

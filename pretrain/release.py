@@ -2,7 +2,9 @@
 
 ``RELEASE_DIR/config.json``       ``ImageBertConfig`` (``model_type: imagebert``): a BERT config
                                   plus ``feature_dim``, ``num_region_classes``,
-                                  ``region_position_id`` and ``summary_pooling``
+                                  ``region_position_id``, ``summary_pooling`` and the region
+                                  switches (``region_feature_norm``, ``region_geometry``,
+                                  ``region_own_norm``; ImageBERT's unless converted)
 ``RELEASE_DIR/model.safetensors`` weights of ``ImageBertForPretraining`` (encoder and the four
                                   pretraining heads; the tied MLM decoder is stored once)
 ``RELEASE_DIR/tokenizer*.json, vocab.txt, ...``  the tokenizer (``AutoTokenizer`` files)

@@ -56,6 +56,19 @@ def load_model(
     return model
 
 
+def map_keys(weights: dict[str, torch.Tensor], key_mapping: dict[str, str]) -> dict[str, torch.Tensor]:
+    """``weights`` renamed by the first pattern of ``key_mapping`` each key matches (``re.sub``
+    replacements); a key no pattern matches keeps its name, so ``load_model`` reports it unused."""
+    patterns = [(re.compile(pattern), target) for pattern, target in key_mapping.items()]
+    renamed = {}
+    for key, tensor in weights.items():
+        new = next((p.sub(target, key, count=1) for p, target in patterns if p.search(key)), key)
+        if new in renamed:
+            raise ValueError(f"two source weights map to {new} (the second is {key})")
+        renamed[new] = tensor
+    return renamed
+
+
 def _unexpected(keys: Iterable[str], allowed: Iterable[str]) -> list[str]:
     patterns = [re.compile(p) for p in allowed]
     return sorted(k for k in keys if not any(p.search(k) for p in patterns))

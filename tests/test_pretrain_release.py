@@ -144,3 +144,35 @@ def test_a_release_in_the_first_layout_still_loads(tokenizer, tmp_path):
         assert torch.equal(loaded.imagebert(*inputs()).last_hidden_state, states)
         assert torch.equal(loaded.mlm_head(states), model.mlm_head(states))  # the trained bias is the one used
         assert torch.equal(loaded.itm_scores(*inputs()), model.itm_scores(*inputs()))
+
+
+def test_a_release_without_the_region_switches_computes_imagebert_as_before(tokenizer, tmp_path):
+    """Releases written before ``region_feature_norm``, ``region_geometry`` and ``region_own_norm``
+    existed load with the defaults, hold the same weights, and compute ImageBERT's region embedding
+    bit for bit: BERT over [word embeddings; LN(W_f f) + LN(W_g g)] (the forward as it was written)."""
+    torch.manual_seed(0)
+    release = save_release(ImageBertForPretraining(tiny_config()).eval(), tokenizer, feature_spec(FEATURE_DIM), tmp_path / "r")
+    config = json.loads((release / "config.json").read_text())
+    for switch in ("region_feature_norm", "region_geometry", "region_own_norm"):
+        del config[switch]
+    (release / "config.json").write_text(json.dumps(config))
+    model = load_release(release).model.imagebert
+    assert (model.config.region_feature_norm, model.config.region_geometry, model.config.region_own_norm) == (True, True, False)
+    with safe_open(str(release / "model.safetensors"), "pt") as f:
+        region_keys = {k for k in f.keys() if ".region_embeddings." in k}
+    assert region_keys == {f"imagebert.region_embeddings.{k}" for k in (
+        "feature_proj.weight", "feature_proj.bias", "feature_norm.weight", "feature_norm.bias", "blank_feature",
+        "geometry_proj.weight", "geometry_proj.bias", "geometry_norm.weight", "geometry_norm.bias")}
+    ids, mask, features, geometry, region_mask = inputs()
+    emb = model.region_embeddings
+    with torch.no_grad():
+        regions = emb.feature_norm(emb.feature_proj(features)) + emb.geometry_norm(emb.geometry_proj(geometry))
+        segments = torch.cat([torch.zeros_like(ids), torch.ones_like(region_mask)], 1)
+        positions = torch.cat([torch.arange(7), torch.full((3,), model.config.region_position_id)]).expand(2, -1)
+        expected = model.bert(inputs_embeds=torch.cat([model.bert.embeddings.word_embeddings(ids), regions], 1),
+                              attention_mask=torch.cat([mask, region_mask], 1), token_type_ids=segments,
+                              position_ids=positions).last_hidden_state
+        assert torch.equal(model(ids, mask, features, geometry, region_mask).last_hidden_state, expected)
+        alone = model.bert.embeddings(inputs_embeds=regions, token_type_ids=torch.ones_like(region_mask),
+                                      position_ids=positions[:, 7:])
+        assert torch.equal(model.embed_regions(features, geometry), alone)
