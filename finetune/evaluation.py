@@ -22,7 +22,7 @@ from finetune.metrics import classification_metrics, entity_metrics, multilabel_
 from preprocess import atomic
 from pretrain.data import to_device
 from pretrain.distributed import all_reduce_sum, shard
-from pretrain.retrieval import recall_at_k
+from pretrain.retrieval import group_by_image, recall_at_k
 
 log = logging.getLogger("finetune.evaluation")
 
@@ -84,12 +84,8 @@ def _predict(model, samples: list[dict], cfg: FinetuneConfig, collate: TaskColla
 
 def _evaluate_retrieval(model, samples, cfg, collate, device, progress) -> dict[str, float]:
     """Every caption against every image: images are the distinct ``image_id``s, captions every sample."""
-    image_rows: dict[int, int] = {}
-    for row, sample in enumerate(samples):
-        image_rows.setdefault(sample["image_id"], row)
-    image_index = {image_id: i for i, image_id in enumerate(image_rows)}
-    caption_image = torch.tensor([image_index[s["image_id"]] for s in samples])
-    image_samples = [samples[row] for row in image_rows.values()]
+    first, caption_image = group_by_image([s["image_id"] for s in samples])
+    image_samples = [samples[row] for row in first]
 
     def score_batch(images: torch.Tensor, captions: torch.Tensor) -> torch.Tensor:
         pairs = [{**image_samples[i], "input_ids": samples[c]["input_ids"]} for i, c in zip(images.tolist(), captions.tolist())]

@@ -280,7 +280,7 @@ release = load_release(sys.argv[1])
 print("modules: " + ("deepspeed" if "deepspeed" in sys.modules else "no-ds"))
 from transformers import AutoConfig, AutoModel, AutoModelForPreTraining
 from pretrain.config import PretrainConfig
-from pretrain.evaluate import evaluate
+from pretrain.evaluation import evaluate
 from pretrain.model import ImageBertForPretraining, ImageBertModel
 encoder, whole = AutoModel.from_pretrained(sys.argv[1]), ImageBertForPretraining.from_pretrained(sys.argv[1])
 assert type(encoder) is ImageBertModel and type(AutoModelForPreTraining.from_pretrained(sys.argv[1])) is ImageBertForPretraining
