@@ -16,7 +16,7 @@ import pytest
 import torch
 import webdataset as wds
 from extract_helpers import DETECT, picture
-from finetune_fixtures import symbolic_spec, tiny_release, write_symbolic_task_shards
+from finetune_fixtures import per_image_layout, symbolic_spec, tiny_release, write_symbolic_task_shards
 
 from preprocess import extract_cli
 from preprocess.from_captions import cli as from_captions
@@ -181,31 +181,12 @@ def test_a_caption_of_the_right_image_is_a_hit(tmp_path, tokenizer):
     assert (len(two.images), len(two.captions)) == (2, 10)
 
 
-def karpathy_layout(pattern_dir: Path, out: Path) -> str:
-    """The same feature samples as one sample per image carrying all of its captions."""
-    out.mkdir()
-    merged: dict[int, dict] = {}
-    for sample in wds.WebDataset(str(pattern_dir / "00000.tar"), shardshuffle=False):
-        meta = json.loads(sample["json"])
-        if meta["image_id"] in merged:
-            merged[meta["image_id"]]["captions"].append(sample["txt"].decode())
-            continue
-        merged[meta["image_id"]] = {"sample": sample, "captions": [sample["txt"].decode()]}
-    with wds.TarWriter(str(out / "00000.tar")) as writer:
-        for image_id, item in merged.items():
-            sample = {k: v for k, v in item["sample"].items() if not k.startswith("__") or k == "__key__"}
-            meta = json.loads(sample["json"]) | {"captions": item["captions"]}
-            writer.write(sample | {"json": json.dumps(meta).encode()})
-    symbolic_spec().save(out)
-    return str(out / "00000.tar")
-
-
 def test_both_layouts_and_the_command_give_the_same_retrieval(tmp_path, tokenizer):
     """One sample per caption (finetune's layout) and one per image with its captions give the same
     ranking; ``python -m pretrain.evaluate`` prints and writes what ``evaluate`` returns."""
     release = tiny_release(tmp_path / "release")
     per_caption = write_symbolic_task_shards("retrieval", tmp_path / "per-caption", 12, seed=2, captions_per_image=5)
-    per_image = karpathy_layout(tmp_path / "per-caption", tmp_path / "per-image")
+    per_image = per_image_layout(tmp_path / "per-caption", tmp_path / "per-image")
     model = load_release(release)
     eval_cfg = EvalConfig(max_samples=12, retrieval_candidates=10, batch_size=16)
 
