@@ -81,7 +81,7 @@ class RawSample:
     caption: str
     metadata: bytes  # the raw JSON member, unchanged
     image: DecodedImage
-    image_id: int | None = None  # the JSON's image_id (preprocess.feature_format.image_id_of)
+    image_id: int | None = None  # the JSON's image_id (preprocess.captions.image_id_of)
     # numpy, not torch: small tensors would each cost a shared-memory handle between processes
     given_boxes: np.ndarray | None = None  # float32 [N, 4] original-image pixels
     given_labels: np.ndarray | None = None  # int64 [N]

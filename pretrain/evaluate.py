@@ -26,17 +26,23 @@ log = logging.getLogger("pretrain.evaluate")
 
 RESULTS_FILE = "zero_shot.json"
 
+# The numeric flags: (flag, default, least value, help). --max-images also takes 0 (every image).
+NUMBERS = (
+    ("--max-images", 1000, 2, "retrieval gallery: the first N images with all their captions (0: all)"),
+    ("--itm-samples", 1000, 2, "the first N samples score ITM, MLM and MOC accuracy"),
+    ("--batch-size", 64, 2, "pairs per forward"),
+    ("--max-text-length", 40, 3, "tokens per caption, [CLS] and [SEP] included (pass the pretraining run's)"),
+    ("--max-regions", 100, 1, "regions per image, most confident first (pass the pretraining run's)"),
+)
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pretrain.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--release", required=True, help="release directory (python -m pretrain.export)")
     parser.add_argument("--data", required=True, help="feature shards: brace pattern or '::' list, local or bucket")
     parser.add_argument("--out", default=RESULTS_FILE, help=f"results JSON (default: ./{RESULTS_FILE})")
-    parser.add_argument("--max-images", type=int, default=1000, help="retrieval gallery: the first N images (0: all)")
-    parser.add_argument("--itm-samples", type=int, default=1000, help="samples for ITM/MLM/MOC accuracy")
-    parser.add_argument("--batch-size", type=int, default=64, help="pairs per forward")
-    parser.add_argument("--max-text-length", type=int, default=40, help="tokens per caption, [CLS] and [SEP] included")
-    parser.add_argument("--max-regions", type=int, default=100, help="regions per image, most confident first")
+    for flag, default, _, text in NUMBERS:
+        parser.add_argument(flag, type=int, default=default, help=f"{text}; default {default}")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -46,12 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     from pretrain.evaluate_config import EvalConfig
 
     try:  # before torch is imported
-        for flag, value, least in (("--itm-samples", args.itm_samples, 2), ("--batch-size", args.batch_size, 2),
-                                   ("--max-text-length", args.max_text_length, 3), ("--max-regions", args.max_regions, 1)):
-            if value < least:
-                raise ValueError(f"{flag} must be >= {least}, got {value}")
-        if args.max_images < 2 and args.max_images != 0:
-            raise ValueError(f"--max-images must be >= 2, or 0 for every image of --data, got {args.max_images}")
+        for flag, _, least, _ in NUMBERS:
+            value = getattr(args, flag[2:].replace("-", "_"))
+            if value < least and not (flag == "--max-images" and value == 0):
+                raise ValueError(f"{flag} must be >= {least}{' (or 0: all)' if flag == '--max-images' else ''}, got {value}")
         eval_cfg = EvalConfig(max_samples=args.itm_samples, retrieval_candidates=args.max_images, batch_size=args.batch_size)
         data = DataConfig(batch_size=args.batch_size, max_text_length=args.max_text_length, max_regions=args.max_regions)
         if not Path(args.release).is_dir():

@@ -122,7 +122,8 @@ def retrieval_gallery(samples: Iterable[dict], tokenizer, max_text_length: int, 
         if image not in images:
             if max_images and len(images) == max_images:
                 break
-            images[image] = sample
+            # Regions only: the class distributions (320 KB an image at 100 x 1600) are not needed here.
+            images[image] = {k: sample[k] for k in ("key", "image_id", "features", "geometry")}
         texts = sample["captions"]
         if texts == [sample["caption"]]:
             captions.append(sample)  # already tokenised
@@ -186,9 +187,8 @@ def evaluate(
         metrics = masked_modelling_metrics(model, batches, device, objectives or ObjectiveWeights(), show_progress)
         times["masked_modelling_s"] = time.perf_counter() - start
         start = time.perf_counter()
-        gallery = retrieval_gallery(
-            itertools.chain(samples, stream), tokenizer, data.max_text_length, eval_cfg.retrieval_candidates
-        )
+        read = tqdm(itertools.chain(samples, stream), desc="eval gallery", unit="sample", disable=not show_progress, leave=False)
+        gallery = retrieval_gallery(read, tokenizer, data.max_text_length, eval_cfg.retrieval_candidates)
         times["gallery_read_s"] = time.perf_counter() - start
         start = time.perf_counter()
         metrics |= zero_shot_retrieval(model, gallery, tokenizer.pad_token_id, device, eval_cfg.batch_size, show_progress)
