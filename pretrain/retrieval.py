@@ -90,6 +90,8 @@ def recall_at_k(
         raise ValueError(f"every one of the {num_images} images needs at least one caption; got {num_captions} captions")
 
     positive = score_pairs(score_batch, caption_image, torch.arange(num_captions), batch_size, device)  # [C]
+    if progress is not None:
+        progress(num_captions)
     best = torch.full((num_images,), float("-inf")).scatter_reduce(0, caption_image, positive, "amax")
     best_count = torch.bincount(caption_image, weights=(positive == best[caption_image]).double(), minlength=num_images)
     image_above, image_tied = torch.zeros(num_images), torch.zeros(num_images)

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import io
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,12 +23,11 @@ from preprocess.raw_input import SampleRules, make_raw_sample
 from pretrain.data import PretrainCollate, eval_sample_stream
 from pretrain.data_config import DataConfig
 from pretrain.evaluate_config import EvalConfig
+from pretrain.evaluate import main as evaluate_command
 from pretrain.evaluation import evaluate, retrieval_gallery
 from pretrain.masking_config import MaskingConfig
 from pretrain.release import load_release
 from pretrain.retrieval import recall_at_k
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def write_karpathy(root: Path, dataset: str) -> dict:
@@ -181,7 +178,7 @@ def test_a_caption_of_the_right_image_is_a_hit(tmp_path, tokenizer):
     assert (len(two.images), len(two.captions)) == (2, 10)
 
 
-def test_both_layouts_and_the_command_give_the_same_retrieval(tmp_path, tokenizer):
+def test_both_layouts_and_the_command_give_the_same_retrieval(tmp_path, tokenizer, capsys):
     """One sample per caption (finetune's layout) and one per image with its captions give the same
     ranking; ``python -m pretrain.evaluate`` prints and writes what ``evaluate`` returns."""
     release = tiny_release(tmp_path / "release")
@@ -201,18 +198,15 @@ def test_both_layouts_and_the_command_give_the_same_retrieval(tmp_path, tokenize
     assert b["i2t_r1_chance"] == pytest.approx(100 * 5 / 50) and b["t2i_r1_chance"] == pytest.approx(10.0)
 
     out = tmp_path / "results" / "zero_shot.json"
-    result = subprocess.run(
-        [sys.executable, "-m", "pretrain.evaluate", "--release", str(release), "--data", per_image, "--out", str(out),
-         "--max-images", "10", "--itm-samples", "12", "--batch-size", "16"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert evaluate_command(["--release", str(release), "--data", per_image, "--out", str(out), "--max-images", "10",
+                             "--itm-samples", "12", "--batch-size", "16"]) == 0
+    stdout = capsys.readouterr().out
     record = json.loads(out.read_text())
     assert record["metrics"] == pytest.approx(b, abs=1e-9)
     assert record["retrieval_pairs"] == 10 * 50 + 50 and record["pairs_per_s"] > 0
     assert record["settings"]["max_images"] == 10 and record["release"] == str(release)
-    assert "10 images x 50 captions (5.00 per image)" in result.stdout
-    line = next(x for x in result.stdout.splitlines() if x.startswith("image->text R@1 "))
+    assert "10 images x 50 captions (5.00 per image)" in stdout
+    line = next(x for x in stdout.splitlines() if x.startswith("image->text R@1 "))
     assert line.split()[-2:] == [f"{b['i2t_r1']:.2f}", "10.00"]  # the figure and its chance
 
 
@@ -234,11 +228,8 @@ def test_karpathy_captions_through_extraction_into_evaluation(tmp_path, tokenize
 
     release = tiny_release(tmp_path / "release", spec=FeatureSpec.load(features))
     out = tmp_path / "zero_shot.json"
-    result = subprocess.run(
-        [sys.executable, "-m", "pretrain.evaluate", "--release", str(release), "--data", str(features / "00000.tar"),
-         "--out", str(out), "--max-images", "0"], cwd=REPO, capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert evaluate_command(["--release", str(release), "--data", str(features / "00000.tar"), "--out", str(out),
+                             "--max-images", "0"]) == 0
     metrics = json.loads(out.read_text())["metrics"]
     assert (metrics["num_images"], metrics["num_captions"], metrics["num_eval_samples"]) == (4, 21, 4)
     # Image 3 has 6 of the 21 captions: its chance of one among the first is higher than the others'.
