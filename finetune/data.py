@@ -11,7 +11,9 @@ sentiment
 multilabel          ``target_labels``: list of indices or names
 ner                 ``words`` (list of words; the caption is ``" ".join(words)``) and
                     ``tags`` (one BIO tag per word, names from ``task.label_names``)
-retrieval           ``image_id`` (one sample per image-caption pair; an image's captions share it)
+retrieval           ``image_id`` (an image's samples share it); one sample per image-caption pair,
+                    or per image with all of its ``captions`` (``preprocess.captions``):
+                    training reads ``KEY.txt``, evaluation ranks every caption
 ==================  ===============================================================
 
 NER tags live on words; the text is tokenised word by word and the model reads each word's
@@ -32,6 +34,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader
 
 from finetune.config import DataConfig, TaskConfig
+from preprocess.captions import captions_of
 from preprocess.feature_format import FeatureSpec, decode_feature_sample
 from preprocess.launch_env import ignore_stop_signals
 from preprocess.shard_reader import tar_samples
@@ -72,6 +75,15 @@ class TaskSampleDecoder:
             raise ValueError(f"{where}: JSON has no {name!r} (task {self.task.name} needs it)")
         return meta[name]
 
+    def _visible_text(self, input_ids) -> np.ndarray:
+        """Token ids as the model may see them: with ``modalities: image`` words become [MASK] but keep
+        their places, so NER still has a position per word."""
+        input_ids = np.asarray(input_ids, dtype=np.int64)
+        if self.data.modalities != "image":
+            return input_ids
+        special = np.isin(input_ids, [self.tokenizer.cls_token_id, self.tokenizer.sep_token_id])
+        return np.where(special, input_ids, self.tokenizer.mask_token_id)
+
     def __call__(self, raw: dict[str, Any]) -> dict[str, Any]:
         sample = decode_feature_sample(raw, self.spec.num_classes)
         where = f"sample {sample.key} in {raw.get('__url__', '?')}"
@@ -102,6 +114,18 @@ class TaskSampleDecoder:
             if not caption:
                 raise ValueError(f"{where}: empty caption")
             input_ids = self.tokenizer(caption, truncation=True, max_length=self.data.max_text_length)["input_ids"]
+            if self.task.name == "retrieval":
+                out["image_id"] = int(self._field(meta, "image_id", where))
+                try:  # every caption of the image the sample carries (preprocess.captions): evaluation's queries
+                    captions = captions_of(caption, meta)
+                except ValueError as err:
+                    raise ValueError(f"{where}: {err}") from None
+                # KEY.txt is the first of them when the JSON lists them: its tokens are reused.
+                out["caption_input_ids"] = [
+                    self._visible_text(input_ids if text == caption else self.tokenizer(
+                        text, truncation=True, max_length=self.data.max_text_length)["input_ids"])
+                    for text in captions
+                ]
             if self.task.name in ("classification", "sentiment"):
                 out["label"] = self._label(self._field(meta, "label", where), where)
             elif self.task.name == "multilabel":
@@ -109,9 +133,7 @@ class TaskSampleDecoder:
                 for value in self._field(meta, "target_labels", where):
                     target[self._label(value, where)] = 1.0
                 out["target"] = target
-            elif self.task.name == "retrieval":
-                out["image_id"] = int(self._field(meta, "image_id", where))
-        input_ids = np.asarray(input_ids, dtype=np.int64)
+        input_ids = self._visible_text(input_ids)
         keep = min(n, self.data.max_regions)
         features = np.ascontiguousarray(sample.features[:keep], dtype=np.float16)
         geometry = np.ascontiguousarray(sample.geometry[:keep], dtype=np.float32)
@@ -121,10 +143,6 @@ class TaskSampleDecoder:
             # reaches the model (the model puts its blank embedding in place of the feature).
             features = np.zeros((1, features.shape[1]), dtype=np.float16)
             geometry = np.zeros((1, 5), dtype=np.float32)
-        elif self.data.modalities == "image":
-            # Words become [MASK] but keep their places, so NER still has a position per word.
-            special = np.isin(input_ids, [self.tokenizer.cls_token_id, self.tokenizer.sep_token_id])
-            input_ids = np.where(special, input_ids, self.tokenizer.mask_token_id)
         out.update(input_ids=input_ids, features=features, geometry=geometry, blanked=blanked)
         return out
 

@@ -22,7 +22,7 @@ from finetune.metrics import classification_metrics, entity_metrics, multilabel_
 from preprocess import atomic
 from pretrain.data import to_device
 from pretrain.distributed import all_reduce_sum, shard
-from pretrain.retrieval import recall_at_k
+from pretrain.retrieval import group_by_image, recall_at_k
 
 log = logging.getLogger("finetune.evaluation")
 
@@ -83,19 +83,18 @@ def _predict(model, samples: list[dict], cfg: FinetuneConfig, collate: TaskColla
 
 
 def _evaluate_retrieval(model, samples, cfg, collate, device, progress) -> dict[str, float]:
-    """Every caption against every image: images are the distinct ``image_id``s, captions every sample."""
-    image_rows: dict[int, int] = {}
-    for row, sample in enumerate(samples):
-        image_rows.setdefault(sample["image_id"], row)
-    image_index = {image_id: i for i, image_id in enumerate(image_rows)}
-    caption_image = torch.tensor([image_index[s["image_id"]] for s in samples])
-    image_samples = [samples[row] for row in image_rows.values()]
+    """Every caption against every image: images are the distinct ``image_id``s, captions every
+    caption the samples carry (``caption_input_ids``)."""
+    rows = [row for row, s in enumerate(samples) for _ in s["caption_input_ids"]]
+    captions = [ids for s in samples for ids in s["caption_input_ids"]]
+    first, caption_image = group_by_image([samples[row]["image_id"] for row in rows])
+    image_samples = [samples[rows[position]] for position in first]
 
-    def score_batch(images: torch.Tensor, captions: torch.Tensor) -> torch.Tensor:
-        pairs = [{**image_samples[i], "input_ids": samples[c]["input_ids"]} for i, c in zip(images.tolist(), captions.tolist())]
+    def score_batch(images: torch.Tensor, captions_: torch.Tensor) -> torch.Tensor:
+        pairs = [{**image_samples[i], "input_ids": captions[c]} for i, c in zip(images.tolist(), captions_.tolist())]
         return model.predict(to_device(collate(pairs), device))
 
-    total = len(image_samples) * len(samples) + len(samples)
+    total = len(image_samples) * len(captions) + len(captions)
     with tqdm(total=total, desc="retrieval pairs", disable=not progress, dynamic_ncols=True, unit="pair") as bar:
         return recall_at_k(
             score_batch, caption_image, len(image_samples), cfg.eval.batch_size,

@@ -141,7 +141,9 @@ class FeatureWriter(threading.Thread):
                 self.stats.skipped["detector_error"] += 1
                 continue
             encoded = feature_sample(sample, regions, self.label_format, self.topk)
-            output.write(encoded, sample.index, len(regions), sample.image.width, sample.image.height, sample.caption)
+            output.write(
+                encoded, sample.index, len(regions), sample.image.width, sample.image.height, sample.caption, sample.image_id
+            )
             self.stats.written += 1
 
     def _end(self, end: ShardEnd) -> None:

@@ -33,6 +33,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from preprocess import storage
+from preprocess.captions import captions_of, image_id_of
 from preprocess.raw_image import DecodedImage, RejectedSample, decode_image
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,7 @@ class RawSample:
     caption: str
     metadata: bytes  # the raw JSON member, unchanged
     image: DecodedImage
+    image_id: int | None = None  # the JSON's image_id (preprocess.captions.image_id_of)
     # numpy, not torch: small tensors would each cost a shared-memory handle between processes
     given_boxes: np.ndarray | None = None  # float32 [N, 4] original-image pixels
     given_labels: np.ndarray | None = None  # int64 [N]
@@ -310,9 +312,14 @@ def make_raw_sample(group: dict[str, Any], index: int, rules: SampleRules) -> Ra
         raise RejectedSample("bad_metadata_json", str(err)) from None
     if not isinstance(meta, dict):
         raise RejectedSample("bad_metadata_json", f"top level is {type(meta).__name__}, expected an object")
+    try:  # what retrieval evaluation reads from the JSON must be readable there
+        image_id = image_id_of(meta)
+        captions_of(caption, meta)
+    except ValueError as err:
+        raise RejectedSample("bad_metadata_json", str(err)) from None
     # Given boxes are checked after the decode because clipping needs the image size.
     image = decode_image(group[image_suffix], rules.max_image_pixels, rules.min_size, rules.max_size, rules.downscale)
-    sample = RawSample(key=key, index=index, caption=caption, metadata=metadata, image=image)
+    sample = RawSample(key=key, index=index, caption=caption, metadata=metadata, image=image, image_id=image_id)
     if rules.given_boxes:
         sample.given_boxes, sample.given_labels = parse_given_boxes(meta, rules, image.width, image.height)
     return sample

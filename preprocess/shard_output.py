@@ -47,6 +47,7 @@ MANIFEST_SCHEMA = pa.schema(
         ("image_width", pa.int32()),
         ("image_height", pa.int32()),
         ("caption_chars", pa.int32()),
+        ("image_id", pa.int64()),
     ]
 )
 SKIPPED_SCHEMA = pa.schema(
@@ -86,7 +87,10 @@ class ShardOutput:
         self.manifest_rows: list[dict[str, Any]] = []
         self.skipped_rows: list[dict[str, Any]] = []
 
-    def write(self, sample: dict[str, Any], source_index: int, num_boxes: int, width: int, height: int, caption: str) -> None:
+    def write(
+        self, sample: dict[str, Any], source_index: int, num_boxes: int, width: int, height: int, caption: str,
+        image_id: int | None,
+    ) -> None:
         self.writer.write(sample)
         self.manifest_rows.append(
             {
@@ -98,6 +102,7 @@ class ShardOutput:
                 "image_width": width,
                 "image_height": height,
                 "caption_chars": len(caption),
+                "image_id": image_id,
             }
         )
 

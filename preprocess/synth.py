@@ -28,6 +28,7 @@ import sys
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import yaml
@@ -70,6 +71,7 @@ __all__ = [
     "encode_image",
     "image_extension",
     "make_sample",
+    "prepare_shard_dir",
     "render",
     "sample_scene",
     "scene_metadata",
@@ -370,29 +372,36 @@ def cli(argv: list[str]) -> int:
     return 0
 
 
-def _prepare_out_dir(out: Path, config: SynthConfig) -> list[int]:
-    """Check ``out`` is writable and holds nothing from a different run; return the shards to write."""
+def prepare_shard_dir(out: Path, config: Any, config_file: str, command: str) -> None:
+    """Check ``out`` is writable and holds nothing but shards of a run of ``command`` with the same
+    ``config`` (a dataclass, saved as ``config_file``), then save ``config`` there: shards already
+    in place are then that run's, and a rerun may keep them."""
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".synth-write-test"
+        probe = out / f".{command}-write-test"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as err:
         raise OSError(f"--out {out}: not a writable directory ({err.strerror or err})") from None
-    config_path = out / SHARD_CONFIG_FILE
+    config_path = out / config_file
     if config_path.exists():
         try:
             previous = from_dict(
-                SynthConfig, yaml.safe_load(config_path.read_text(encoding="utf-8")), str(config_path)
+                type(config), yaml.safe_load(config_path.read_text(encoding="utf-8")), str(config_path)
             )
         except ConfigError as err:
             raise ValueError(f"{config_path}: unreadable ({err}); remove it or use another --out") from None
         if asdict(previous) != asdict(config):
             raise ValueError(
-                f"--out {out} holds shards from a different synth run ({config_path}); use another --out"
+                f"--out {out} holds shards from a different {command} run ({config_path}); use another --out"
             )
     elif any(out.glob("*.tar")):
-        raise ValueError(f"--out {out} already holds .tar files not written by synth; use another --out")
+        raise ValueError(f"--out {out} already holds .tar files not written by {command}; use another --out")
     dump_yaml(config, config_path)
     atomic.remove_leftovers(out)  # what a killed run was writing
+
+
+def _prepare_out_dir(out: Path, config: SynthConfig) -> list[int]:
+    """Prepare ``out`` (``prepare_shard_dir``); return the shards still to write."""
+    prepare_shard_dir(out, config, SHARD_CONFIG_FILE, "synth")
     return [s for s in range(config.num_shards) if not (out / shard_name(s)).exists()]

@@ -9,7 +9,7 @@ pads text and regions, draws ITM negatives from other samples of the batch and a
 masking of ``pretrain.masking``.
 
 Evaluation reads the validation shards once, in order, with a fixed masking seed, so two
-evaluations compare and every rank builds the same batches; ``pretrain.evaluate`` then shares
+evaluations compare and every rank builds the same batches; ``pretrain.evaluation`` then shares
 them out over the ranks.
 
 A sample that cannot be read (truncated or corrupt tar, missing member, wrong shapes, empty
@@ -35,6 +35,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, get_worker_info
 
 from preprocess import storage
+from preprocess.captions import captions_of, image_id_of
 from preprocess.feature_format import FeatureSpec, decode_feature_sample
 from preprocess.launch_env import ignore_stop_signals
 from preprocess.shard_reader import tar_samples
@@ -158,6 +159,10 @@ class SampleDecoder:
         caption = sample.caption.strip()
         if not caption:
             raise ValueError(f"{where}: empty caption")
+        try:
+            image_id, captions = image_id_of(sample.metadata), captions_of(caption, sample.metadata)
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
         tokens = self.tokenizer(
             caption, truncation=True, max_length=self.data.max_text_length, return_special_tokens_mask=True
         )
@@ -165,6 +170,9 @@ class SampleDecoder:
         return {
             "key": sample.key,
             "caption": caption,
+            # The image's captions and id (preprocess.captions): what retrieval evaluation groups by.
+            "captions": captions,
+            "image_id": image_id,
             "input_ids": np.asarray(tokens["input_ids"], dtype=np.int64),
             "special_tokens_mask": np.asarray(tokens["special_tokens_mask"], dtype=bool),
             # Kept float16 (the batch too, see pad_samples): evaluation holds thousands of these. Views of the
@@ -215,12 +223,13 @@ class PretrainCollate:
     ) -> tuple[list[int], torch.Tensor]:
         """For each sample, the index whose caption it gets, and ITM labels (1 matched, 0 negative).
 
-        A negative caption comes from another sample with a different key and different text
-        (the same sample can appear twice when shards are resampled); with no such sample in the
-        batch the pair stays matched.
+        A negative caption comes from another sample of another image (another key, and another
+        ``image_id`` where samples carry one: the same sample can appear twice when shards are
+        resampled, and one image can have a sample per caption) and with different text; with no
+        such sample in the batch the pair stays matched.
         """
         n = len(samples)
-        keys = [s["key"] for s in samples]
+        keys = [image_of(s) for s in samples]
         texts = [_normalised_text(s["caption"]) for s in samples]
         want_negative = (torch.rand(n, generator=generator) < self.data.itm_negative_rate).tolist()
         caption_of = list(range(n))
@@ -292,38 +301,51 @@ def pad_captions(captions: list[dict[str, Any]], pad_token_id: int) -> dict[str,
     }
 
 
+def pad_regions(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """``region_features``, ``region_geometry`` and ``region_mask`` of the samples, padded to the
+    most regions among them."""
+    n = len(samples)
+    num_regions = max(len(s["features"]) for s in samples)
+    geometry = np.zeros((n, num_regions, 5), dtype=np.float32)
+    region_mask = np.zeros((n, num_regions), dtype=np.int64)
+    # Features stay float16, as the shards store them: the model widens them where it computes
+    # (on the GPU, for free), with the same values, while a float32 batch would double the bytes
+    # each worker writes to shared memory and the host copies to the device.
+    features = _shared_zeros((n, num_regions, samples[0]["features"].shape[1]), torch.float16)
+    for i, sample in enumerate(samples):
+        r = len(sample["features"])
+        features[i, :r] = torch.from_numpy(sample["features"])
+        geometry[i, :r] = sample["geometry"]
+        region_mask[i, :r] = 1
+    return {
+        "region_features": features,
+        "region_geometry": torch.from_numpy(geometry),
+        "region_mask": torch.from_numpy(region_mask),
+    }
+
+
 def pad_samples(samples: list[dict[str, Any]], caption_of: list[int], pad_token_id: int) -> dict[str, Any]:
     """Unmasked padded tensors: sample i's regions with sample ``caption_of[i]``'s caption.
 
     Text is padded to the longest caption of the batch and regions to the most regions of the
     batch (not to the maxima of the config), so short batches cost less.
     """
-    n = len(samples)
-    num_regions = max(len(s["features"]) for s in samples)
-    feature_dim = samples[0]["features"].shape[1]
-    num_classes = samples[0]["cls_prob"].shape[1]
-
-    geometry = np.zeros((n, num_regions, 5), dtype=np.float32)
-    region_mask = np.zeros((n, num_regions), dtype=np.int64)
-    # Features and class distributions stay float16, as the shards store them: the model widens
-    # them where it computes (on the GPU, for free), with the same values, while a float32 batch
-    # would double the bytes each worker writes to shared memory and the host copies to the device.
-    features = _shared_zeros((n, num_regions, feature_dim), torch.float16)
-    cls_prob = _shared_zeros((n, num_regions, num_classes), torch.float16)
+    regions = pad_regions(samples)
+    cls_prob = _shared_zeros((*regions["region_mask"].shape, samples[0]["cls_prob"].shape[1]), torch.float16)
     for i, sample in enumerate(samples):
-        r = len(sample["features"])
-        features[i, :r] = torch.from_numpy(sample["features"])
-        geometry[i, :r] = sample["geometry"]
-        region_mask[i, :r] = 1
-        cls_prob[i, :r] = torch.from_numpy(sample["cls_prob"])
+        cls_prob[i, : len(sample["cls_prob"])] = torch.from_numpy(sample["cls_prob"])
     return {
         **pad_captions([samples[j] for j in caption_of], pad_token_id),
-        "region_features": features,
-        "region_geometry": torch.from_numpy(geometry),
-        "region_mask": torch.from_numpy(region_mask),
+        **regions,
         "region_cls_prob": cls_prob,
         "keys": [s["key"] for s in samples],
     }
+
+
+def image_of(sample: dict[str, Any]) -> tuple[str, Any]:
+    """What tells a decoded sample's image from others: its ``image_id`` when the shards carry
+    one (several samples may show one image), else its key."""
+    return ("image_id", sample["image_id"]) if sample.get("image_id") is not None else ("key", sample["key"])
 
 
 # ---------------------------------------------------------------- pipelines
@@ -427,17 +449,21 @@ def build_train_loader(
     )
 
 
-def read_eval_samples(shards: str, tokenizer, spec: FeatureSpec, data: DataConfig, max_samples: int) -> list[dict]:
-    """The first ``max_samples`` decoded samples of the shards, in shard order."""
+def eval_sample_stream(shards: str, tokenizer, spec: FeatureSpec, data: DataConfig) -> Iterator[dict]:
+    """The decoded samples of the shards, each once, in shard order (bad ones logged and skipped)."""
     bad = BadSampleHandler(f"validation shards {shards}")
-    pipeline = wds.DataPipeline(
+    return iter(wds.DataPipeline(
         wds.SimpleShardList(shards),
         # at this point we have each shard once, in the order given
         tar_samples(bad),
         decode_each(SampleDecoder(tokenizer, spec, data), bad),
         # at this point we have tokenised samples
-    )
-    samples = list(itertools.islice(pipeline, max_samples))
+    ))
+
+
+def read_eval_samples(shards: str, tokenizer, spec: FeatureSpec, data: DataConfig, max_samples: int) -> list[dict]:
+    """The first ``max_samples`` decoded samples of the shards, in shard order."""
+    samples = list(itertools.islice(eval_sample_stream(shards, tokenizer, spec, data), max_samples))
     if not samples:
         raise ValueError(f"validation shards {shards}: no readable sample")
     return samples

@@ -1,128 +1,122 @@
-"""Validation of a pretraining run: masked-modelling and ITM metrics, zero-shot retrieval.
+"""``python -m pretrain.evaluate --release DIR --data SHARDS [--out FILE]``: zero-shot evaluation of a release.
 
-Masked modelling and ITM run on the first ``max_samples`` held-out samples, masked with a
-fixed seed and paired with in-batch negatives (so the numbers of two evaluations compare).
-Zero-shot retrieval takes the first N held-out samples: their images are the gallery and their
-captions the queries; every (image, caption) pair is scored with the ITM head
-(``model.itm_scores``) and ranked by ``pretrain.retrieval``. Accuracies and recalls are percent.
+Runs pretraining's own held-out evaluation (``pretrain.evaluation.evaluate``, the same functions)
+on a release and any feature shards whose ``feature_spec.json`` matches it: ITM, MLM and MOC
+accuracy on the first ``--itm-samples`` samples, and zero-shot image->text and text->image
+R@1/5/10 under ImageBERT's protocol: a gallery of the first ``--max-images`` images (1,000 for
+Flickr30k's test split and COCO 1K, 5,000 for COCO 5K; 0 for all) with all of their captions as
+queries, a hit when any caption of the right image ranks (images grouped by ``image_id``, see
+``preprocess.captions``). Every figure comes with its chance level; the results go to a JSON file
+(written atomically) and are printed as a table, with the pairs scored per second.
 
-The forwards are shared out over the ranks and the sums reduced (``pretrain.distributed``), so
-every rank returns the same metrics.
+The arguments, the release directory and every data shard are checked before torch is imported:
+a mistake is one line on stderr (exit 2) at once.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
 
-import torch
-from tqdm import tqdm
+log = logging.getLogger("pretrain.evaluate")
 
-from preprocess.feature_format import FeatureSpec
-from pretrain.data import (
-    check_spec_matches_model,
-    collate_eval_batches,
-    pad_samples,
-    read_eval_samples,
-    to_device,
+RESULTS_FILE = "zero_shot.json"
+
+# The numeric flags: (flag, default, least value, help). --max-images also takes 0 (every image).
+NUMBERS = (
+    ("--max-images", 1000, 2, "retrieval gallery: the first N images with all their captions (0: all)"),
+    ("--itm-samples", 1000, 2, "the first N samples score ITM, MLM and MOC accuracy"),
+    ("--batch-size", 64, 2, "pairs per forward"),
+    ("--max-text-length", 40, 3, "tokens per caption, [CLS] and [SEP] included (pass the pretraining run's)"),
+    ("--max-regions", 100, 1, "regions per image, most confident first (pass the pretraining run's)"),
 )
-from pretrain.data_config import DataConfig
-from pretrain.distributed import all_reduce_sum, shard
-from pretrain.evaluate_config import EvalConfig
-from pretrain.masking_config import MaskingConfig
-from pretrain.model import IGNORE_INDEX, ImageBertForPretraining, masked_rows
-from pretrain.model_config import ObjectiveWeights
-from pretrain.retrieval import recall_at_k
-
-# Validation masks and negatives are drawn from this seed, never from the training seed.
-EVAL_SEED = 1234
 
 
-@torch.no_grad()
-def masked_modelling_metrics(
-    model: ImageBertForPretraining, batches: list[dict], device, objectives: ObjectiveWeights,
-    show_progress: bool = False,
-) -> dict[str, float]:
-    """Accuracies (percent) and mean losses of MLM/MOC/MRFR/ITM over the validation batches."""
-    weights = dataclasses.replace(objectives, mlm=1.0, moc=1.0, mrfr=1.0, itm=1.0)
-    accuracies, losses = ("mlm", "moc", "itm"), ("mlm", "moc", "mrfr", "itm")
-    names = [f"{n}_correct" for n in accuracies] + [f"{n}_seen" for n in accuracies]
-    names += [f"{n}_loss_sum" for n in losses] + [f"{n}_loss_count" for n in losses] + ["positives"]
-    sums = dict.fromkeys(names, 0.0)
-    for index in tqdm(shard(len(batches)), desc="eval masked modelling", disable=not show_progress, leave=False):
-        batch = batches[0 if index is None else index]
-        out = model(to_device(batch, device), weights)
-        if index is None:  # a padding forward: every rank runs as many (ZeRO-3)
-            continue
-        scored = masked_rows(batch)
-        # What each loss is averaged over inside the model (masked positions of the rows it
-        # scores), so that batch means combine into the mean over the whole validation set.
-        masked_regions = int((batch["region_masked"] & batch["region_mask"].bool() & scored[:, None]).sum())
-        count = {
-            "mlm": int(((batch["mlm_labels"] != IGNORE_INDEX) & scored[:, None]).sum()),
-            "moc": masked_regions, "mrfr": masked_regions, "itm": len(scored),
-        }
-        for name, (correct, seen) in out.counts.items():
-            sums[f"{name}_correct"] += float(correct)
-            sums[f"{name}_seen"] += seen
-        for name, loss in out.losses.items():
-            sums[f"{name}_loss_sum"] += float(loss) * count[name]
-            sums[f"{name}_loss_count"] += count[name]
-        sums["positives"] += int(batch["itm_labels"].sum())
-    total = all_reduce_sum(torch.tensor([sums[n] for n in names], dtype=torch.float64, device=device)).tolist()
-    sums = dict(zip(names, total))
-    metrics = {f"{n}_acc": 100.0 * sums[f"{n}_correct"] / max(sums[f"{n}_seen"], 1) for n in accuracies}
-    metrics |= {f"{n}_loss": sums[f"{n}_loss_sum"] / max(sums[f"{n}_loss_count"], 1) for n in losses}
-    share = sums["positives"] / max(sums["itm_seen"], 1)
-    metrics["itm_chance"] = 100.0 * max(share, 1.0 - share)  # always answering the majority label
-    metrics["num_eval_samples"] = sums["itm_seen"]
-    return metrics
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pretrain.evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--release", required=True, help="release directory (python -m pretrain.export)")
+    parser.add_argument("--data", required=True, help="feature shards: brace pattern or '::' list, local or bucket")
+    parser.add_argument("--out", default=RESULTS_FILE, help=f"results JSON (default: ./{RESULTS_FILE})")
+    for flag, default, _, text in NUMBERS:
+        parser.add_argument(flag, type=int, default=default, help=f"{text}; default {default}")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+    from preprocess import storage
+    from pretrain.data_config import DataConfig
+    from pretrain.evaluate_config import EvalConfig
 
-@torch.no_grad()
-def zero_shot_retrieval(
-    model: ImageBertForPretraining, samples: list[dict], pad_token_id: int, device, batch_size: int,
-    show_progress: bool = False,
-) -> dict[str, float]:
-    """Recall@K of ranking ``samples``' images and captions with the ITM score (``pretrain.retrieval``)."""
-    n = len(samples)
-    padded = to_device(pad_samples(samples, list(range(n)), pad_token_id), device)
+    try:  # before torch is imported
+        for flag, _, least, _ in NUMBERS:
+            value = getattr(args, flag[2:].replace("-", "_"))
+            if value < least and not (flag == "--max-images" and value == 0):
+                raise ValueError(f"{flag} must be >= {least}{' (or 0: all)' if flag == '--max-images' else ''}, got {value}")
+        eval_cfg = EvalConfig(max_samples=args.itm_samples, retrieval_candidates=args.max_images, batch_size=args.batch_size)
+        data = DataConfig(batch_size=args.batch_size, max_text_length=args.max_text_length, max_regions=args.max_regions)
+        if not Path(args.release).is_dir():
+            raise FileNotFoundError(f"--release {args.release}: no such directory")
+        shards = storage.check_exist(args.data, "--data")
+    except (OSError, ValueError) as err:
+        print(f"pretrain.evaluate: error: {err}", file=sys.stderr)
+        return 2
+    log.info("%d data shard(s); loading the release %s", len(shards), args.release)
 
-    def score_batch(images: torch.Tensor, captions: torch.Tensor) -> torch.Tensor:
-        images, captions = images.to(device), captions.to(device)
-        return model.itm_scores(
-            padded["input_ids"][captions], padded["attention_mask"][captions], padded["region_features"][images],
-            padded["region_geometry"][images], padded["region_mask"][images],
-        )
+    import torch
 
-    with tqdm(total=n * n + n, desc="eval retrieval", disable=not show_progress, leave=False) as bar:
-        return recall_at_k(score_batch, torch.arange(n), n, batch_size, device=device, progress=bar.update)
+    from pretrain.data import feature_spec_of
+    from pretrain.evaluation import evaluate, metrics_table
+    from pretrain.masking_config import MaskingConfig
+    from pretrain.release import load_release
 
-
-def evaluate(
-    model: ImageBertForPretraining, shards: str, tokenizer, spec: FeatureSpec, data: DataConfig,
-    masking: MaskingConfig, eval_cfg: EvalConfig, device, objectives: ObjectiveWeights | None = None,
-    show_progress: bool = False,
-) -> dict[str, float]:
-    """All validation metrics of ``model`` on held-out ``shards``; call it on every rank.
-
-    Returns mlm_acc, moc_acc, itm_acc (percent), the four ``*_loss`` values (mrfr_loss among
-    them), itm_chance, and ``pretrain.retrieval.recall_at_k``'s fields: i2t_r1/5/10,
-    t2i_r1/5/10, rsum, their ``*_chance`` levels, num_images and num_captions.
-    """
-    check_spec_matches_model(spec, model.config, shards)
-    eval_data = dataclasses.replace(data, batch_size=eval_cfg.batch_size)
-    samples = read_eval_samples(
-        shards, tokenizer, spec, eval_data, max(eval_cfg.max_samples, eval_cfg.retrieval_candidates)
-    )
-    was_training = model.training
-    model.eval()
     try:
-        batches = collate_eval_batches(samples[: eval_cfg.max_samples], tokenizer, eval_data, masking, EVAL_SEED)
-        metrics = masked_modelling_metrics(model, batches, device, objectives or ObjectiveWeights(), show_progress)
-        metrics |= zero_shot_retrieval(
-            model, samples[: eval_cfg.retrieval_candidates], tokenizer.pad_token_id, device, eval_cfg.batch_size,
-            show_progress,
-        )
-    finally:
-        model.train(was_training)
-    return metrics
+        release = load_release(args.release)
+        release.feature_spec.check_compatible(feature_spec_of(args.data, "--data"), f"release {args.release}", f"data {args.data}")
+    except (OSError, ValueError, KeyError) as err:
+        print(f"pretrain.evaluate: error: {err}", file=sys.stderr)
+        return 2
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = release.model.to(device)
+    timings: dict = {}
+    start = time.perf_counter()
+    metrics = evaluate(
+        model, args.data, release.tokenizer, release.feature_spec, data, MaskingConfig(), eval_cfg, device,
+        show_progress=True, timings=timings,
+    )
+    pairs_per_s = timings["retrieval_pairs"] / max(timings["retrieval_s"], 1e-9)
+    record = {
+        "release": str(args.release),
+        "data": args.data,
+        "device": str(device),
+        "settings": {
+            "max_images": args.max_images, "itm_samples": args.itm_samples, "batch_size": args.batch_size,
+            "max_text_length": args.max_text_length, "max_regions": args.max_regions,
+        },
+        "metrics": metrics,
+        "retrieval_pairs": timings["retrieval_pairs"],
+        "pairs_per_s": round(pairs_per_s, 1),
+        "seconds": {name: round(value, 2) for name, value in timings.items() if name.endswith("_s")}
+        | {"total": round(time.perf_counter() - start, 2)},
+    }
+    from preprocess import atomic
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic.write_json(out, record)
+    per_image = metrics["num_captions"] / metrics["num_images"]
+    print("\n".join([
+        f"zero-shot evaluation of {args.release} on {args.data}",
+        f"retrieval: {metrics['num_images']:.0f} images x {metrics['num_captions']:.0f} captions ({per_image:.2f} per image), "
+        f"{record['retrieval_pairs']} pairs at {pairs_per_s:.1f} pairs/s; ITM/MLM/MOC on {metrics['num_eval_samples']:.0f} samples",
+        *metrics_table(metrics),
+    ]), flush=True)
+    log.info("wrote %s", out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

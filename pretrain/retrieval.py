@@ -18,7 +18,7 @@ forwards are shared out over the ranks (``pretrain.distributed``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 
 import torch
 
@@ -28,6 +28,19 @@ RECALL_AT = (1, 5, 10)
 
 # score_batch(image_index [P], caption_index [P]) -> scores [P] of those pairs, in one forward.
 ScoreBatch = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def group_by_image(caption_images: Sequence[Hashable]) -> tuple[list[int], torch.Tensor]:
+    """Captions labelled with their image -> ``(first, caption_image)``: ``first[i]`` is the position
+    of image ``i``'s first caption (images numbered in order of first appearance) and
+    ``caption_image[c]`` the number of caption ``c``'s image, as ``recall_at_k`` takes it."""
+    number: dict[Hashable, int] = {}
+    first: list[int] = []
+    for position, image in enumerate(caption_images):
+        if image not in number:
+            number[image] = len(first)
+            first.append(position)
+    return first, torch.tensor([number[image] for image in caption_images], dtype=torch.long)
 
 
 def score_pairs(
@@ -77,6 +90,8 @@ def recall_at_k(
         raise ValueError(f"every one of the {num_images} images needs at least one caption; got {num_captions} captions")
 
     positive = score_pairs(score_batch, caption_image, torch.arange(num_captions), batch_size, device)  # [C]
+    if progress is not None:
+        progress(num_captions)
     best = torch.full((num_images,), float("-inf")).scatter_reduce(0, caption_image, positive, "amax")
     best_count = torch.bincount(caption_image, weights=(positive == best[caption_image]).double(), minlength=num_images)
     image_above, image_tied = torch.zeros(num_images), torch.zeros(num_images)

@@ -4,7 +4,7 @@
 in order; each stage is one phase of ``pretrain.engine`` with a fresh DeepSpeed engine (its
 learning-rate schedule differs), started from the previous stage's checkpoint. What this module
 adds to the engine is pretraining's own: the model (``build_model``), the stage transitions
-(``start_stage``), the step (``pretraining_step``) and the evaluation (``pretrain.evaluate``).
+(``start_stage``), the step (``pretraining_step``) and the evaluation (``pretrain.evaluation``).
 The run directory is the engine's (``pretrain.engine.RunPaths``); ``docs/pretrain.md`` has the details.
 """
 
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ from pretrain.config import PretrainConfig, resolve_model_path
 from pretrain.data import build_train_loader, check_spec_matches_model, feature_spec_of
 from pretrain.distributed import init_distributed
 from pretrain.engine import Phase, RunPaths, Trainer, build_engine, setup_logging
-from pretrain.evaluate import evaluate
+from pretrain.evaluation import evaluate, metrics_table
 from pretrain.model import ImageBertConfig, ImageBertForPretraining
 from pretrain.model_config import ObjectiveWeights
 from pretrain.weights import load_model
@@ -210,22 +209,9 @@ def print_summary(record: dict[str, Any] | None) -> None:
     """The last evaluation beside chance (all in percent but the MRFR loss), printed when a run finishes."""
     if record is None:
         return
-    rows = [
-        ("ITM accuracy", record.get("itm_acc"), record.get("itm_chance")),
-        ("MLM accuracy", record.get("mlm_acc"), None),
-        ("MOC accuracy", record.get("moc_acc"), None),
-        ("MRFR loss", record.get("mrfr_loss"), None),
-    ]
-    for k in (1, 5, 10):
-        rows.append((f"image->text R@{k}", record.get(f"i2t_r{k}"), record.get(f"i2t_r{k}_chance")))
-        rows.append((f"text->image R@{k}", record.get(f"t2i_r{k}"), record.get(f"t2i_r{k}_chance")))
     lines = [
         f"held-out evaluation at step {record['step']} (stage {record['stage_name']}, "
         f"{record.get('num_images', 0):.0f} images x {record.get('num_captions', 0):.0f} captions)",
-        f"{'metric':<20}{'value':>10}{'chance':>10}",
+        *metrics_table(record),
     ]
-    for name, value, chance in rows:
-        if value is None or (isinstance(value, float) and math.isnan(value)):
-            continue
-        lines.append(f"{name:<20}{value:>10.2f}{'' if chance is None else f'{chance:>10.2f}'}")
     print("\n".join(lines), flush=True)

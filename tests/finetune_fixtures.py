@@ -83,6 +83,23 @@ def write_symbolic_task_shards(task: str, out: Path, num_samples: int, seed: int
     return str(out / (f"{{00000..{len(shards) - 1:05d}}}.tar" if len(shards) > 1 else "00000.tar"))
 
 
+def per_image_layout(per_caption_dir: Path, out: Path) -> str:
+    """The retrieval samples of ``per_caption_dir/00000.tar`` (one per caption, sharing ``image_id``)
+    as one sample per image carrying all of its ``captions``, the layout ``preprocess from-captions``
+    writes; returns the shard's path."""
+    out.mkdir(parents=True)
+    images: dict[int, tuple[dict, list[str]]] = {}
+    for sample in wds.WebDataset(str(per_caption_dir / "00000.tar"), shardshuffle=False):
+        image_id = json.loads(sample["json"])["image_id"]
+        members = {k: v for k, v in sample.items() if k == "__key__" or not k.startswith("__")}
+        images.setdefault(image_id, (members, []))[1].append(sample["txt"].decode())
+    with wds.TarWriter(str(out / "00000.tar")) as writer:
+        for members, captions in images.values():
+            writer.write(members | {"json": json.dumps(json.loads(members["json"]) | {"captions": captions}).encode()})
+    symbolic_spec().save(out)
+    return str(out / "00000.tar")
+
+
 def task_config_dict(task: str) -> dict:
     head_hidden = 32 if task in ("sentiment", "retrieval") else 0
     return {"name": task, "label_names": label_names(task), "dropout": 0.0, "head_hidden": head_hidden, "retrieval_negatives": 1}

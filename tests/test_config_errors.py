@@ -153,3 +153,33 @@ def test_the_guard_catches_a_heavy_import():
     """The check itself: a module that imports torch is stopped at that import."""
     result = run_guarded("pretrain.model", [])
     assert result.returncode == HEAVY_IMPORT_EXIT and "heavy import before the error: torch" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(
+    "extra, key",
+    [
+        (["--release", "{tmp}/no-such-release", "--data", "{tmp}/data/00000.tar"], "no-such-release"),
+        (["--release", "{tmp}", "--data", "{tmp}/data/{{00000..00001}}.tar"], "00001.tar does not exist"),
+        (["--release", "{tmp}", "--data", "{tmp}/data/00000.tar", "--max-images", "1"], "--max-images"),
+        (["--release", "{tmp}", "--data", "{tmp}/data/00000.tar", "--itm-samples", "0"], "--itm-samples"),
+    ],
+)
+def test_pretrain_evaluate(tmp_path, extra, key):
+    (tmp_path / "data").mkdir()
+    write(tmp_path / "data" / "00000.tar", "")
+    assert_one_line_error(run_guarded("pretrain.evaluate", [a.format(tmp=tmp_path) for a in extra]), key)
+
+
+@pytest.mark.parametrize(
+    "extra, key",
+    [
+        (["--annotations", "{tmp}/missing.json", "--split", "test"], "--annotations"),
+        (["--annotations", "{tmp}/karpathy.json", "--split", "restval"], "--split"),
+        (["--annotations", "{tmp}/karpathy.json", "--split", "test", "--include-restval"], "--include-restval"),
+        (["--annotations", "{tmp}/karpathy.json", "--split", "test", "--samples-per-shard", "0"], "--samples-per-shard"),
+    ],
+)
+def test_preprocess_from_captions(tmp_path, extra, key):
+    write(tmp_path / "karpathy.json", '{"images": [], "dataset": "flickr30k"}')
+    args = ["from-captions", *extra, "--images", str(tmp_path), "--out", str(tmp_path / "out")]
+    assert_one_line_error(run_guarded("preprocess", [a.format(tmp=tmp_path) for a in args]), key)

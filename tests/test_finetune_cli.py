@@ -24,7 +24,13 @@ from finetune.evaluation import evaluate_samples
 from finetune.fusion import FusionConfig
 from finetune.tasks import build_finetune_model
 from pretrain.release import load_release
-from tests.finetune_fixtures import symbolic_spec, task_config_dict, tiny_release, write_symbolic_task_shards
+from tests.finetune_fixtures import (
+    per_image_layout,
+    symbolic_spec,
+    task_config_dict,
+    tiny_release,
+    write_symbolic_task_shards,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "finetune" / "classification.yaml"
@@ -185,3 +191,9 @@ def test_retrieval_evaluation_matches_brute_force_ranking(tmp_path):
         assert metrics[f"t2i_r{k}"] == pytest.approx(t2i.item(), abs=1e-4)
     # a random model is not perfect, so the check above compares real rankings
     assert metrics["i2t_r1"] < 100 or metrics["t2i_r1"] < 100
+    # The same images as one sample each with both captions (preprocess from-captions' layout): the same ranking.
+    per_image = read_samples(per_image_layout(tmp_path / "data", tmp_path / "per-image"), release.tokenizer,
+                             symbolic_spec(), cfg.data, task)
+    assert len(per_image) == 7
+    again = evaluate_samples(model, per_image, cfg, release.tokenizer.pad_token_id, torch.device("cpu"))
+    assert again == pytest.approx(metrics, abs=1e-9)

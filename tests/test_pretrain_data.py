@@ -28,7 +28,7 @@ from pretrain.data import (
     split_by_rank,
 )
 from pretrain.data_config import DataConfig
-from pretrain.evaluate import evaluate
+from pretrain.evaluation import evaluate
 from pretrain.evaluate_config import EvalConfig
 from pretrain.masking_config import MaskingConfig
 from pretrain.model import IGNORE_INDEX, ImageBertConfig, ImageBertForPretraining

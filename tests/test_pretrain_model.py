@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from pretrain_shards import feature_spec, make_feature_samples
 from pretrain.data import PretrainCollate, SampleDecoder
 from pretrain.data_config import DataConfig
-from pretrain.evaluate import evaluate
+from pretrain.evaluation import evaluate
 from pretrain.evaluate_config import EvalConfig
 from pretrain.masking import choose_modality, mask_regions, mask_text
 from pretrain.masking_config import MaskingConfig

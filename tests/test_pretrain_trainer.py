@@ -23,6 +23,7 @@ import yaml
 from preprocess.config import ConfigError, load_config
 from pretrain.checkpoint import LATEST_FILE, latest_state, prune, tag_for
 from pretrain.config import PretrainConfig, resolve_model_path
+from pretrain.evaluate import main as evaluate_command
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "configs" / "pretrain" / "quickstart.yaml"
@@ -345,6 +346,20 @@ def test_zero2_sigterm_then_resume_on_one_rank_then_export(shards, tmp_path):
     for key in ("mrfr_loss", "mlm_loss", "itm_loss"):
         assert again[key] == pytest.approx(last[key], rel=1e-4), key
 
+    # python -m pretrain.evaluate with the run's settings reports the run's own figures (the tiny
+    # config's masking and objectives are the defaults the command uses).
+    cfg = load_config(PretrainConfig, str(run_dir / "config.yaml"))
+    out = tmp_path / "zero_shot.json"
+    assert evaluate_command([
+        "--release", str(release_dir), "--data", cfg.shard_path(cfg.stages[-1].eval_shards), "--out", str(out),
+        "--max-images", str(cfg.eval.retrieval_candidates), "--itm-samples", str(cfg.eval.max_samples),
+        "--batch-size", str(cfg.eval.batch_size), "--max-text-length", str(cfg.data.max_text_length),
+        "--max-regions", str(cfg.data.max_regions),
+    ]) == 0
+    command = json.loads(out.read_text())["metrics"]
+    for key in ("itm_acc", "itm_chance", "mlm_acc", "moc_acc", "i2t_r1", "t2i_r1", "i2t_r10", "t2i_r10", "num_images"):
+        assert command[key] == pytest.approx(last[key], abs=1e-6), key
+
 
 # Runs in a fresh interpreter: load the release (no DeepSpeed import), evaluate as the trainer did,
 # and load it again through the transformers Auto classes.
@@ -357,7 +372,7 @@ release = load_release(sys.argv[1])
 print("modules: " + ("deepspeed" if "deepspeed" in sys.modules else "no-ds"))
 from transformers import AutoConfig, AutoModel, AutoModelForPreTraining
 from pretrain.config import PretrainConfig
-from pretrain.evaluate import evaluate
+from pretrain.evaluation import evaluate
 from pretrain.model import ImageBertForPretraining, ImageBertModel
 encoder, whole = AutoModel.from_pretrained(sys.argv[1]), ImageBertForPretraining.from_pretrained(sys.argv[1])
 assert type(encoder) is ImageBertModel and type(AutoModelForPreTraining.from_pretrained(sys.argv[1])) is ImageBertForPretraining

@@ -19,7 +19,7 @@ from finetune.fusion import FusionConfig
 from finetune.tasks import build_finetune_model
 from pretrain.data_config import DataConfig
 from pretrain.distributed import shard
-from pretrain.evaluate import evaluate
+from pretrain.evaluation import evaluate
 from pretrain.evaluate_config import EvalConfig
 from pretrain.masking_config import MaskingConfig
 from pretrain.model import ImageBertConfig, ImageBertForPretraining
