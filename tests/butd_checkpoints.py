@@ -84,6 +84,9 @@ def random_state(shapes: dict[str, tuple], seed: int = 0) -> dict[str, torch.Ten
         elif name.endswith("norm.weight"):
             scale = 0.1 if ".conv3." in name or ".shortcut." in name else 1.0
             state[name] = scale * (0.5 + torch.rand(shape, generator=g))
+        elif "anchor_deltas" in name:  # small deltas: proposals near their anchors, not slivers
+            fan_in = shape[1] if len(shape) > 1 else 1
+            state[name] = 0.01 * torch.randn(shape, generator=g) / fan_in**0.5
         elif len(shape) == 4:  # conv
             fan_in = shape[1] * shape[2] * shape[3]
             state[name] = torch.randn(shape, generator=g) * (2.0 / fan_in) ** 0.5
