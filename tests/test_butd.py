@@ -31,12 +31,7 @@ SMALL = dict(blocks=(1, 1, 2), width=8, rpn=32)  # 256-d features, all 1,601 cla
 PREDICTOR = "roi_heads.box_predictor."
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def noise_image(height: int, width: int, seed: int) -> torch.Tensor:
