@@ -33,8 +33,26 @@ RPN_OBJECTNESS = "proposal_generator.rpn_head.objectness_logits."
 MILVLG_ATTRIBUTE_NAMES = {"cls_embed": "cls_embedding", "attr_linear1": "fc_attr", "attr_linear2": "attr_score"}
 
 
+# What a detectron2 pickle of numpy arrays references (numpy < 2 wrote numpy.core, numpy 2 numpy._core).
+PICKLE_GLOBALS = {
+    (module, name)
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray")
+    for name in ("_reconstruct", "scalar")
+} | {("numpy", "ndarray"), ("numpy", "dtype"), ("collections", "OrderedDict")}
+
+
 class ButdWeightsError(ValueError):
     """A checkpoint that is not BUTD weights in either format; one line naming the file."""
+
+
+class ArrayUnpickler(pickle.Unpickler):
+    """Unpickles dicts of numpy arrays and nothing else: a pickle can name any callable to run on
+    load, and a weights file from the web should not run code."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in PICKLE_GLOBALS:
+            raise pickle.UnpicklingError(f"refusing {module}.{name}: only numpy arrays are loaded from a .pkl")
+        return super().find_class(module, name)
 
 
 def read_checkpoint(path: str) -> dict[str, torch.Tensor]:
@@ -43,7 +61,7 @@ def read_checkpoint(path: str) -> dict[str, torch.Tensor]:
         if path.endswith(".pkl"):
             with open(path, "rb") as f:
                 # The detectron2 model-zoo format is a pickle of numpy arrays (Python 2 era: latin1).
-                data = pickle.load(f, encoding="latin1")
+                data = ArrayUnpickler(f, encoding="latin1").load()
         else:
             data = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, pickle.UnpicklingError, EOFError, RuntimeError, ValueError) as err:

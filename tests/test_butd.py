@@ -9,6 +9,8 @@ py-bottom-up-attention computes was measured once against its own code (docs/det
 from __future__ import annotations
 
 import functools
+import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -270,8 +272,13 @@ def test_bad_weights_and_vocabularies_are_one_line_errors(small, tmp_path):
     broken = dict(small["state"])
     broken[PREDICTOR + "cls_score.weight"] = broken[PREDICTOR + "cls_score.weight"][:, :5]
     cases.append((dict(weights=write_checkpoint(tmp_path / "broken.pkl", AIRSPLAY, broken)), "size mismatch for roi_heads.box_predictor.cls_score.weight"))
+    extra = dict(small["state"], **{"roi_heads.mask_head.weight": torch.zeros(2)})
+    cases.append((dict(weights=write_checkpoint(tmp_path / "extra.pkl", AIRSPLAY, extra)), "unexpected ['roi_heads.mask_head.weight']"))
     (tmp_path / "junk.pkl").write_bytes(b"not a pickle")
     cases.append((dict(weights=str(tmp_path / "junk.pkl")), "cannot read"))
+    # A pickle may name any callable to run on load; only numpy arrays are let through.
+    (tmp_path / "code.pkl").write_bytes(pickle.dumps({"model": {"x": Path("/etc")}}))
+    cases.append((dict(weights=str(tmp_path / "code.pkl")), "refusing pathlib"))
     for overrides, message in cases:
         with pytest.raises(ValueError) as err:
             detector(**overrides)
