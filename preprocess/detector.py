@@ -25,6 +25,8 @@ Backends:
   detection). They are returned exactly as given, in the given order; ``min_boxes`` does
   not apply. With ``class_names`` set, ``cls_prob`` is the one-hot of the given labels.
 * ``detectron2``: see ``preprocess/detectron2_backend.py`` (imported only when asked for).
+* ``butd``: the bottom-up attention Visual Genome model without detectron2
+  (``preprocess/butd_backend.py``); its regions also carry attribute distributions.
 
 ``cls_prob`` EXCLUDES background: the detector's softmax over all classes with the
 background column removed and the rest renormalised to sum to 1 (a proper MOC target).
@@ -75,13 +77,19 @@ class Regions:
     features: torch.Tensor  # float32 [N, D] the box head's pooled representation at each box
     cls_prob: torch.Tensor  # float32 [N, C] class distribution, background excluded, rows sum to 1
     scores: torch.Tensor  # float32 [N] best non-background probability (background included in the softmax)
+    # float32 [N, A] attribute distribution, "no attribute" excluded, rows sum to 1 (detectors with
+    # an attribute head: butd); None otherwise.
+    attr_prob: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.boxes.shape[0])
 
-    def topk(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The ``k`` most likely classes per region: (int64 ids [N, k], float32 probs [N, k])."""
-        probs, ids = self.cls_prob.topk(min(k, self.cls_prob.shape[1]), dim=1)
+    def topk(self, k: int, attributes: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``k`` most likely classes (or attributes) per region: (int64 ids [N, k], float32 probs [N, k])."""
+        dist = self.attr_prob if attributes else self.cls_prob
+        if dist is None:
+            raise ValueError("these regions have no attribute distribution")
+        probs, ids = dist.topk(min(k, dist.shape[1]), dim=1)
         return ids, probs
 
 
@@ -93,6 +101,7 @@ class RegionDetector:
     feature_dim: int
     num_classes: int  # without background
     class_names: list[str]
+    attribute_names: tuple[str, ...] = ()  # non-empty when ``detect`` fills ``Regions.attr_prob``
     model: torch.nn.Module  # the network that makes the features, all of it
     extractor_sha256: str = ""  # state_sha256(model), set by build_detector once the network is final
     calibration: BatchnormCalibration | None = None  # the batch-norm statistics, when calibrated (random init)
@@ -366,6 +375,11 @@ class TwoStageDetector(RegionDetector):
         """Class-specific regressed boxes [N, C, 4] (background excluded), resized pixels."""
         raise NotImplementedError
 
+    def _attribute_logits(self, features: torch.Tensor, logits: torch.Tensor) -> torch.Tensor | None:
+        """Attribute logits [N, A+1] (last column: no attribute) at the final boxes, from the
+        box head's ``features`` and class ``logits``; None for detectors without an attribute head."""
+        return None
+
     @torch.inference_mode()
     def detect(self, images, given_boxes=None, given_labels=None):
         given, labels = check_detect_inputs(
@@ -411,16 +425,21 @@ class TwoStageDetector(RegionDetector):
         resized = [scale_boxes(final[i], orig_hw[i], sizes[i]) for i in range(len(images))]
         counts = [len(b) for b in resized]
         features, logits, _ = self._heads(state, resized)
+        attr_logits = self._attribute_logits(features, logits)
+        attrs = attr_logits.split(counts) if attr_logits is not None else [None] * len(counts)
         out = []
-        for i, (feat, lg) in enumerate(zip(features.split(counts), logits.split(counts))):
+        for i, (feat, lg, attr) in enumerate(zip(features.split(counts), logits.split(counts), attrs)):
             cls_prob, scores = class_probs(lg, self.background_index)
             if labels[i] is not None:
                 cls_prob, scores = one_hot_regions(labels[i].to(self.device), self.label_classes)
+            attr_prob = class_probs(attr, -1)[0] if attr is not None else None
             boxes = final[i].float()
             if given[i] is None:
                 order = torch.argsort(scores, descending=True, stable=True)
                 boxes, feat, cls_prob, scores = boxes[order], feat[order], cls_prob[order], scores[order]
-            out.append(Regions(*(t.detach().float().cpu() for t in (boxes, feat, cls_prob, scores))))
+                attr_prob = attr_prob[order] if attr_prob is not None else None
+            tensors = [t.detach().float().cpu() for t in (boxes, feat, cls_prob, scores)]
+            out.append(Regions(*tensors, attr_prob=attr_prob.detach().float().cpu() if attr_prob is not None else None))
         return out
 
 
@@ -449,6 +468,10 @@ def build_detector(
         from preprocess.detectron2_backend import Detectron2Detector
 
         detector = Detectron2Detector(cfg)
+    elif cfg.backend == "butd":
+        from preprocess.butd_backend import ButdDetector
+
+        detector = ButdDetector(cfg)
     else:
         from preprocess.torchvision_backend import TorchvisionDetector
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from preprocess import storage
 
-BACKENDS = ("torchvision", "detectron2", "given_boxes")
+BACKENDS = ("torchvision", "detectron2", "given_boxes", "butd")
 BATCHNORM_CALIBRATIONS = ("noise", "input")
 # How region labels are stored in the feature shards (detector.label_format, FeatureSpec.label_format).
 LABEL_FORMATS = ("distribution", "topk")
@@ -48,9 +48,11 @@ def calibration_location(path: str | Path) -> str:
 class DetectorConfig:
     """The ``detector:`` section of a preprocess config."""
 
-    backend: str = "torchvision"  # "torchvision" | "detectron2" | "given_boxes"
+    backend: str = "torchvision"  # "torchvision" | "detectron2" | "given_boxes" | "butd"
     model: str = "fasterrcnn_resnet50_fpn"  # torchvision builder name
-    weights: str | None = None  # local .pth state_dict; None -> torchvision cache, else random init
+    # torchvision: local .pth state_dict; None -> torchvision cache, else random init.
+    # butd: the BUTD checkpoint (py-bottom-up-attention's .pkl or MILVLG's .pth); required.
+    weights: str | None = None
     min_size: int = 600  # detector resize: shorter side to min_size unless the longer exceeds max_size
     max_size: int = 1000
     min_boxes: int = 10  # bottom-up attention's 10..100 rule
@@ -69,6 +71,12 @@ class DetectorConfig:
     detectron2_weights: str | None = None  # checkpoint for detectron2; None -> random init
     detectron2_overrides: list[str] = field(default_factory=list)  # detectron2 KEY VALUE pairs (merge_from_list)
     class_names: list[str] = field(default_factory=list)  # given_boxes: class list of the JSON labels
+    # butd only: the vocabularies distributed with the weights (objects_vocab.txt: 1,600 lines,
+    # attributes_vocab.txt: 400); without them feature_spec.json names classes class_<i>.
+    object_vocab: str | None = None
+    attribute_vocab: str | None = None
+    attributes: bool = False  # butd only: also write each region's attribute distribution
+    butd_proposals: int = 300  # butd only: RPN proposals kept after NMS (BUTD's test setting)
     # Random init only (torchvision backends, no weights found): what the backbone's batch norms
     # are calibrated on. "noise": seeded noise images. "input": the first `calibration_images`
     # decodable images of the FIRST input shard, so every worker and every rerun calibrates on
@@ -82,6 +90,21 @@ class DetectorConfig:
     # same network as that extraction (the same extractor_sha256), not one calibrated on itself.
     calibration_from: str | None = None
 
+    def _check_butd(self) -> None:
+        butd = self.backend == "butd"
+        if butd and self.weights is None:
+            raise ValueError("detector.weights is required with backend butd (py-bottom-up-attention's .pkl or MILVLG's .pth)")
+        for key in ("object_vocab", "attribute_vocab"):
+            path = getattr(self, key)
+            if path is not None and not butd:
+                raise ValueError(f"detector.{key} only applies to backend butd; remove it or set backend: butd")
+            if path is not None and not os.path.isfile(path):
+                raise ValueError(f"detector.{key}: file {path} does not exist")
+        if self.attributes and not butd:
+            raise ValueError("detector.attributes only applies to backend butd (the only detector with an attribute head)")
+        if self.butd_proposals < 1:
+            raise ValueError(f"detector.butd_proposals must be >= 1, got {self.butd_proposals}")
+
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ValueError(f"detector.backend must be one of {list(BACKENDS)}, got {self.backend!r}")
@@ -92,9 +115,10 @@ class DetectorConfig:
                 )
         if self.weights is not None:
             if self.backend == "detectron2":
-                raise ValueError("detector.weights is for torchvision models; set detector.detectron2_weights instead")
+                raise ValueError("detector.weights is for torchvision and butd models; set detector.detectron2_weights instead")
             if not os.path.isfile(self.weights):
-                raise ValueError(f"detector.weights: file {self.weights} does not exist; give a local .pth state_dict or null")
+                raise ValueError(f"detector.weights: file {self.weights} does not exist; give a local checkpoint file or null")
+        self._check_butd()
         if self.min_size < 1 or self.max_size < self.min_size:
             raise ValueError(
                 f"detector.min_size/max_size must satisfy 1 <= min_size <= max_size, got {self.min_size}, {self.max_size}"

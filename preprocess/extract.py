@@ -22,7 +22,7 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -167,6 +167,7 @@ def feature_spec_for(detector: RegionDetector, cfg: ExtractConfig) -> FeatureSpe
         min_boxes=1 if given else d.min_boxes,  # given boxes: as many as the data has, 1..max_boxes
         max_boxes=d.max_boxes,
         class_names=list(detector.class_names),
+        attribute_names=list(detector.attribute_names),
         extractor_sha256=detector.extractor_sha256,
     )
 
@@ -211,7 +212,7 @@ def to_original_pixels(regions: Regions, sample) -> Regions:
     if sx == 1.0 and sy == 1.0:
         return regions
     boxes = clip_boxes_to_image(regions.boxes * torch.tensor([sx, sy, sx, sy]), (sample.image.height, sample.image.width))
-    return Regions(boxes=boxes, features=regions.features, cls_prob=regions.cls_prob, scores=regions.scores)
+    return replace(regions, boxes=boxes)
 
 
 def detect_batch(detector: RegionDetector, batch: ShardBatch) -> DetectedBatch:

@@ -16,6 +16,10 @@ member                      content
                             (``label_format: distribution``), or
 ``KEY.labels.npy`` +        int32 ``[num_boxes, topk]`` class ids and float16 scores
 ``KEY.label_scores.npy``    (``label_format: topk``)
+``KEY.attr_prob.npy``       optional (``detector.attributes``): float16 ``[num_boxes, num_attributes]``
+                            attribute distribution, or with ``label_format: topk``
+``KEY.attr_labels.npy`` +   int32 ``[num_boxes, topk]`` attribute ids and float16 scores
+``KEY.attr_label_scores.npy``
 ==========================  ==========================================================
 
 Regions are sorted by detector confidence, highest first. ``feature_spec.json`` beside the
@@ -68,6 +72,8 @@ class FeatureSpec:
     min_boxes: int
     max_boxes: int
     class_names: list[str] = field(default_factory=list)
+    # Attribute names when the shards carry attribute distributions (attr_prob / attr_labels), else [].
+    attribute_names: list[str] = field(default_factory=list)
     feature_dtype: str = "float16"
     geometry: str = "x1/W,y1/H,x2/W,y2/H,area/(W*H)"
     # sha256 of every parameter and buffer of the detector network (preprocess.detector.state_sha256):
@@ -221,7 +227,8 @@ def encode_feature_sample(
 ) -> dict[str, Any]:
     """A webdataset sample dict (member name -> bytes) for ``webdataset.TarWriter``.
 
-    ``labels`` holds ``{"cls_prob": [N, C]}`` or ``{"labels": [N, k], "label_scores": [N, k]}``.
+    ``labels`` holds ``{"cls_prob": [N, C]}`` or ``{"labels": [N, k], "label_scores": [N, k]}``,
+    and optionally the attributes alike (``attr_prob``, or ``attr_labels`` and ``attr_label_scores``).
     """
     n = int(features.shape[0])
     if boxes.shape != (n, 4):
@@ -237,11 +244,11 @@ def encode_feature_sample(
         "boxes.npy": _npy(np.ascontiguousarray(boxes, dtype=np.float32)),
         "geometry.npy": _npy(region_geometry(boxes, image_width, image_height)),
     }
-    if "cls_prob" in labels:
-        sample["cls_prob.npy"] = _npy(np.ascontiguousarray(labels["cls_prob"], dtype=np.float16))
-    else:
-        sample["labels.npy"] = _npy(np.ascontiguousarray(labels["labels"], dtype=np.int32))
-        sample["label_scores.npy"] = _npy(np.ascontiguousarray(labels["label_scores"], dtype=np.float16))
+    if "cls_prob" not in labels and "labels" not in labels:
+        raise ValueError(f"sample {key}: labels need cls_prob or labels, got {sorted(labels)}")
+    for name, values in labels.items():
+        dtype = np.int32 if name.endswith("labels") else np.float16  # ids, or probabilities
+        sample[f"{name}.npy"] = _npy(np.ascontiguousarray(values, dtype=dtype))
     return sample
 
 
@@ -258,10 +265,12 @@ class FeatureSample:
     boxes: np.ndarray  # float32 [N, 4]
     geometry: np.ndarray  # float32 [N, 5]
     cls_prob: np.ndarray  # float32 [N, C], a distribution per region (top-k scattered and renormalised)
+    attr_prob: np.ndarray | None = None  # float32 [N, A] likewise, when asked for and the shard has attributes
 
 
-def decode_feature_sample(sample: dict[str, Any], num_classes: int) -> FeatureSample:
-    """Decode a raw webdataset sample (member name -> bytes) into a ``FeatureSample``."""
+def decode_feature_sample(sample: dict[str, Any], num_classes: int, num_attributes: int = 0) -> FeatureSample:
+    """Decode a raw webdataset sample (member name -> bytes) into a ``FeatureSample``; its
+    attribute distribution too when ``num_attributes`` > 0 and the sample has one."""
     key = sample.get("__key__", "?")
 
     def member(name: str) -> bytes:
@@ -275,14 +284,20 @@ def decode_feature_sample(sample: dict[str, Any], num_classes: int) -> FeatureSa
         except ValueError as exn:
             raise ValueError(f"sample {key} in {sample.get('__url__', '?')}: member {name}: {exn}") from None
 
+    def distribution(prob: str, ids: str, scores: str, count: int) -> np.ndarray:
+        if f"{prob}.npy" in sample:
+            return array(f"{prob}.npy").astype(np.float32)
+        top, top_scores = array(f"{ids}.npy"), array(f"{scores}.npy").astype(np.float32)
+        dense = np.zeros((top.shape[0], count), dtype=np.float32)
+        np.put_along_axis(dense, top.astype(np.int64), top_scores, axis=1)
+        return dense / np.maximum(dense.sum(axis=1, keepdims=True), 1e-6)
+
     info = json.loads(member("info.json"))
-    if "cls_prob.npy" in sample:
-        cls_prob = array("cls_prob.npy").astype(np.float32)
-    else:
-        ids, scores = array("labels.npy"), array("label_scores.npy").astype(np.float32)
-        cls_prob = np.zeros((ids.shape[0], num_classes), dtype=np.float32)
-        np.put_along_axis(cls_prob, ids.astype(np.int64), scores, axis=1)
-        cls_prob /= np.maximum(cls_prob.sum(axis=1, keepdims=True), 1e-6)
+    cls_prob = distribution("cls_prob", "labels", "label_scores", num_classes)
+    has_attributes = "attr_prob.npy" in sample or "attr_labels.npy" in sample
+    attr_prob = None
+    if num_attributes > 0 and has_attributes:
+        attr_prob = distribution("attr_prob", "attr_labels", "attr_label_scores", num_attributes)
     return FeatureSample(
         key=key,
         caption=member("txt").decode("utf-8"),
@@ -293,4 +308,5 @@ def decode_feature_sample(sample: dict[str, Any], num_classes: int) -> FeatureSa
         boxes=array("boxes.npy"),
         geometry=array("geometry.npy"),
         cls_prob=cls_prob,
+        attr_prob=attr_prob,
     )

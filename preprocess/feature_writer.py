@@ -47,10 +47,18 @@ class WriterStats:
 
 
 def region_labels(regions: Regions, label_format: str, topk: int) -> dict[str, np.ndarray]:
+    """The shard members of the class (and, when the detector has them, attribute) distributions."""
     if label_format == "distribution":
-        return {"cls_prob": regions.cls_prob.numpy()}
+        labels = {"cls_prob": regions.cls_prob.numpy()}
+        if regions.attr_prob is not None:
+            labels["attr_prob"] = regions.attr_prob.numpy()
+        return labels
     ids, probs = regions.topk(topk)
-    return {"labels": ids.numpy(), "label_scores": probs.numpy()}
+    labels = {"labels": ids.numpy(), "label_scores": probs.numpy()}
+    if regions.attr_prob is not None:
+        ids, probs = regions.topk(topk, attributes=True)
+        labels.update(attr_labels=ids.numpy(), attr_label_scores=probs.numpy())
+    return labels
 
 
 def feature_sample(sample: RawSample, regions: Regions, label_format: str, topk: int) -> dict:

@@ -1,5 +1,5 @@
 """Shared test settings (offline Hugging Face, DeepSpeed on the CPU, quiet tokenizers) and the
-session fixtures: ``tokenizer`` (the quickstart's MiniLM tokenizer, shipped in a pip package),
+fixtures: ``one_torch_thread`` (module scope), ``tokenizer`` (the quickstart's MiniLM tokenizer, shipped in a pip package),
 ``pretraining_shards`` (tiny learnable feature shards, ``tests/pretrain_shards.py``) and ``s3_server``
 (a real S3-compatible server on 127.0.0.1, ``tests/s3_server.py``)."""
 
@@ -18,6 +18,18 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 # ran another one, the two would rebuild the op each time they alternate. The venv's first keeps
 # one build for the whole session.
 os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module's detector forward passes: the CI box has 2 cores shared by
+    several jobs, and 2 spinning threads there made tests/test_detector.py 5x slower (87 s CPU vs 17 s)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

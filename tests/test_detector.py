@@ -31,14 +31,7 @@ from torchvision.ops import box_iou, roi_align
 MODEL = "fasterrcnn_resnet50_fpn"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    # The CI box has 2 cores shared by several jobs; 2 spinning intra-op threads there made this
-    # file 5x slower (87 s CPU vs 17 s) than one thread.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def make_detector(**overrides) -> RegionDetector:
