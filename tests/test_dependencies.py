@@ -44,7 +44,7 @@ def test_every_imported_package_is_declared():
     assert not undeclared, f"imported but not in [project] dependencies: {undeclared}"
     # Tests may use the extras too.
     for module in _imports(REPO / "tests") - set(OPTIONAL) - {"tests", "pretrain_shards", "finetune_fixtures",
-                                                             "extract_helpers", "slurm_cluster", "s3_server"}:
+                                                             "extract_helpers", "slurm_cluster", "s3_server", "butd_checkpoints"}:
         names = {d.lower().replace("_", "-") for d in distributions.get(module, [module])}
         assert names & (core | extras), f"tests import {module} ({names}), which pyproject.toml does not declare"
 
