@@ -341,3 +341,59 @@ def reading_order(geometry: torch.Tensor, mask: torch.Tensor | None, bands: int 
     key = band * 2 + x_centre.clamp(0, 1)
     key = key.masked_fill(~_valid(mask, geometry), float("inf"))
     return key.argsort(dim=1, stable=True)
+
+
+class CMGObjectives(nn.Module):
+    """All CMG objectives over one batch's unimodal encoder states, text and regions.
+
+    ``forward`` returns the unweighted losses (``reconstruction``, ``commitment``, ``club`` (the
+    two modalities' I(z; s) bounds, summed), ``club_approximation`` (trains the CLUB networks
+    only; weight it 1), ``cross_cpc``) and the codebook's usage statistics. In training mode it
+    also moves the codebook one multimodal EMA step (after quantising, so the straight-through
+    codes are the ones the step started with). Regions are put in ``reading_order`` first.
+    """
+
+    def __init__(
+        self, hidden_size: int, num_codes: int = 512, code_dim: int = 256, specific_dim: int = 256,
+        club_hidden: int = 256, cpc_context: int = 256, cpc_steps: int = 1, decay: float = 0.99,
+        dead_after: int = 300, seed: int = 0,
+    ):
+        super().__init__()
+        self.text = ModalityAutoencoder(hidden_size, code_dim, specific_dim)
+        self.regions = ModalityAutoencoder(hidden_size, code_dim, specific_dim)
+        self.codebook = SharedCodebook(num_codes, code_dim, decay=decay, dead_after=dead_after, seed=seed)
+        self.text_club = SequenceCLUB(code_dim, specific_dim, club_hidden)
+        self.region_club = SequenceCLUB(code_dim, specific_dim, club_hidden)
+        self.cross_cpc = CrossCPC(code_dim, cpc_context, steps=cpc_steps)
+
+    def forward(
+        self, text_states: torch.Tensor, text_mask: torch.Tensor, region_states: torch.Tensor,
+        region_mask: torch.Tensor, region_geometry: torch.Tensor,
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        order = reading_order(region_geometry, region_mask)
+        region_states = region_states.gather(1, order[..., None].expand_as(region_states))
+        text_mask, region_mask = text_mask.bool(), region_mask.bool().gather(1, order)
+
+        parts = {}
+        for name, auto, states, mask in (
+            ("text", self.text, text_states, text_mask), ("regions", self.regions, region_states, region_mask),
+        ):
+            semantic, specific = auto(states)
+            quantized, _ = self.codebook.quantize(semantic)
+            parts[name] = (auto, states, mask, semantic, specific, quantized)
+
+        losses = {
+            "reconstruction": sum(a.reconstruction_loss(h, q, s, m) for a, h, m, _, s, q in parts.values()),
+            "commitment": sum(self.codebook.commitment_loss(z, m) for _, _, m, z, _, _ in parts.values()),
+            "club": sum(club.mi_upper_bound(z, s, m) for club, (_, _, m, z, s, _) in
+                        zip((self.text_club, self.region_club), parts.values())),
+            "club_approximation": sum(club.approximation_loss(z, s, m) for club, (_, _, m, z, s, _) in
+                                      zip((self.text_club, self.region_club), parts.values())),
+        }
+        _, _, text_valid, text_semantic, _, text_quantized = parts["text"]
+        _, _, region_valid, region_semantic, _, region_quantized = parts["regions"]
+        losses["cross_cpc"], cpc_accuracy = self.cross_cpc(text_quantized, text_valid, region_quantized, region_valid)
+        stats = {"cross_cpc_accuracy": cpc_accuracy.detach()}
+        if self.training:
+            stats.update(self.codebook.update(text_semantic, text_valid, region_semantic, region_valid))
+        return losses, stats

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from pretrain.cmg import CrossCPC, ModalityAutoencoder, SequenceCLUB, SharedCodebook, reading_order
+from pretrain.cmg import CMGObjectives, CrossCPC, ModalityAutoencoder, SequenceCLUB, SharedCodebook, reading_order
 
 
 def codebook_with(embedding, decay, epsilon=0.0, dead_after=300):
@@ -238,3 +238,30 @@ def test_codebook_state_is_in_the_state_dict():
     assert {"embedding", "ema_count", "ema_weight", "unused_steps", "updates"} <= set(book.state_dict())
     with pytest.raises(ValueError, match="decay"):
         SharedCodebook(4, 2, decay=1.0)
+
+
+def test_cmg_objectives_train_together_and_move_the_codebook_only_in_training():
+    torch.manual_seed(0)
+    objectives = CMGObjectives(hidden_size=12, num_codes=8, code_dim=4, specific_dim=4, club_hidden=8,
+                               cpc_context=8, dead_after=5)
+    text, regions = torch.randn(3, 5, 12, requires_grad=True), torch.randn(3, 4, 12, requires_grad=True)
+    text_mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
+    region_mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0]])
+    geometry = torch.rand(3, 4, 5)
+
+    objectives.eval()
+    before = objectives.codebook.embedding.clone()
+    losses, stats = objectives(text, text_mask, regions, region_mask, geometry)
+    assert torch.equal(objectives.codebook.embedding, before) and "perplexity" not in stats
+
+    objectives.train()
+    losses, stats = objectives(text, text_mask, regions, region_mask, geometry)
+    assert set(losses) == {"reconstruction", "commitment", "club", "club_approximation", "cross_cpc"}
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert not torch.equal(objectives.codebook.embedding, before) and int(objectives.codebook.updates) == 1
+    assert 1.0 <= stats["perplexity"].item() <= 8.0
+    sum(losses.values()).backward()
+    # Every trainable part gets a gradient; the codebook has none to get (buffers only).
+    assert all(p.grad is not None for p in objectives.parameters())
+    assert not any(True for _ in objectives.codebook.parameters())
+    assert text.grad.abs().sum() > 0 and regions.grad.abs().sum() > 0
