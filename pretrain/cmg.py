@@ -20,10 +20,11 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
+
+from pretrain.distributed import all_reduce_sum
 
 
 def _two_layer(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
@@ -35,13 +36,6 @@ def _valid(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     if mask is None:
         return torch.ones(like.shape[:2], dtype=torch.bool, device=like.device)
     return mask.bool()
-
-
-def _all_reduce_sum(*tensors: torch.Tensor) -> None:
-    """Sum in place over the data-parallel ranks, so every rank applies the same EMA step."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        for tensor in tensors:
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
 
 
 def cross_attend(query: torch.Tensor, keys: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
@@ -152,7 +146,8 @@ class SharedCodebook(nn.Module):
 
         text_counts, text_sums = assigned(text, text_counterpart, text_valid)
         region_counts, region_sums = assigned(regions, region_counterpart, region_valid)
-        _all_reduce_sum(text_counts, text_sums, region_counts, region_sums)
+        for tensor in (text_counts, text_sums, region_counts, region_sums):
+            all_reduce_sum(tensor)  # over the data-parallel ranks: every rank takes the same step
         counts, sums = text_counts + region_counts, text_sums + region_sums
 
         g = self.decay
