@@ -237,11 +237,11 @@ class SequenceCLUB(nn.Module):
     def _gaussian(self, x: torch.Tensor, frozen: bool) -> tuple[torch.Tensor, torch.Tensor]:
         if not frozen:
             return self.mu(x), self.logvar(x)
-        params = {name: p.detach() for name, p in self.named_parameters()}
-        mu = functional_call(self.mu, {k[3:]: v for k, v in params.items() if k.startswith("mu.")}, (x,))
-        logvar = functional_call(
-            self.logvar, {k[7:]: v for k, v in params.items() if k.startswith("logvar.")}, (x,))
-        return mu, logvar
+        # The same networks with detached parameters: gradients reach x, never q.
+        def detached(net):
+            return {name: p.detach() for name, p in net.named_parameters()}
+
+        return functional_call(self.mu, detached(self.mu), (x,)), functional_call(self.logvar, detached(self.logvar), (x,))
 
     def approximation_loss(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """Negative log-likelihood of y given x (up to a constant), mean over valid positions."""
@@ -369,24 +369,23 @@ class CMGObjectives(nn.Module):
         region_states = region_states.gather(1, order[..., None].expand_as(region_states))
         text_mask, region_mask = text_mask.bool(), region_mask.bool().gather(1, order)
 
-        parts = {}
-        for name, auto, states, mask in (
-            ("text", self.text, text_states, text_mask), ("regions", self.regions, region_states, region_mask),
+        encoded = {}  # modality -> (autoencoder, CLUB, states, mask, semantic, specific, quantised)
+        for name, auto, club, states, mask in (
+            ("text", self.text, self.text_club, text_states, text_mask),
+            ("regions", self.regions, self.region_club, region_states, region_mask),
         ):
             semantic, specific = auto(states)
             quantized, _ = self.codebook.quantize(semantic)
-            parts[name] = (auto, states, mask, semantic, specific, quantized)
+            encoded[name] = (auto, club, states, mask, semantic, specific, quantized)
 
-        losses = {
-            "reconstruction": sum(a.reconstruction_loss(h, q, s, m) for a, h, m, _, s, q in parts.values()),
-            "commitment": sum(self.codebook.commitment_loss(z, m) for _, _, m, z, _, _ in parts.values()),
-            "club": sum(club.mi_upper_bound(z, s, m) for club, (_, _, m, z, s, _) in
-                        zip((self.text_club, self.region_club), parts.values())),
-            "club_approximation": sum(club.approximation_loss(z, s, m) for club, (_, _, m, z, s, _) in
-                                      zip((self.text_club, self.region_club), parts.values())),
-        }
-        _, _, text_valid, text_semantic, _, text_quantized = parts["text"]
-        _, _, region_valid, region_semantic, _, region_quantized = parts["regions"]
+        losses = dict.fromkeys(("reconstruction", "commitment", "club", "club_approximation"), 0.0)
+        for auto, club, states, mask, semantic, specific, quantized in encoded.values():
+            losses["reconstruction"] = losses["reconstruction"] + auto.reconstruction_loss(states, quantized, specific, mask)
+            losses["commitment"] = losses["commitment"] + self.codebook.commitment_loss(semantic, mask)
+            losses["club"] = losses["club"] + club.mi_upper_bound(semantic, specific, mask)
+            losses["club_approximation"] = losses["club_approximation"] + club.approximation_loss(semantic, specific, mask)
+        *_, text_valid, text_semantic, _, text_quantized = encoded["text"]
+        *_, region_valid, region_semantic, _, region_quantized = encoded["regions"]
         losses["cross_cpc"], cpc_accuracy = self.cross_cpc(text_quantized, text_valid, region_quantized, region_valid)
         stats = {"cross_cpc_accuracy": cpc_accuracy.detach()}
         if self.training:
