@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 
 import pytest
 import torch
@@ -76,7 +77,10 @@ def _two_rank_update(rank, port, steps, out):
 
 def test_update_over_two_ranks_equals_one_rank_on_the_whole_batch(tmp_path):
     steps = 4
-    mp.spawn(_two_rank_update, args=(29731, steps, str(tmp_path)), nprocs=2)
+    with socket.socket() as probe:  # a free port, so parallel test runs do not collide
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mp.spawn(_two_rank_update, args=(port, steps, str(tmp_path)), nprocs=2)
     single = SharedCodebook(6, 3, decay=0.8, dead_after=2, seed=3)
     for step in range(steps):
         single.update(*_random_batch(step))
