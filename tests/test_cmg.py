@@ -1,0 +1,271 @@
+"""CMG building blocks (pretrain/cmg.py): the multimodal EMA against a hand computation, the same
+step over two ranks, dead-code reset, CLUB on Gaussians with known mutual information,
+Cross-CPC on aligned against shuffled sequences, the region reading order."""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from pretrain.cmg import CMGObjectives, CrossCPC, ModalityAutoencoder, SequenceCLUB, SharedCodebook, reading_order
+
+
+def codebook_with(embedding, decay, epsilon=0.0, dead_after=300):
+    book = SharedCodebook(len(embedding), len(embedding[0]), decay=decay, epsilon=epsilon, dead_after=dead_after)
+    book.embedding.copy_(torch.tensor(embedding))
+    book.ema_weight.copy_(book.embedding * book.ema_count[:, None])
+    return book
+
+
+def test_multimodal_ema_matches_hand_computation():
+    book = codebook_with([[0.0, 0.0], [10.0, 10.0]], decay=0.5)
+    # text: [1, 0] -> code 0, [9, 10] -> code 1, and a padded [100, 100] that must count nowhere
+    text = torch.tensor([[[1.0, 0.0], [9.0, 10.0], [100.0, 100.0]]])
+    text_mask = torch.tensor([[True, True, False]])
+    regions = torch.tensor([[[0.0, 0.0]]])  # -> code 0
+    stats = book.update(text, text_mask, regions, None)
+    # Counterparts: each text vector attends to the one region, [0, 0]; the region scores 0
+    # against both valid text vectors, so its counterpart is their mean [5, 5].
+    # counts: code 0 <- t1, r; code 1 <- t2.
+    # sums: code 0: (t1 + 0)/2 + (r + [5, 5])/2 = [3, 2.5]; code 1: (t2 + 0)/2 = [4.5, 5].
+    # N = 0.5 [1, 1] + 0.5 [2, 1] = [1.5, 1]; m = 0.5 [[0, 0], [10, 10]] + 0.5 sums.
+    assert torch.allclose(book.ema_count, torch.tensor([1.5, 1.0]))
+    assert torch.allclose(book.ema_weight, torch.tensor([[1.5, 1.25], [7.25, 7.5]]))
+    assert torch.allclose(book.embedding, torch.tensor([[1.0, 1.25 / 1.5], [7.25, 7.5]]))
+    assert int(stats["codes_used"]) == 2 and int(stats["codes_reset"]) == 0
+    assert stats["perplexity_regions"].item() == pytest.approx(1.0)
+    assert stats["perplexity_text"].item() == pytest.approx(2.0)
+    assert stats["perplexity"].item() == pytest.approx(math.exp(-(2 / 3) * math.log(2 / 3) - (1 / 3) * math.log(1 / 3)))
+    assert int(book.updates) == 1
+
+
+def test_laplace_smoothing_keeps_unused_codes_finite():
+    book = codebook_with([[0.0, 0.0], [10.0, 10.0]], decay=0.5, epsilon=1e-5)
+    for _ in range(40):  # code 1 never chosen: its count decays but the smoothing keeps it > 0
+        book.update(torch.zeros(1, 2, 2), None, torch.zeros(1, 1, 2), None)
+    assert torch.isfinite(book.embedding).all() and book.ema_count[1] > 0
+
+
+def _random_batch(seed, samples=4):
+    g = torch.Generator().manual_seed(seed)
+    text = torch.randn(samples, 5, 3, generator=g)
+    regions = torch.randn(samples, 4, 3, generator=g)
+    text_mask = torch.rand(samples, 5, generator=g) > 0.3
+    region_mask = torch.rand(samples, 4, generator=g) > 0.3
+    text_mask[:, 0] = region_mask[:, 0] = True
+    return text, text_mask, regions, region_mask
+
+
+def _two_rank_update(rank, port, steps, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    book = SharedCodebook(6, 3, decay=0.8, dead_after=2, seed=3)
+    for step in range(steps):
+        text, text_mask, regions, region_mask = _random_batch(step)
+        half = slice(2 * rank, 2 * rank + 2)
+        book.update(text[half], text_mask[half], regions[half], region_mask[half])
+    torch.save(book.state_dict(), f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_update_over_two_ranks_equals_one_rank_on_the_whole_batch(tmp_path):
+    steps = 4
+    with socket.socket() as probe:  # a free port, so parallel test runs do not collide
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mp.spawn(_two_rank_update, args=(port, steps, str(tmp_path)), nprocs=2)
+    single = SharedCodebook(6, 3, decay=0.8, dead_after=2, seed=3)
+    for step in range(steps):
+        single.update(*_random_batch(step))
+    assert int(single.updates) == steps
+    for rank in range(2):
+        state = torch.load(tmp_path / f"rank{rank}.pt")
+        for name, value in single.state_dict().items():
+            assert torch.allclose(state[name].float(), value.float(), atol=1e-6), (rank, name)
+
+
+def _two_clusters():
+    points = torch.tensor([[[-1.0, 0.0], [1.0, 0.0], [-1.1, 0.1], [1.1, -0.1]]])
+    return points, None, points.clone(), None
+
+
+def test_dead_code_reset_revives_an_unused_code():
+    book = codebook_with([[0.0, 0.0], [100.0, 100.0]], decay=0.5, epsilon=1e-5, dead_after=2)
+    stats = [book.update(*_two_clusters()) for _ in range(6)]
+    assert [int(s["codes_used"]) for s in stats[:2]] == [1, 1]
+    assert sum(int(s["codes_reset"]) for s in stats) == 1
+    # Once moved next to code 0, code 1 takes one cluster and keeps it.
+    assert [int(s["codes_used"]) for s in stats[3:]] == [2, 2, 2]
+    assert stats[-1]["perplexity"].item() == pytest.approx(2.0)
+    assert book.embedding[0, 0] * book.embedding[1, 0] < 0  # one code on each cluster
+
+    control = codebook_with([[0.0, 0.0], [100.0, 100.0]], decay=0.5, epsilon=1e-5, dead_after=1000)
+    assert [int(control.update(*_two_clusters())["codes_used"]) for _ in range(6)] == [1] * 6
+
+
+def test_reset_is_a_function_of_the_state():
+    def run():
+        book = codebook_with([[0.0, 0.0], [50.0, 0.0], [0.0, 50.0]], decay=0.5, epsilon=1e-5, dead_after=1)
+        for _ in range(3):
+            book.update(*_two_clusters())
+        return book.embedding.clone()
+
+    assert torch.equal(run(), run())
+
+
+def gaussian_pairs(rho, samples, length, dim, generator):
+    x = torch.randn(samples, length, dim, generator=generator)
+    y = rho * x + math.sqrt(1 - rho**2) * torch.randn(samples, length, dim, generator=generator)
+    return x, y
+
+
+@pytest.mark.parametrize("rho", [0.0, 0.6])
+def test_club_on_gaussians_bounds_the_known_mutual_information(rho):
+    torch.manual_seed(0)
+    dim, g = 2, torch.Generator().manual_seed(1)
+    club = SequenceCLUB(dim, dim, hidden=32)
+    optimizer = torch.optim.Adam(club.parameters(), lr=1e-2)
+    for _ in range(300):
+        x, y = gaussian_pairs(rho, 64, 4, dim, g)
+        optimizer.zero_grad()
+        club.approximation_loss(x, y, None).backward()
+        optimizer.step()
+    x, y = gaussian_pairs(rho, 2048, 4, dim, g)
+    mask = torch.ones(2048, 4, dtype=torch.bool)
+    mask[:, 3] = False  # padded positions must not count
+    y_padded = y.clone()
+    y_padded[:, 3] = 1e3
+    estimate = club.mi_upper_bound(x, y_padded, mask).item()
+    true_mi = -dim / 2 * math.log(1 - rho**2)
+    # With the exact q(y|x) = N(rho x, 1 - rho^2), CLUB equals dim * rho^2 / (1 - rho^2).
+    club_at_optimum = dim * rho**2 / (1 - rho**2)
+    assert estimate == pytest.approx(club_at_optimum, abs=0.1)
+    assert estimate >= true_mi - 0.05
+
+
+def test_club_gradients_stay_on_their_side():
+    club = SequenceCLUB(3, 3, hidden=8)
+    x = torch.randn(4, 5, 3, requires_grad=True)
+    y = torch.randn(4, 5, 3, requires_grad=True)
+    club.mi_upper_bound(x, y, None).backward()
+    assert x.grad.abs().sum() > 0 and y.grad.abs().sum() > 0
+    assert all(p.grad is None for p in club.parameters())
+    x.grad = y.grad = None
+    club.approximation_loss(x, y, None).backward()
+    assert x.grad is None and y.grad is None
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in club.parameters())
+
+
+def rotating_pairs(samples, length, generator, shuffled):
+    """Two views of one latent sequence u_{t+1} = Q u_t: each modality's prefix fixes the
+    other's next item. Shuffled: b comes from another sample, so nothing is predictable."""
+    latent_dim, dim = 4, 8
+    q = torch.linalg.qr(torch.randn(latent_dim, latent_dim, generator=torch.Generator().manual_seed(7)))[0]
+    to_a = torch.randn(latent_dim, dim, generator=torch.Generator().manual_seed(8))
+    to_b = torch.randn(latent_dim, dim, generator=torch.Generator().manual_seed(9))
+    u = [torch.randn(samples, latent_dim, generator=generator)]
+    for _ in range(length - 1):
+        u.append(u[-1] @ q.t())
+    u = torch.stack(u, dim=1)
+    a = u @ to_a + 0.05 * torch.randn(samples, length, dim, generator=generator)
+    b = u @ to_b + 0.05 * torch.randn(samples, length, dim, generator=generator)
+    if shuffled:
+        b = b[torch.randperm(samples, generator=generator)]
+    return a, b
+
+
+@pytest.mark.parametrize("shuffled", [False, True])
+def test_cross_cpc_falls_on_aligned_sequences_and_not_on_shuffled(shuffled):
+    torch.manual_seed(0)
+    g, batch = torch.Generator().manual_seed(2), 32
+    cpc = CrossCPC(dim=8, context_dim=32, steps=2)
+    optimizer = torch.optim.Adam(cpc.parameters(), lr=3e-3)
+    for _ in range(150):
+        a, b = rotating_pairs(batch, 6, g, shuffled)
+        optimizer.zero_grad()
+        cpc(a, None, b, None)[0].backward()
+        optimizer.step()
+    with torch.no_grad():
+        a, b = rotating_pairs(batch, 6, g, shuffled)
+        loss, accuracy = cpc(a, None, b, None)
+    chance = math.log(batch)
+    if shuffled:
+        assert loss.item() > chance - 0.15 and accuracy.item() < 0.15
+    else:
+        # measured: 1.72 (chance 3.47), accuracy 0.40 (chance 1/32)
+        assert loss.item() < chance - 1.2 and accuracy.item() > 0.25
+
+
+def test_cross_cpc_ignores_padding():
+    torch.manual_seed(0)
+    cpc = CrossCPC(dim=4, context_dim=8, steps=1)
+    a, b = torch.randn(3, 5, 4), torch.randn(3, 4, 4)
+    a_mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]], dtype=torch.bool)
+    b_mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    before = cpc(a, a_mask, b, b_mask)[0]
+    a2, b2 = a.clone(), b.clone()
+    a2[~a_mask], b2[~b_mask] = 99.0, -99.0
+    assert torch.allclose(cpc(a2, a_mask, b2, b_mask)[0], before)
+
+
+def test_reconstruction_ignores_padding():
+    torch.manual_seed(0)
+    auto = ModalityAutoencoder(hidden_size=6, code_dim=3, specific_dim=4)
+    hidden, mask = torch.randn(2, 3, 6), torch.tensor([[True, True, False], [True, False, False]])
+    z, s = auto(hidden)
+    loss = auto.reconstruction_loss(hidden, z, s, mask)
+    changed = hidden.clone()
+    changed[~mask] = 50.0
+    z2, s2 = auto(changed)
+    assert torch.allclose(auto.reconstruction_loss(changed, z2, s2, mask), loss)
+
+
+def test_reading_order_goes_by_bands_then_left_to_right():
+    def box(xc, yc):
+        return [xc - 0.05, yc - 0.05, xc + 0.05, yc + 0.05, 0.01]
+
+    geometry = torch.tensor([[box(0.8, 0.1), box(0.5, 0.9), box(0.2, 0.15), box(0.1, 0.5), box(0.5, 0.5)]])
+    mask = torch.tensor([[True, True, True, True, False]])
+    # bands of 1/3: top: x 0.2 (2), x 0.8 (0); middle: x 0.1 (3); bottom: (1); padded (4) last
+    assert reading_order(geometry, mask).tolist() == [[2, 0, 3, 1, 4]]
+
+
+def test_codebook_state_is_in_the_state_dict():
+    book = SharedCodebook(4, 2)
+    assert {"embedding", "ema_count", "ema_weight", "unused_steps", "updates"} <= set(book.state_dict())
+    with pytest.raises(ValueError, match="decay"):
+        SharedCodebook(4, 2, decay=1.0)
+
+
+def test_cmg_objectives_train_together_and_move_the_codebook_only_in_training():
+    torch.manual_seed(0)
+    objectives = CMGObjectives(hidden_size=12, num_codes=8, code_dim=4, specific_dim=4, club_hidden=8,
+                               cpc_context=8, dead_after=5)
+    text, regions = torch.randn(3, 5, 12, requires_grad=True), torch.randn(3, 4, 12, requires_grad=True)
+    text_mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
+    region_mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0]])
+    geometry = torch.rand(3, 4, 5)
+
+    objectives.eval()
+    before = objectives.codebook.embedding.clone()
+    losses, stats = objectives(text, text_mask, regions, region_mask, geometry)
+    assert torch.equal(objectives.codebook.embedding, before) and "perplexity" not in stats
+
+    objectives.train()
+    losses, stats = objectives(text, text_mask, regions, region_mask, geometry)
+    assert set(losses) == {"reconstruction", "commitment", "club", "club_approximation", "cross_cpc"}
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert not torch.equal(objectives.codebook.embedding, before) and int(objectives.codebook.updates) == 1
+    assert 1.0 <= stats["perplexity"].item() <= 8.0
+    sum(losses.values()).backward()
+    # Every trainable part gets a gradient; the codebook has none to get (buffers only).
+    assert all(p.grad is not None for p in objectives.parameters())
+    assert not any(True for _ in objectives.codebook.parameters())
+    assert text.grad.abs().sum() > 0 and regions.grad.abs().sum() > 0
