@@ -11,8 +11,8 @@ items from the other's prefix. The codebook is not trained by gradient: ``Shared
 moves it by the multimodal exponential moving average, where each semantic vector and its
 cross-attended counterpart from the other modality both pull the code it was assigned to.
 
-Model code only: tensors in, tensors out. Nothing here is wired into ``ImageBertForPretraining``
-yet (docs/pretrain.md, "CMG objectives (in progress)").
+Model code only: tensors in, tensors out. ``ImageBertForPretraining`` holds a ``CMGObjectives``
+when its config's ``cmg`` is set (the ``cmg:`` section of a pretraining config; docs/pretrain.md).
 """
 
 from __future__ import annotations
@@ -92,23 +92,45 @@ class SharedCodebook(nn.Module):
             raise ValueError(f"SharedCodebook: dead_after must be >= 1, got {dead_after}")
         self.decay, self.epsilon = float(decay), float(epsilon)
         self.dead_after, self.reset_noise, self.seed = int(dead_after), float(reset_noise), int(seed)
+        for name, value in self.initial_state(num_codes, dim).items():
+            self.register_buffer(name, value)
+
+    def initial_state(self, num_codes: int | None = None, dim: int | None = None) -> dict[str, torch.Tensor]:
+        """The buffers before any update, a function of the seed alone (a model loaded without
+        them, such as one initialised from BERT, is given these)."""
+        num_codes = self.num_codes if num_codes is None else num_codes
+        dim = self.embedding.shape[1] if dim is None else dim
         init = torch.empty(num_codes, dim).uniform_(-1 / num_codes, 1 / num_codes,
-                                                    generator=torch.Generator().manual_seed(seed))
-        self.register_buffer("embedding", init)
-        self.register_buffer("ema_count", torch.ones(num_codes))
-        self.register_buffer("ema_weight", init.clone())
-        self.register_buffer("unused_steps", torch.zeros(num_codes, dtype=torch.long))
-        self.register_buffer("updates", torch.zeros((), dtype=torch.long))
+                                                    generator=torch.Generator().manual_seed(self.seed))
+        return {
+            "embedding": init, "ema_count": torch.ones(num_codes), "ema_weight": init.clone(),
+            "unused_steps": torch.zeros(num_codes, dtype=torch.long), "updates": torch.zeros((), dtype=torch.long),
+        }
 
     @property
     def num_codes(self) -> int:
         return self.embedding.shape[0]
 
+    def _apply(self, fn, recurse=True):
+        """Moves the buffers like any module's but keeps them float32: DeepSpeed's bf16 and fp16
+        modes cast a model's floating buffers too (``module.bfloat16()``), and an EMA in bf16
+        loses its small steps (at decay 0.99 a step moves a value by 1 % of its distance to the
+        batch's, often below bf16's resolution of 0.4 % of the value)."""
+        kept = {name: buffer for name, buffer in self._buffers.items() if buffer is not None and buffer.dtype == torch.float32}
+        super()._apply(fn, recurse)
+        for name, before in kept.items():
+            after = self._buffers[name]
+            if after.dtype != torch.float32:
+                self._buffers[name] = before.to(after.device)
+        return self
+
     def nearest(self, z: torch.Tensor) -> torch.Tensor:
-        """Index of the nearest code (squared Euclidean distance) for each vector of ``[..., D]``."""
+        """Index of the nearest code (squared Euclidean distance) for each vector of ``[..., D]``,
+        computed in float32 whatever the autocast around it."""
         flat = z.detach().reshape(-1, z.shape[-1]).to(self.embedding.dtype)
-        distances = (flat.pow(2).sum(1, keepdim=True) - 2 * flat @ self.embedding.t()
-                     + self.embedding.pow(2).sum(1))
+        with torch.autocast(flat.device.type, enabled=False):
+            distances = (flat.pow(2).sum(1, keepdim=True) - 2 * flat @ self.embedding.t()
+                         + self.embedding.pow(2).sum(1))
         return distances.argmin(dim=1).reshape(z.shape[:-1])
 
     def quantize(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,8 +152,12 @@ class SharedCodebook(nn.Module):
         regions: torch.Tensor, region_mask: torch.Tensor | None,
     ) -> dict[str, torch.Tensor]:
         """One multimodal EMA step from both modalities' semantic vectors, then the dead-code
-        reset. Returns the usage statistics of this (global) batch."""
-        text, regions = text.detach().float(), regions.detach().float()
+        reset. Returns the usage statistics of this (global) batch. Computed in float32, also
+        under a bf16 autocast (ZeRO-0's mixed precision), so the sums keep their small terms."""
+        with torch.autocast(text.device.type, enabled=False):
+            return self._update(text.detach().float(), text_mask, regions.detach().float(), region_mask)
+
+    def _update(self, text, text_mask, regions, region_mask) -> dict[str, torch.Tensor]:
         text_valid, region_valid = _valid(text_mask, text), _valid(region_mask, regions)
         text_counterpart = cross_attend(text, regions, region_valid)
         region_counterpart = cross_attend(regions, text, text_valid)

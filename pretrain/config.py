@@ -3,7 +3,7 @@
 Each section is the config of the component that uses it, defined in a module of its own next
 to that component and free of torch, so that a config is checked before torch is imported:
 ``data`` (``pretrain.data_config``), ``masking`` (``pretrain.masking_config``), ``objectives``
-(``pretrain.model_config``), ``eval`` (``pretrain.evaluate_config``), ``deepspeed``,
+and ``cmg`` (``pretrain.model_config``), ``eval`` (``pretrain.evaluate_config``), ``deepspeed``,
 ``checkpoint`` and ``logging`` (the training engine, ``pretrain.engine_config``, shared with
 fine-tuning); ``model`` and ``stages`` are defined here. Every dataclass checks itself at
 construction and names the key and the fix. ``docs/pretrain.md`` lists every key.
@@ -22,7 +22,7 @@ from pretrain.engine_config import (
 )
 from pretrain.evaluate_config import EvalConfig
 from pretrain.masking_config import MaskingConfig
-from pretrain.model_config import POOLINGS, ObjectiveWeights
+from pretrain.model_config import POOLINGS, CMGConfig, ObjectiveWeights
 
 PACKAGE_PREFIX = "pkg:"
 
@@ -114,6 +114,7 @@ class PretrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     masking: MaskingConfig = field(default_factory=MaskingConfig)
     objectives: ObjectiveWeights = field(default_factory=ObjectiveWeights)
+    cmg: CMGConfig = field(default_factory=CMGConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -130,6 +131,11 @@ class PretrainConfig:
         weights = self.objectives
         if not any((weights.mlm, weights.moc, weights.mrfr, weights.itm)):
             raise ValueError("objectives: at least one of mlm, moc, mrfr, itm must have a non-zero weight")
+        if self.cmg.enabled and self.deepspeed.zero_stage == 3:
+            # CLUB's bound runs its networks on detached weights (functional_call), outside the
+            # module forwards where ZeRO-3 gathers a partitioned parameter.
+            raise ValueError("cmg.enabled needs deepspeed.zero_stage 0, 1, 2 or auto: CMG's CLUB reads its weights "
+                             "outside the forwards where ZeRO-3 gathers them")
 
     def shard_path(self, pattern: str) -> str:
         return storage.resolve(self.shards_root, pattern)

@@ -47,7 +47,7 @@ from pretrain.distributed import all_reduce_sum, shard
 from pretrain.evaluate_config import EvalConfig
 from pretrain.masking_config import MaskingConfig
 from pretrain.model import IGNORE_INDEX, ImageBertForPretraining, masked_rows
-from pretrain.model_config import ObjectiveWeights
+from pretrain.model_config import CMG_LOSSES, ObjectiveWeights
 from pretrain.retrieval import RECALL_AT, group_by_image, recall_at_k
 
 # Validation masks and negatives are drawn from this seed, never from the training seed.
@@ -59,9 +59,12 @@ def masked_modelling_metrics(
     model: ImageBertForPretraining, batches: list[dict], device, objectives: ObjectiveWeights,
     show_progress: bool = False,
 ) -> dict[str, float]:
-    """Accuracies (percent) and mean losses of MLM/MOC/MRFR/ITM over the validation batches."""
+    """Accuracies (percent) and mean losses of MLM/MOC/MRFR/ITM over the validation batches, and
+    of CMG's losses (``cmg_<loss>_loss``) where the model has CMG's modules."""
     weights = dataclasses.replace(objectives, mlm=1.0, moc=1.0, mrfr=1.0, itm=1.0)
     accuracies, losses = ("mlm", "moc", "itm"), ("mlm", "moc", "mrfr", "itm")
+    if model.config.cmg:
+        losses += tuple(f"cmg_{name}" for name in CMG_LOSSES)
     names = [f"{n}_correct" for n in accuracies] + [f"{n}_seen" for n in accuracies]
     names += [f"{n}_loss_sum" for n in losses] + [f"{n}_loss_count" for n in losses] + ["positives"]
     sums = dict.fromkeys(names, 0.0)
@@ -77,6 +80,9 @@ def masked_modelling_metrics(
         count = {
             "mlm": int(((batch["mlm_labels"] != IGNORE_INDEX) & scored[:, None]).sum()),
             "moc": masked_regions, "mrfr": masked_regions, "itm": len(scored),
+            # CMG's losses are means over positions of both modalities (sums of a mean per
+            # modality); the pairs they score weigh each batch.
+            **{f"cmg_{name}": int(scored.sum()) for name in CMG_LOSSES},
         }
         for name, (correct, seen) in out.counts.items():
             sums[f"{name}_correct"] += float(correct)
@@ -169,7 +175,8 @@ def evaluate(
 
     Returns mlm_acc, moc_acc, itm_acc (percent), the four ``*_loss`` values (mrfr_loss among
     them), itm_chance, num_eval_samples, and ``pretrain.retrieval.recall_at_k``'s fields:
-    i2t_r1/5/10, t2i_r1/5/10, rsum, their ``*_chance`` levels, num_images and num_captions.
+    i2t_r1/5/10, t2i_r1/5/10, rsum, their ``*_chance`` levels, num_images and num_captions;
+    with CMG's modules, also ``cmg_<loss>_loss`` for each of CMG's losses.
     ``timings``, when given, receives the seconds of each part and the retrieval's pair count.
     """
     check_spec_matches_model(spec, model.config, shards)

@@ -35,7 +35,8 @@ from transformers import initialization as init
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.models.bert.modeling_bert import BertLMPredictionHead, BertPredictionHeadTransform
 
-from pretrain.model_config import POOLINGS, ObjectiveWeights
+from pretrain.cmg import CMGObjectives, SharedCodebook
+from pretrain.model_config import CMG_LOSSES, POOLINGS, CMGConfig, ObjectiveWeights
 
 GEOMETRY_DIM = 5
 IGNORE_INDEX = -100
@@ -55,6 +56,9 @@ class ImageBertConfig(BertConfig):
     the projected feature; VisualBERT has none), ``region_geometry`` (the 5-d geometry term;
     VisualBERT embeds no boxes) and ``region_own_norm`` (regions get a final LayerNorm of their
     own in place of BERT's embedding LayerNorm, as in UNITER).
+
+    ``cmg``: the shape of CMG's modules (``CMGConfig.module_fields``: ``num_codes``, ``code_dim``,
+    ``decay``, ``dead_after``), or None (the default) for a model without them.
     """
 
     model_type = "imagebert"
@@ -68,6 +72,7 @@ class ImageBertConfig(BertConfig):
         region_feature_norm: bool = True,
         region_geometry: bool = True,
         region_own_norm: bool = False,
+        cmg: dict | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -81,6 +86,7 @@ class ImageBertConfig(BertConfig):
         self.region_feature_norm = bool(region_feature_norm)
         self.region_geometry = bool(region_geometry)
         self.region_own_norm = bool(region_own_norm)
+        self.cmg = dict(cmg) if cmg else None
         last = self.max_position_embeddings - 1
         self.region_position_id = last if region_position_id is None else int(region_position_id)
 
@@ -145,6 +151,11 @@ class ImageBertPreTrainedModel(PreTrainedModel):
             init.zeros_(module.blank_feature)
         elif isinstance(module, BertLMPredictionHead):
             init.zeros_(module.bias)
+        elif isinstance(module, SharedCodebook):
+            # Buffers the library does not know: a model loaded without them (from a BERT)
+            # would keep whatever memory it got. init.copy_ leaves loaded ones alone.
+            for name, value in module.initial_state().items():
+                init.copy_(getattr(module, name), value.to(getattr(module, name).device))
 
 
 @dataclass
@@ -194,6 +205,12 @@ class ImageBertModel(ImageBertPreTrainedModel):
         text = self.bert.embeddings
         summed = inputs + text.token_type_embeddings(segments) + text.position_embeddings(positions)
         return text.dropout(own_norm(summed))
+
+    def encode_alone(self, embedded: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The encoder's states ``[B, N, H]`` over one embedded sequence (``embed_tokens``,
+        ``embed_regions`` or both concatenated); ``mask`` [B, N] is 1 at the real positions."""
+        attention = create_bidirectional_mask(config=self.config, inputs_embeds=embedded, attention_mask=mask.long())
+        return self.bert.encoder(embedded, attention_mask=attention).last_hidden_state
 
     def pool(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The summary the ITM and task heads read: BERT's pooler (dense + tanh) on token 0
@@ -256,8 +273,7 @@ class ImageBertModel(ImageBertPreTrainedModel):
             dim=1,
         )
         mask = torch.cat([attention_mask.long(), region_mask.long()], dim=1)
-        attention = create_bidirectional_mask(config=self.config, inputs_embeds=embedded, attention_mask=mask)
-        states = self.bert.encoder(embedded, attention_mask=attention).last_hidden_state
+        states = self.encode_alone(embedded, mask)
         return ImageBertOutput(states, self.pool(states, mask), input_ids.shape[1])
 
 
@@ -288,6 +304,8 @@ class PretrainingOutput:
     # Per objective (correct predictions, positions scored): the count stays a tensor so the
     # training step never waits for the device; evaluation sums them.
     counts: dict[str, tuple[torch.Tensor, int]] = field(default_factory=dict)
+    # CMG's codebook usage and Cross-CPC accuracy (``cmg_*``), when the model has CMG's modules.
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 # Where a BERT checkpoint's weights go in ImageBertForPretraining: the encoder (saved by BertModel
@@ -306,6 +324,11 @@ class ImageBertForPretraining(ImageBertPreTrainedModel):
     Masked-modelling losses count on matched pairs only (``masked_rows``). A batch with
     ``itm_input_ids`` (``data.itm_pairs: unmasked``, ImageBERT's and UNITER's way) gets ITM from
     a second forward over those unmasked pairs; otherwise ITM reads the masked forward.
+
+    With ``config.cmg`` set the model also holds CMG's objectives (``self.cmg``,
+    ``pretrain.cmg.CMGObjectives``), computed on two more encoder passes, one over each sample's
+    caption alone and one over its regions alone (``cmg_losses``); their losses are named
+    ``cmg_<loss>``.
     """
 
     _tied_weights_keys = {
@@ -320,6 +343,16 @@ class ImageBertForPretraining(ImageBertPreTrainedModel):
         self.moc_head = RegionHead(config, config.num_region_classes)
         self.mrfr_head = RegionHead(config, config.feature_dim)
         self.itm_head = nn.Linear(config.hidden_size, 2)
+        # Built only when configured: a model without CMG draws no extra random numbers and has
+        # exactly the parameters it had before CMG existed.
+        if config.cmg:
+            dim = config.cmg["code_dim"]
+            self.cmg = CMGObjectives(
+                config.hidden_size, num_codes=config.cmg["num_codes"], code_dim=dim, specific_dim=dim,
+                club_hidden=dim, cpc_context=dim, decay=config.cmg["decay"], dead_after=config.cmg["dead_after"],
+            )
+        else:
+            self.cmg = None
         self.post_init()
 
     def get_output_embeddings(self) -> nn.Linear:
@@ -331,11 +364,11 @@ class ImageBertForPretraining(ImageBertPreTrainedModel):
     @classmethod
     def from_bert(
         cls, path: str | Path, feature_dim: int, num_region_classes: int, pooling: str = "cls",
-        num_layers: int | None = None,
+        num_layers: int | None = None, cmg: dict | None = None,
     ) -> "ImageBertForPretraining":
         """Text side (and, from a ``BertForPreTraining`` checkpoint, the MLM head) from a local
-        Hugging Face BERT directory; region embeddings and the other heads freshly initialised.
-        ``num_layers`` keeps only the first N encoder layers."""
+        Hugging Face BERT directory; region embeddings, the other heads and CMG's modules (``cmg``:
+        ``ImageBertConfig.cmg``) freshly initialised. ``num_layers`` keeps only the first N encoder layers."""
         from pretrain.weights import load_model
 
         bert = BertConfig.from_pretrained(path)
@@ -343,17 +376,22 @@ class ImageBertForPretraining(ImageBertPreTrainedModel):
             raise ValueError(f"num_layers={num_layers} but {path} has {bert.num_hidden_layers} layers")
         config = ImageBertConfig.from_bert(
             bert, feature_dim=feature_dim, num_region_classes=num_region_classes, summary_pooling=pooling,
-            num_hidden_layers=num_layers or bert.num_hidden_layers,
+            num_hidden_layers=num_layers or bert.num_hidden_layers, cmg=cmg,
         )
         kept = config.num_hidden_layers
         return load_model(
             cls, path, config=config, key_mapping=BERT_KEY_MAPPING,
-            may_be_missing=[r"^imagebert\.region_embeddings\.", r"^(mlm|moc|mrfr|itm)_head\."],
+            may_be_missing=[r"^imagebert\.region_embeddings\.", r"^(mlm|moc|mrfr|itm)_head\.", r"^cmg\."],
             may_be_unused=[rf"^imagebert\.bert\.encoder\.layer\.(?!({'|'.join(map(str, range(kept)))})\.)", r"^cls\."],
             what=f"BERT checkpoint {path}",
         )
 
-    def forward(self, batch: dict[str, torch.Tensor], weights: ObjectiveWeights | None = None) -> PretrainingOutput:
+    def forward(
+        self, batch: dict[str, torch.Tensor], weights: ObjectiveWeights | None = None,
+        cmg_weights: CMGConfig | None = None,
+    ) -> PretrainingOutput:
+        """The losses of ``batch``, each objective weighted by ``weights`` and, with CMG's
+        modules, each CMG loss by ``cmg_weights`` (default: ``CMGConfig``'s weights)."""
         weights = weights or ObjectiveWeights()
         enc = self.imagebert(
             batch["input_ids"], batch["attention_mask"], batch["region_features"], batch["region_geometry"],
@@ -402,7 +440,38 @@ class ImageBertForPretraining(ImageBertPreTrainedModel):
             counts["itm"] = ((itm_logits.argmax(-1) == batch["itm_labels"]).sum(), len(itm_logits))
 
         total = sum(getattr(weights, name) * value for name, value in losses.items())
-        return PretrainingOutput(loss=total, losses=losses, counts=counts)
+        stats: dict[str, torch.Tensor] = {}
+        if self.cmg is not None:
+            cmg_losses, stats = self.cmg_losses(batch)
+            cmg_weights = (cmg_weights or CMGConfig()).loss_weights()
+            for name in CMG_LOSSES:
+                losses[f"cmg_{name}"] = cmg_losses[name]
+                total = total + cmg_weights[name] * cmg_losses[name]
+        return PretrainingOutput(loss=total, losses=losses, counts=counts, stats=stats)
+
+    def cmg_losses(self, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """CMG's unweighted losses and ``cmg_*`` statistics (``CMGObjectives``), from one encoder
+        pass over each sample's caption alone and one over its regions alone.
+
+        Both passes read the sample before masking (the caption's masked tokens restored from the
+        MLM labels, every region's feature seen): CMG encodes what is there, not a cloze. Only the
+        ``masked_rows`` count: a negative pair's caption does not describe its regions, and the
+        codebook's cross-modal EMA and Cross-CPC need pairs that do."""
+        encoder = self.imagebert
+        rows = masked_rows(batch)
+        if not rows.any():  # no pair to learn from; keep the graph so every rank runs the same backward
+            zero = sum(p.sum() for p in self.cmg.parameters()) * 0.0
+            return dict.fromkeys(CMG_LOSSES, zero), {}
+        caption = torch.where(batch["mlm_labels"] != IGNORE_INDEX, batch["mlm_labels"], batch["input_ids"])
+        text_states = encoder.encode_alone(encoder.embed_tokens(caption, segment=0), batch["attention_mask"])
+        region_states = encoder.encode_alone(
+            encoder.embed_regions(batch["region_features"], batch["region_geometry"]), batch["region_mask"]
+        )
+        losses, stats = self.cmg(
+            text_states, batch["attention_mask"].bool() & rows[:, None],
+            region_states, batch["region_mask"].bool() & rows[:, None], batch["region_geometry"],
+        )
+        return losses, {f"cmg_{name}": value for name, value in stats.items()}
 
     def itm_scores(
         self,

@@ -1,5 +1,6 @@
 """The model's settings that the pretraining config names, without torch: ``POOLINGS`` (the
-choices of ``model.pooling``) and ``ObjectiveWeights`` (the ``objectives:`` section).
+choices of ``model.pooling``), ``ObjectiveWeights`` (the ``objectives:`` section) and
+``CMGConfig`` (the ``cmg:`` section).
 
 Kept apart from the model (``pretrain.model``) so that ``python -m pretrain`` checks a config,
 and reports a mistake, before torch and transformers are imported.
@@ -19,3 +20,48 @@ class ObjectiveWeights:
     mrfr: float = 1.0
     itm: float = 1.0
     moc_kl: bool = False  # False: cross-entropy to the detector's top label; True: KL to its distribution (UNITER)
+
+
+# CMG's losses (pretrain.cmg.CMGObjectives), each with its weight key in the ``cmg:`` section.
+CMG_LOSSES = ("reconstruction", "commitment", "club", "club_approximation", "cross_cpc")
+
+
+@dataclass
+class CMGConfig:
+    """The ``cmg:`` section: CMG's objectives (a codebook shared by text and regions) on top of
+    the masked-modelling ones; off by default. The loss weights are training settings; the
+    codebook's shape, decay and dead-code threshold are the model's (``module_fields``, saved in
+    the release as ``ImageBertConfig.cmg``)."""
+
+    enabled: bool = False
+    reconstruction: float = 1.0
+    commitment: float = 0.25  # VQ-VAE's beta, which CMG keeps
+    club: float = 1.0  # the I(z; s) upper bound the model minimises
+    club_approximation: float = 1.0  # trains only the CLUB networks q(s | z)
+    cross_cpc: float = 1.0
+    num_codes: int = 512
+    code_dim: int = 256
+    decay: float = 0.99
+    dead_after: int = 300  # updates without a vector before a code is reset onto a live one
+
+    def __post_init__(self) -> None:
+        for name in CMG_LOSSES:
+            if getattr(self, name) < 0:
+                raise ValueError(f"cmg.{name} is a loss weight and must be >= 0, got {getattr(self, name)}")
+        if self.num_codes < 2:
+            raise ValueError(f"cmg.num_codes must be >= 2, got {self.num_codes}")
+        if self.code_dim < 1:
+            raise ValueError(f"cmg.code_dim must be >= 1, got {self.code_dim}")
+        if not 0.0 <= self.decay < 1.0:
+            raise ValueError(f"cmg.decay must be in [0, 1), got {self.decay}")
+        if self.dead_after < 1:
+            raise ValueError(f"cmg.dead_after must be >= 1, got {self.dead_after}")
+
+    def loss_weights(self) -> dict[str, float]:
+        return {name: float(getattr(self, name)) for name in CMG_LOSSES}
+
+    def module_fields(self) -> dict[str, float | int] | None:
+        """``ImageBertConfig.cmg``: what builds the modules, or None when CMG is off."""
+        if not self.enabled:
+            return None
+        return {"num_codes": self.num_codes, "code_dim": self.code_dim, "decay": self.decay, "dead_after": self.dead_after}

@@ -28,7 +28,7 @@ from pretrain.distributed import init_distributed
 from pretrain.engine import Phase, RunPaths, Trainer, build_engine, setup_logging
 from pretrain.evaluation import evaluate, metrics_table
 from pretrain.model import ImageBertConfig, ImageBertForPretraining
-from pretrain.model_config import ObjectiveWeights
+from pretrain.model_config import CMGConfig, ObjectiveWeights
 from pretrain.weights import load_model
 
 log = logging.getLogger("pretrain")
@@ -58,12 +58,12 @@ def build_model(cfg: PretrainConfig, spec: FeatureSpec, vocab_size: int) -> Imag
     if cfg.model.bert is not None:
         model = ImageBertForPretraining.from_bert(
             resolve_model_path(cfg.model.bert), spec.feature_dim, spec.num_classes, cfg.model.pooling,
-            cfg.model.num_layers,
+            cfg.model.num_layers, cmg=cfg.cmg.module_fields(),
         )
     else:
         config = ImageBertConfig(
             **{"vocab_size": vocab_size, **cfg.model.bert_config}, feature_dim=spec.feature_dim,
-            num_region_classes=spec.num_classes, summary_pooling=cfg.model.pooling,
+            num_region_classes=spec.num_classes, summary_pooling=cfg.model.pooling, cmg=cfg.cmg.module_fields(),
         )
         model = ImageBertForPretraining(config)
     if model.config.vocab_size < vocab_size:
@@ -78,12 +78,14 @@ def ready_for_training(model: ImageBertForPretraining, cfg: PretrainConfig) -> I
     return model.train()
 
 
-def pretraining_step(objectives: ObjectiveWeights):
-    """The engine's step: the weighted loss to train on, and each objective's loss to log."""
+def pretraining_step(objectives: ObjectiveWeights, cmg: CMGConfig | None = None):
+    """The engine's step: the weighted loss to train on, and each objective's loss to log, with
+    CMG's codebook usage (``cmg_perplexity``, ``cmg_codes_used``, ``cmg_codes_reset``, ...)
+    where the model has CMG's modules: the engine logs each as its mean over the interval."""
 
     def step(engine, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        out = engine(batch, objectives)
-        return {"loss": out.loss, **out.losses}
+        out = engine(batch, objectives, cmg)
+        return {"loss": out.loss, **out.losses, **out.stats}
 
     return step
 
@@ -143,7 +145,7 @@ def run(cfg: PretrainConfig, run_dir: str | Path, resume: bool, spec: FeatureSpe
                     cfg.eval, device, objectives=cfg.objectives,
                 )
 
-            result = trainer.run(engine, phase, batches, pretraining_step(cfg.objectives), evaluate_stage)
+            result = trainer.run(engine, phase, batches, pretraining_step(cfg.objectives, cfg.cmg), evaluate_stage)
             source, last_eval = result.state or source, result.last_eval or last_eval
             del engine  # the next stage starts from the checkpoint, not from this engine's copy
             if result.stopped_by:
