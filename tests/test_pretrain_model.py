@@ -19,12 +19,13 @@ from pretrain.model_config import ObjectiveWeights
 FEATURE_DIM = 16
 
 
-def tiny_model(tokenizer, seed=0, dropout=0.1, pooling="cls"):
+def tiny_model(tokenizer, seed=0, dropout=0.1, pooling="cls", cmg=None):
     torch.manual_seed(seed)
     config = ImageBertConfig(
         hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
         vocab_size=tokenizer.vocab_size, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
         feature_dim=FEATURE_DIM, num_region_classes=feature_spec(FEATURE_DIM).num_classes, summary_pooling=pooling,
+        cmg=cmg,
     )
     return ImageBertForPretraining(config).train()
 

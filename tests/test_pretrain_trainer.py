@@ -11,73 +11,22 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from preprocess.config import ConfigError, load_config
 from pretrain.checkpoint import LATEST_FILE, latest_state, prune, tag_for
 from pretrain.config import PretrainConfig, resolve_model_path
 from pretrain.evaluate import main as evaluate_command
+from pretrain_runs import (
+    REPO, TINY, pretrain_cmd, read_metrics, run_logged, stage, subprocess_env, write_config,
+)
 
-REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "configs" / "pretrain" / "quickstart.yaml"
-TINY = REPO / "configs" / "pretrain" / "tiny-test.yaml"
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), MASTER_PORT=str(_free_port()))
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
-        env.pop(name, None)
-    return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _pretrain_cmd(ranks: int, config: Path, run_dir: Path, *extra: str) -> list[str]:
-    args = ["-m", "pretrain", "--config", str(config), "--run-dir", str(run_dir), *extra]
-    if ranks == 1:
-        return [sys.executable, *args]
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
-            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), *args]
-
-
-def _run(cmd: list[str], log: Path, timeout: int = 300) -> None:
-    env = _env()
-    with open(log, "w") as out:
-        result = subprocess.run(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=timeout)
-    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{log.read_text()[-4000:]}"
-
-
-def _write_config(path: Path, shards_root: Path, stages: list[dict], **sections) -> Path:
-    """The tiny test config with its stages and sections replaced."""
-    config = yaml.safe_load(TINY.read_text())
-    config["shards_root"] = str(shards_root)
-    config["stages"] = stages
-    for name, values in sections.items():
-        config[name] = {**config.get(name, {}), **values}
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-def _metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def _stage(name: str, steps: int, **kw) -> dict:
-    return {"name": name, "shards": "train/{00000..00001}.tar", "eval_shards": "val/00000.tar", "steps": steps,
-            "lr": 1e-3, **kw}
 
 
 @pytest.fixture
@@ -220,7 +169,7 @@ print(json.dumps({
 
 
 def test_zero0_clips_like_torch_and_reports_the_norm():
-    env = _env()
+    env = subprocess_env()
     out = subprocess.run([sys.executable, "-c", _CLIPPING], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
@@ -278,11 +227,11 @@ def _worker_pids(launcher_pid: int) -> dict[int, int]:
 def test_zero2_sigterm_then_resume_on_one_rank_then_export(shards, tmp_path):
     run_dir = tmp_path / "run"
     # Stage 0 is far longer than the test waits: the SIGTERM is what ends this first run.
-    long = _write_config(tmp_path / "long.yaml", shards, [_stage("web", 1000, warmup_steps=2), _stage("indomain", 2)],
+    long = write_config(tmp_path / "long.yaml", shards, [stage("web", 1000, warmup_steps=2), stage("indomain", 2)],
                          eval={"every_steps": 10000}, checkpoint={"every_steps": 2})
     log = tmp_path / "first.log"
     with open(log, "w") as out:
-        launcher = subprocess.Popen(_pretrain_cmd(2, long, run_dir), cwd=REPO, env=_env(), stdout=out,
+        launcher = subprocess.Popen(pretrain_cmd(2, long, run_dir), cwd=REPO, env=subprocess_env(), stdout=out,
                                     stderr=subprocess.STDOUT)
     try:
         deadline = time.time() + 240
@@ -305,15 +254,15 @@ def test_zero2_sigterm_then_resume_on_one_rank_then_export(shards, tmp_path):
     # Resume on ONE rank from the 2-rank ZeRO-2 checkpoint, finishing stage 0 two steps later,
     # then stage 1 keeping the optimizer state.
     n = stopped.global_step
-    short = _write_config(tmp_path / "short.yaml", shards,
-                          [_stage("web", n + 2, warmup_steps=2), _stage("indomain", 2, reset_optimizer=False)],
+    short = write_config(tmp_path / "short.yaml", shards,
+                          [stage("web", n + 2, warmup_steps=2), stage("indomain", 2, reset_optimizer=False)],
                           eval={"every_steps": 10000}, checkpoint={"every_steps": 2})
-    _run(_pretrain_cmd(1, short, run_dir, "--resume"), tmp_path / "resume.log")
+    run_logged(pretrain_cmd(1, short, run_dir, "--resume"), tmp_path / "resume.log")
     resume_log = (tmp_path / "resume.log").read_text()
     assert f"resuming from {tag_for(n)} (stage 0, step {n} in stage)" in resume_log
     # (the universal copy itself is pruned with its tag once two newer checkpoints exist)
     assert f"converting {tag_for(n)} to a universal checkpoint" in resume_log
-    records = _metrics(run_dir)
+    records = read_metrics(run_dir)
     assert [(r["step"], r["stage"]) for r in records] == [(n + 2, 0), (n + 4, 1)]
     for record in records:
         for key in ("itm_acc", "mlm_acc", "moc_acc", "mrfr_loss", "i2t_r1", "i2t_r5", "i2t_r10",
@@ -326,16 +275,16 @@ def test_zero2_sigterm_then_resume_on_one_rank_then_export(shards, tmp_path):
     assert "held-out evaluation at step" in resume_log  # the summary beside chance
 
     # --resume on a finished run is a no-op.
-    _run(_pretrain_cmd(1, short, run_dir, "--resume"), tmp_path / "again.log")
-    assert len(_metrics(run_dir)) == 2
+    run_logged(pretrain_cmd(1, short, run_dir, "--resume"), tmp_path / "again.log")
+    assert len(read_metrics(run_dir)) == 2
 
     # Export, reload without DeepSpeed, and reproduce the trainer's last evaluation.
     release_dir = tmp_path / "release"
-    _run([sys.executable, "-m", "pretrain.export", "--run", str(run_dir), "--out", str(release_dir)],
+    run_logged([sys.executable, "-m", "pretrain.export", "--run", str(run_dir), "--out", str(release_dir)],
          tmp_path / "export.log")
     check = subprocess.run(
         [sys.executable, "-c", _REEVALUATE, str(release_dir), str(run_dir / "config.yaml")],
-        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300,
+        cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300,
     )
     assert check.returncode == 0, check.stderr[-4000:]
     assert "deepspeed" not in check.stdout.splitlines()[0]  # loading the release imported no DeepSpeed
@@ -390,10 +339,10 @@ def test_auto_zero0_bf16_on_one_rank_resumes_on_two(shards, tmp_path):
     """zero_stage auto on one rank trains at ZeRO-0 with bf16 autocast over fp32 weights; the
     checkpoint (unpartitioned) goes on at ZeRO-0 on two ranks without a universal conversion."""
     run_dir = tmp_path / "run"
-    first = _write_config(tmp_path / "first.yaml", shards, [_stage("web", 2)],
+    first = write_config(tmp_path / "first.yaml", shards, [stage("web", 2)],
                           deepspeed={"zero_stage": "auto", "precision": "bf16"}, checkpoint={"every_steps": 2},
                           eval={"every_steps": 10000})
-    _run(_pretrain_cmd(1, first, run_dir), tmp_path / "first.log")
+    run_logged(pretrain_cmd(1, first, run_dir), tmp_path / "first.log")
     assert "stage 0 (web): 0/2 steps done, from initial weights, ZeRO-0" in (tmp_path / "first.log").read_text()
     state = latest_state(run_dir / "checkpoints")
     assert (state.global_step, state.zero_stage, state.world_size) == (2, 0, 1)
@@ -407,24 +356,24 @@ def test_auto_zero0_bf16_on_one_rank_resumes_on_two(shards, tmp_path):
     shapes = {tuple(state["exp_avg"].shape) for state in saved["optimizer"]["state"].values()}
     assert tuple(saved["module"]["imagebert.bert.embeddings.word_embeddings.weight"].shape) in shapes
 
-    longer = _write_config(tmp_path / "longer.yaml", shards, [_stage("web", 3)],
+    longer = write_config(tmp_path / "longer.yaml", shards, [stage("web", 3)],
                            deepspeed={"zero_stage": "auto", "precision": "bf16"}, checkpoint={"every_steps": 2},
                            eval={"every_steps": 10000})
-    _run(_pretrain_cmd(2, longer, run_dir, "--resume"), tmp_path / "second.log")
+    run_logged(pretrain_cmd(2, longer, run_dir, "--resume"), tmp_path / "second.log")
     second = (tmp_path / "second.log").read_text()
     assert "stage 0 (web): 2/3 steps done, resumed, ZeRO-0" in second and "universal" not in second
     final = latest_state(run_dir / "checkpoints")
     assert (final.global_step, final.zero_stage, final.world_size) == (3, 0, 2)
-    assert [r["step"] for r in _metrics(run_dir)] == [2, 3]
-    assert all(math.isfinite(r["mrfr_loss"]) and math.isfinite(r["itm_loss"]) for r in _metrics(run_dir))
+    assert [r["step"] for r in read_metrics(run_dir)] == [2, 3]
+    assert all(math.isfinite(r["mrfr_loss"]) and math.isfinite(r["itm_loss"]) for r in read_metrics(run_dir))
 
 
 def test_zero3_bf16_two_ranks_then_resume_into_the_next_stage(shards, tmp_path):
     run_dir = tmp_path / "run"
-    one_stage = _write_config(tmp_path / "one.yaml", shards, [_stage("web", 3)],
+    one_stage = write_config(tmp_path / "one.yaml", shards, [stage("web", 3)],
                               deepspeed={"zero_stage": 3, "precision": "bf16"}, checkpoint={"every_steps": 2},
                               eval={"every_steps": 10000})
-    _run(_pretrain_cmd(2, one_stage, run_dir), tmp_path / "first.log")
+    run_logged(pretrain_cmd(2, one_stage, run_dir), tmp_path / "first.log")
     assert json.loads((run_dir / "done.json").read_text()) == {"global_step": 3}
     state = latest_state(run_dir / "checkpoints")
     assert (state.global_step, state.stage, state.zero_stage, state.world_size) == (3, 0, 3, 2)
@@ -433,12 +382,12 @@ def test_zero3_bf16_two_ranks_then_resume_into_the_next_stage(shards, tmp_path):
     # The same run with a second stage added: done.json (step 3) is short of the new 5 steps, so
     # --resume goes on: stage 1 starts from stage 0's ZeRO-3 checkpoint (weights and Adam moments,
     # same world size).
-    two_stages = _write_config(tmp_path / "two.yaml", shards, [_stage("web", 3), _stage("indomain", 2, reset_optimizer=False)],
+    two_stages = write_config(tmp_path / "two.yaml", shards, [stage("web", 3), stage("indomain", 2, reset_optimizer=False)],
                                deepspeed={"zero_stage": 3, "precision": "bf16"}, checkpoint={"every_steps": 2},
                                eval={"every_steps": 10000})
-    _run(_pretrain_cmd(2, two_stages, run_dir, "--resume"), tmp_path / "second.log")
+    run_logged(pretrain_cmd(2, two_stages, run_dir, "--resume"), tmp_path / "second.log")
     assert "stage 1 (indomain): 0/2 steps done, from previous stage, ZeRO-3" in (tmp_path / "second.log").read_text()
-    records = _metrics(run_dir)
+    records = read_metrics(run_dir)
     assert [(r["step"], r["stage"]) for r in records] == [(3, 0), (5, 1)]
     assert all(math.isfinite(r["mrfr_loss"]) and math.isfinite(r["itm_loss"]) for r in records)
     assert json.loads((run_dir / "done.json").read_text()) == {"global_step": 5}
@@ -457,8 +406,8 @@ def test_fresh_start_refuses_a_run_dir_with_checkpoints(shards, tmp_path):
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints").mkdir(parents=True)
     (run_dir / "checkpoints" / LATEST_FILE).write_text("global_step2")
-    config = _write_config(tmp_path / "c.yaml", shards, [_stage("web", 2)])
-    result = subprocess.run(_pretrain_cmd(1, config, run_dir), cwd=REPO, env=_env(), capture_output=True,
+    config = write_config(tmp_path / "c.yaml", shards, [stage("web", 2)])
+    result = subprocess.run(pretrain_cmd(1, config, run_dir), cwd=REPO, env=subprocess_env(), capture_output=True,
                             text=True, timeout=300)
     assert result.returncode != 0
     assert "already has checkpoints: pass --resume" in result.stderr
