@@ -60,6 +60,12 @@ def test_quickstart_and_tiny_configs_load():
         (["stages=[{name: a, shards: x.tar, eval_shards: y.tar, steps: 2, warmup_steps: 3}]"], "warmup_steps"),
         (["stages=[]"], "at least one stage"),
         (["trainer.lr=1"], "unknown key 'trainer'"),
+        (["cmg.num_codes=1"], "cmg.num_codes must be >= 2"),
+        (["cmg.code_dim=0"], "cmg.code_dim must be >= 1"),
+        (["cmg.decay=1.0"], "cmg.decay must be in [0, 1)"),
+        (["cmg.dead_after=0"], "cmg.dead_after must be >= 1"),
+        (["cmg.club=-1"], "cmg.club is a loss weight and must be >= 0"),
+        (["cmg.enabled=true", "deepspeed.zero_stage=3"], "cmg.enabled needs deepspeed.zero_stage 0, 1, 2 or auto"),
     ],
 )
 def test_config_errors_name_the_key(overrides, message):
