@@ -459,9 +459,8 @@ class ImageBertForPretraining(ImageBertPreTrainedModel):
         codebook's cross-modal EMA and Cross-CPC need pairs that do."""
         encoder = self.imagebert
         rows = masked_rows(batch)
-        if not rows.any():  # no pair to learn from; keep the graph so every rank runs the same backward
-            zero = sum(p.sum() for p in self.cmg.parameters()) * 0.0
-            return dict.fromkeys(CMG_LOSSES, zero), {}
+        if not rows.any():
+            return self._cmg_without_pairs(len(rows), batch["input_ids"].device)
         caption = torch.where(batch["mlm_labels"] != IGNORE_INDEX, batch["mlm_labels"], batch["input_ids"])
         text_states = encoder.encode_alone(encoder.embed_tokens(caption, segment=0), batch["attention_mask"])
         region_states = encoder.encode_alone(
@@ -472,6 +471,19 @@ class ImageBertForPretraining(ImageBertPreTrainedModel):
             region_states, batch["region_mask"].bool() & rows[:, None], batch["region_geometry"],
         )
         return losses, {f"cmg_{name}": value for name, value in stats.items()}
+
+    def _cmg_without_pairs(self, batch_size: int, device) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """A batch with no pair to learn from (only negatives under ``itm_pairs: masked``): zero
+        losses still connected to every CMG parameter, and in training an EMA step with no vector
+        of this rank's, so that every rank runs the same backward and the same all-reduces (a
+        rank that skipped them would leave the others waiting)."""
+        zero = sum(p.sum() for p in self.cmg.parameters()) * 0.0
+        stats: dict[str, torch.Tensor] = {}
+        if self.training:
+            none = torch.zeros(batch_size, 1, dtype=torch.bool, device=device)
+            vectors = torch.zeros(batch_size, 1, self.cmg.codebook.embedding.shape[1], device=device)
+            stats = {"cross_cpc_accuracy": zero.detach(), **self.cmg.codebook.update(vectors, none, vectors, none)}
+        return dict.fromkeys(CMG_LOSSES, zero), {f"cmg_{name}": value for name, value in stats.items()}
 
     def itm_scores(
         self,

@@ -101,6 +101,23 @@ def test_cmg_sees_only_matched_pairs_and_the_unmasked_sample(tokenizer, itm_pair
         assert not torch.equal(changed["reconstruction"], first["reconstruction"])
 
 
+def test_a_batch_without_pairs_still_steps_every_collective(tokenizer):
+    """Only negatives (``itm_pairs: masked``): zero CMG losses that still reach every CMG
+    parameter, and an EMA step with nothing of this rank's, reporting what a normal step reports
+    (ranks must run the same backward, the same all-reduces and log the same names)."""
+    model = tiny_model(tokenizer, seed=0, dropout=0.0, cmg=CMG)
+    batches = batches_of(tokenizer, 8, 8, seed=3, data=DataConfig(batch_size=8, itm_pairs="masked"))
+    normal = model(batches[0])
+    negatives = dict(batches[0], itm_labels=torch.zeros_like(batches[0]["itm_labels"]))
+    model.zero_grad()
+    out = model(negatives)
+    out.loss.backward()
+    assert all(out.losses[f"cmg_{n}"].item() == 0.0 for n in CMG_LOSSES)
+    assert not [n for n, p in model.cmg.named_parameters() if p.grad is None]
+    assert set(out.stats) == set(normal.stats)
+    assert int(model.cmg.codebook.updates) == 2 and int(out.stats["cmg_codes_used"]) == 0
+
+
 def test_release_round_trips_the_codebook_and_bert_init_leaves_it_initial(tokenizer, tmp_path):
     from transformers import BertConfig, BertModel
 
