@@ -233,6 +233,13 @@ def choose_zero_stage(ds: DeepSpeedConfig, world_size: int, resume: checkpoint.T
     return stage
 
 
+def clips_with_torch(ds: DeepSpeedConfig) -> bool:
+    """Whether the engine clips gradients itself (``clip_before_each_step``) rather than DeepSpeed:
+    without ZeRO, where DeepSpeed steps a plain torch optimizer (fp32, or bf16 as autocast); in fp16
+    DeepSpeed's loss-scaling optimizer wraps it and clips the unscaled gradients itself."""
+    return ds.zero_stage == 0 and ds.precision != "fp16" and ds.gradient_clipping > 0
+
+
 def bucket_elements(num_params: int) -> int:
     """ZeRO's reduce, all-gather and prefetch bucket size for a model of ``num_params``: 1/16 of it,
     within [1e6, 5e8]. DeepSpeed allocates a reduce bucket of that many elements whatever the model;
@@ -276,8 +283,8 @@ def deepspeed_config(
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": ds.gradient_accumulation_steps,
-        # Without ZeRO the engine clips with torch's foreach kernels instead (clip_before_each_step).
-        "gradient_clipping": ds.gradient_clipping if ds.zero_stage > 0 else 0.0,
+        # Without ZeRO the engine clips with torch's foreach kernels instead (clips_with_torch).
+        "gradient_clipping": 0.0 if clips_with_torch(ds) else ds.gradient_clipping,
         "zero_optimization": {"stage": ds.zero_stage, **buckets},
         # bf16 has fp32's range: the overflow check (two passes over every gradient per step, a few
         # percent of a CPU step) could only catch a model already diverged, which its loss shows.
@@ -336,7 +343,7 @@ def build_engine(
             group_lrs=[group.get("lr", schedule.lr) for group in groups] if lr_overrides else None,
         ),
     )
-    if ds.zero_stage == 0 and ds.gradient_clipping > 0:
+    if clips_with_torch(ds):
         clip_before_each_step(engine.optimizer, ds.gradient_clipping)
     if ds.zero_stage == 0 and dist.get_world_size() == 1:
         # DeepSpeed would still "average" the gradients over the one rank: a flat copy of all of

@@ -135,6 +135,10 @@ def test_zero_stage_auto_is_zero0_on_one_rank_and_a_checkpoint_keeps_its_stage()
     zero0 = deepspeed_config(cfg.deepspeed, cfg.stages[0], cfg.data.batch_size)
     # bf16 without ZeRO is torch's autocast over fp32 weights, not DeepSpeed's bf16 optimizer.
     assert zero0["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"} and not zero0["bf16"]["enabled"]
+    assert zero0["gradient_clipping"] == 0.0  # the engine clips with torch's kernels (clip_before_each_step)
+    cfg = load_config(PretrainConfig, TINY, ["deepspeed.precision=fp16", "deepspeed.zero_stage=0"])
+    fp16 = deepspeed_config(cfg.deepspeed, cfg.stages[0], cfg.data.batch_size)
+    assert fp16["gradient_clipping"] == cfg.deepspeed.gradient_clipping > 0  # DeepSpeed's loss scaler clips
     cfg = load_config(PretrainConfig, TINY, ["deepspeed.precision=bf16", "deepspeed.zero_stage=2"])
     zero2 = deepspeed_config(cfg.deepspeed, cfg.stages[0], cfg.data.batch_size)
     assert zero2["bf16"]["enabled"] and not zero2["torch_autocast"]["enabled"]
