@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from pretrain.cmg import CMGObjectives, CrossCPC, ModalityAutoencoder, SequenceCLUB, SharedCodebook, reading_order
+from pretrain_runs import free_port
 
 
 def codebook_with(embedding, decay, epsilon=0.0, dead_after=300):
@@ -77,16 +77,13 @@ def _two_rank_update(rank, port, steps, out):
 
 def test_update_over_two_ranks_equals_one_rank_on_the_whole_batch(tmp_path):
     steps = 4
-    with socket.socket() as probe:  # a free port, so parallel test runs do not collide
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    mp.spawn(_two_rank_update, args=(port, steps, str(tmp_path)), nprocs=2)
+    mp.spawn(_two_rank_update, args=(free_port(), steps, str(tmp_path)), nprocs=2)
     single = SharedCodebook(6, 3, decay=0.8, dead_after=2, seed=3)
     for step in range(steps):
         single.update(*_random_batch(step))
     assert int(single.updates) == steps
     for rank in range(2):
-        state = torch.load(tmp_path / f"rank{rank}.pt")
+        state = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         for name, value in single.state_dict().items():
             assert torch.allclose(state[name].float(), value.float(), atol=1e-6), (rank, name)
 
