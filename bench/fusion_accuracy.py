@@ -39,8 +39,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -51,9 +49,11 @@ sys.path.insert(0, str(REPO))
 
 from finetune.evaluate import RESULTS_FILE  # noqa: E402
 from finetune.evaluation import HEADLINE  # noqa: E402
-from finetune.synth_tasks import TASK_FILE, TASKS, SynthTaskConfig, write_task_shards  # noqa: E402
+from finetune.synth_tasks import TASK_FILE, TASKS  # noqa: E402
 from preprocess import atomic  # noqa: E402
-from project_runs import code_version, command_env  # noqa: E402  (bench/, this script's directory)
+from project_runs import (  # noqa: E402  (bench/, this script's directory)
+    code_version, prepare_task, pretrained, pretraining_features, python_m,
+)
 
 VARIANTS = {
     "text only": ("single_stream", "text"),
@@ -64,55 +64,15 @@ VARIANTS = {
     "muse": ("muse", "both"),
     "mi2p": ("mi2p", "both"),
 }
-EXTRACT_CONFIG = REPO / "configs" / "preprocess" / "quickstart.yaml"
-PRETRAIN_CONFIG = REPO / "configs" / "pretrain" / "bench-small.yaml"
-
-
-def python_m(*args: str, log: Path | None = None) -> None:
-    """``python -m ARGS`` in the repository (``project_runs.command_env``); output to ``log``."""
-    with open(log, "a") if log else open(os.devnull, "w") as out:
-        result = subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=command_env(), stdout=out,
-                                stderr=subprocess.STDOUT)
-    if result.returncode:
-        raise RuntimeError(f"python -m {' '.join(args)} failed ({result.returncode}); see {log}")
+def pretrained_release(work: Path) -> Path:
+    """The bench's own small release (see the module docstring); every step skips what is done."""
+    root = work / "pretrain"
+    features = pretraining_features(root, log=root / "log.txt")
+    return pretrained(features, root / "run", work / "release", [], log=root / "log.txt")
 
 
 # What the measured code is: a commit that only touches docs does not invalidate the results.
 CODE_PATHS = ("*.py", "*.yaml", "pyproject.toml", "constraints.txt")
-
-
-def pretrained_release(work: Path) -> Path:
-    """The bench's own small release (see the module docstring); every step skips what is done."""
-    root, release = work / "pretrain", work / "release"
-    if (release / "model.safetensors").is_file():
-        return release
-    root.mkdir(parents=True, exist_ok=True)
-    log = root / "log.txt"
-    if not (root / "features" / "summary.json").is_file():  # written once every shard is complete
-        python_m("preprocess", "synth", "--out", str(root / "raw"), "--num-samples", "1200", "--seed", "0",
-                 "--samples-per-shard", "200", log=log)
-        python_m("preprocess", "extract", "--input", str(root / "raw" / "{00000..00005}.tar"), "--output",
-                 str(root / "features"), "--config", str(EXTRACT_CONFIG), "progress=false", log=log)
-    python_m("pretrain", "--config", str(PRETRAIN_CONFIG), "--run-dir", str(root / "run"), "--resume",
-             f"shards_root={root / 'features'}", "logging.progress_bar=false", log=log)
-    python_m("pretrain.export", "--run", str(root / "run"), "--out", str(release), log=log)
-    return release
-
-
-def prepare_task(task: str, work: Path, train: int, test: int, calibration: Path) -> Path:
-    """Raw shards and extracted features for ``task`` under ``WORK/tasks/TASK`` (skipped when there)."""
-    root = work / "tasks" / task
-    for split, count, seed in (("train", train, 0), ("test", test, 1)):
-        raw, features = root / "raw" / split, root / split
-        per_image = 5 if task == "retrieval" and split == "test" else 1  # COCO-like: 5 captions per test image
-        config = SynthTaskConfig(task, count // per_image, seed=seed, samples_per_shard=10**6, captions_per_image=per_image)
-        write_task_shards(config, raw, progress=False)
-        if not (features / "summary.json").is_file():
-            python_m("preprocess", "extract", "--input", str(raw / "00000.tar"), "--output", str(features),
-                     "--config", str(EXTRACT_CONFIG), f"detector.calibration_from={calibration}", "progress=false",
-                     "torch_threads=1",  # the bench runs --jobs processes side by side
-                     log=root / "extract.log")
-    return root
 
 
 def overrides(task: str, variant: str, root: Path, args) -> list[str]:

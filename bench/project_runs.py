@@ -1,7 +1,8 @@
 """How the benches start the project's own commands, and name the code a result was measured with.
 
-Shared by ``bench/fusion_accuracy.py`` and ``bench/two_stage.py``, which run ``python -m
-pretrain|finetune|preprocess`` many times, often side by side on a small CPU, and cache results.
+Shared by ``bench/fusion_accuracy.py``, ``bench/cmg_transfer.py`` and ``bench/two_stage.py``,
+which run ``python -m pretrain|finetune|preprocess`` many times, often side by side on a small
+CPU, and cache results; and the data and small releases the first two build the same way.
 """
 
 from __future__ import annotations
@@ -46,3 +47,61 @@ def code_version(paths: tuple[str, ...]) -> str:
     commit = git("log", "-1", "--format=%H").decode().strip()
     diff = git("diff", "HEAD")
     return commit + (f"+dirty-{hashlib.sha256(diff).hexdigest()[:10]}" if diff.strip() else "")
+
+
+def python_m(*args: str, log: Path | None = None) -> None:
+    """``python -m ARGS`` in the repository (``command_env``); output appended to ``log``."""
+    with open(log, "a") if log else open(os.devnull, "w") as out:
+        result = subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=command_env(), stdout=out,
+                                stderr=subprocess.STDOUT)
+    if result.returncode:
+        raise RuntimeError(f"python -m {' '.join(args)} failed ({result.returncode}); see {log}")
+
+
+EXTRACT_CONFIG = REPO / "configs" / "preprocess" / "quickstart.yaml"
+PRETRAIN_CONFIG = REPO / "configs" / "pretrain" / "bench-small.yaml"
+
+
+def pretraining_features(root: Path, log: Path) -> Path:
+    """``ROOT/features``: 1,200 synthetic scenes (``python -m preprocess synth``) extracted with
+    ``configs/preprocess/quickstart.yaml``, as ``make quickstart`` builds them; skipped when done."""
+    features = root / "features"
+    if not (features / "summary.json").is_file():  # written once every shard is complete
+        root.mkdir(parents=True, exist_ok=True)
+        python_m("preprocess", "synth", "--out", str(root / "raw"), "--num-samples", "1200", "--seed", "0",
+                 "--samples-per-shard", "200", log=log)
+        python_m("preprocess", "extract", "--input", str(root / "raw" / "{00000..00005}.tar"), "--output",
+                 str(features), "--config", str(EXTRACT_CONFIG), "progress=false", log=log)
+    return features
+
+
+def pretrained(features: Path, run: Path, release: Path, overrides: list[str], log: Path) -> Path:
+    """``release``: ``configs/pretrain/bench-small.yaml`` with ``overrides`` pretrained on
+    ``features`` in ``run`` (resumed when killed) and exported; skipped when the release exists."""
+    if (release / "model.safetensors").is_file():
+        return release
+    run.parent.mkdir(parents=True, exist_ok=True)
+    python_m("pretrain", "--config", str(PRETRAIN_CONFIG), "--run-dir", str(run), "--resume",
+             f"shards_root={features}", "logging.progress_bar=false", *overrides, log=log)
+    python_m("pretrain.export", "--run", str(run), "--out", str(release), log=log)
+    return release
+
+
+def prepare_task(task: str, work: Path, train: int, test: int, calibration: Path) -> Path:
+    """Raw shards and extracted features of synthetic task ``task`` (``finetune.synth_tasks``) under
+    ``WORK/tasks/TASK``, through the extraction network of the features at ``calibration`` (so they
+    match what a release pretrained on those learned); skipped when there."""
+    from finetune.synth_tasks import SynthTaskConfig, write_task_shards
+
+    root = work / "tasks" / task
+    for split, count, seed in (("train", train, 0), ("test", test, 1)):
+        raw, features = root / "raw" / split, root / split
+        per_image = 5 if task == "retrieval" and split == "test" else 1  # COCO-like: 5 captions per test image
+        config = SynthTaskConfig(task, count // per_image, seed=seed, samples_per_shard=10**6, captions_per_image=per_image)
+        write_task_shards(config, raw, progress=False)
+        if not (features / "summary.json").is_file():
+            python_m("preprocess", "extract", "--input", str(raw / "00000.tar"), "--output", str(features),
+                     "--config", str(EXTRACT_CONFIG), f"detector.calibration_from={calibration}", "progress=false",
+                     "torch_threads=1",  # benches run processes side by side
+                     log=root / "extract.log")
+    return root

@@ -26,6 +26,13 @@ Every task is built so that text alone and image alone fall short:
 - ``retrieval``: scene descriptions; ``--captions-per-image`` captions per image (5 for a test
   set like COCO's), one sample per (image, caption) with ``image_id`` and ``caption_id``.
 
+One more is the other way round, for CMG's cross-modal generalisation protocol (a classifier
+trained on one modality, applied to the other; ``fusion.name: cross_modal``):
+
+- ``shape`` (5 classes, fine-tuned as ``classification``): every object in the scene has the
+  same shape, the caption describes the scene as pretraining's captions do, and the label is that
+  shape. Text alone and image alone each decide it.
+
 Everything is a pure function of (task, seed, index); a killed run resumes by skipping the
 shards already written.
 """
@@ -44,6 +51,8 @@ import numpy as np
 from tqdm import tqdm
 
 from finetune.config import TASKS
+
+SYNTH_TASKS = (*TASKS, "shape")  # the fine-tuning tasks, and CMG's protocol's task (a classification)
 from preprocess import atomic
 from preprocess.synth import encode_image, scene_metadata, shard_name, write_shard
 from preprocess.synth_scenes import (
@@ -123,7 +132,7 @@ def _absent_pair(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
 
 def make_task_sample(task: str, seed: int, index: int, image_size=(96, 128), captions_per_image: int = 1) -> list[TaskSample]:
     """Sample ``index`` of a task: one ``TaskSample``, or one per caption for retrieval."""
-    rng = np.random.default_rng([seed, TASKS.index(task), index])
+    rng = np.random.default_rng([seed, SYNTH_TASKS.index(task), index])
     if task == "retrieval":
         scene = sample_scene(rng, "train", image_size)
         image = encode_image(render(scene), "jpg")
@@ -138,6 +147,10 @@ def make_task_sample(task: str, seed: int, index: int, image_size=(96, 128), cap
         target = next(o for o in scene.objects if o.colour == colour)
         caption = _pick(_ASK, rng).format(_pick(COLOUR_WORDS[colour], rng))
         fields = {"label": SYNTH_CLASS_NAMES.index(target.shape), "asked_colour": colour}
+    elif task == "shape":
+        scene = _scene(rng, image_size, lambda s: len({o.shape for o in s.objects}) == 1)
+        caption = describe(scene, rng)
+        fields = {"label": SYNTH_CLASS_NAMES.index(scene.objects[0].shape)}
     elif task == "multilabel":
         scene = _scene(rng, image_size, lambda s: len(s.objects) >= 2)
         present = sorted({o.colour for o in scene.objects})
@@ -192,7 +205,7 @@ def make_task_sample(task: str, seed: int, index: int, image_size=(96, 128), cap
         caption = " ".join(words)
         fields = {"words": words, "tags": tags, "phrases": phrases}
     else:
-        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+        raise ValueError(f"task must be one of {SYNTH_TASKS}, got {task!r}")
     meta = scene_metadata(scene, "train") | fields
     return [TaskSample(f"{index:09d}", encode_image(render(scene), "jpg"), caption, meta)]
 
@@ -228,6 +241,10 @@ def task_statistics(task: str, metas: list[dict]) -> dict:
             "text_only_ceiling": 100.0 * _best_guess(metas, lambda m: m["asked_colour"]) / n,
             "image_only_ceiling": 100.0 * image_only / n,
         }
+    if task == "shape":  # the caption names the shape and the image shows it: each modality alone decides
+        labels = [m["label"] for m in metas]
+        return {"metric": "accuracy", "chance": 100.0 * max(Counter(labels).values()) / n,
+                "text_only_ceiling": 100.0, "image_only_ceiling": 100.0}
     if task == "multilabel":
         # obvious strategies scored with samples-F1: text only predicts every shape (it knows no
         # shape); image only predicts every shape in the image (it cannot tell which are asked)
@@ -263,12 +280,13 @@ def task_statistics(task: str, metas: list[dict]) -> dict:
         images = len({m["image_id"] for m in metas})
         return {"metric": "R@1", "chance": 100.0 / max(images, 1), "text_only_ceiling": 100.0 / max(images, 1),
                 "image_only_ceiling": 100.0 / max(images, 1)}
-    raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    raise ValueError(f"task must be one of {SYNTH_TASKS}, got {task!r}")
 
 
 def label_names(task: str) -> list[str]:
     return {
         "classification": list(SYNTH_CLASS_NAMES),
+        "shape": list(SYNTH_CLASS_NAMES),
         "multilabel": list(SYNTH_CLASS_NAMES),
         "sentiment": list(SENTIMENT_LABELS),
         "ner": list(NER_TAGS),
@@ -289,8 +307,8 @@ class SynthTaskConfig:
     captions_per_image: int = 1
 
     def __post_init__(self) -> None:
-        if self.task not in TASKS:
-            raise ValueError(f"--task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        if self.task not in SYNTH_TASKS:
+            raise ValueError(f"--task must be one of {', '.join(SYNTH_TASKS)}, got {self.task!r}")
         if self.num_samples < 1 or self.samples_per_shard < 1 or self.captions_per_image < 1:
             raise ValueError("--num-samples, --samples-per-shard and --captions-per-image must be >= 1")
         if self.captions_per_image > 1 and self.task != "retrieval":
@@ -329,7 +347,7 @@ def write_task_shards(config: SynthTaskConfig, out: Path, progress: bool = True)
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m finetune.synth_tasks", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--task", required=True, choices=TASKS)
+    parser.add_argument("--task", required=True, choices=SYNTH_TASKS)
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--num-samples", required=True, type=int, help="images (retrieval: each with --captions-per-image samples)")
     parser.add_argument("--seed", type=int, default=0, help="use different seeds for train and test sets")

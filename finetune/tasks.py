@@ -25,7 +25,10 @@ from finetune.fusion.mbt import BottleneckFusion
 from finetune.fusion.mi2p import ZeroInitLinear
 from finetune.fusion.routing import FusionInputs
 from finetune.heads import PooledHead, WordTagger, retrieval_loss
-from pretrain.model import IGNORE_INDEX, ImageBertConfig, ImageBertForPretraining, ImageBertModel, ImageBertPreTrainedModel
+from pretrain.cmg import CMGObjectives
+from pretrain.model import (
+    IGNORE_INDEX, ImageBertConfig, ImageBertForPretraining, ImageBertModel, ImageBertPreTrainedModel, build_cmg_objectives,
+)
 
 _INPUTS = ("input_ids", "attention_mask", "region_features", "region_geometry", "region_mask", "region_blanked")
 
@@ -42,11 +45,16 @@ class FinetuneModel(ImageBertPreTrainedModel):
     """A fusion strategy over an ImageBERT encoder, and the task's head."""
 
     def __init__(
-        self, config: ImageBertConfig, task: TaskConfig, fusion: FusionConfig, encoder: ImageBertModel | None = None
+        self, config: ImageBertConfig, task: TaskConfig, fusion: FusionConfig, encoder: ImageBertModel | None = None,
+        cmg: CMGObjectives | None = None,
     ):
+        """``encoder`` and ``cmg`` (the release's CMG modules, which only ``cross_modal`` reads) are
+        the release's; without them (``from_pretrained`` of a fine-tuned model) they are built anew."""
         super().__init__(config)
         self.task = task
-        self.fusion = build_fusion(fusion, encoder if encoder is not None else ImageBertModel(config))
+        if fusion.name == "cross_modal" and cmg is None:
+            cmg = build_cmg_objectives(config)
+        self.fusion = build_fusion(fusion, encoder if encoder is not None else ImageBertModel(config), task.name, cmg)
         if task.name == "ner":
             self.tagger = WordTagger(
                 self.fusion.hidden_size, self.fusion.pooled_dims, task.num_labels, task.crf_dropout
@@ -191,8 +199,10 @@ def pair_batch(batch: dict[str, Any], image_of: torch.Tensor, caption_of: torch.
 
 def build_finetune_model(pretrained: ImageBertForPretraining, task: TaskConfig, fusion: FusionConfig) -> FinetuneModel:
     """The task model over the release's encoder; the pretraining heads are dropped, except that the
-    retrieval scorer starts from the ITM head."""
-    model = FinetuneModel(pretrained.config, task, fusion, encoder=pretrained.imagebert)
-    if task.name == "retrieval" and task.head_hidden == 0:
+    retrieval scorer starts from the ITM head (``cross_modal``: from the representations' cosine)."""
+    model = FinetuneModel(pretrained.config, task, fusion, encoder=pretrained.imagebert, cmg=pretrained.cmg)
+    if fusion.name == "cross_modal" and task.name == "retrieval":
+        model.fusion.start_from_cosine(model.head)
+    elif task.name == "retrieval" and task.head_hidden == 0:
         model.head.init_from_itm(pretrained.itm_head)
     return model

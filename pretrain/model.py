@@ -285,6 +285,18 @@ def check_feature_dim(region_features: torch.Tensor, config: ImageBertConfig) ->
         )
 
 
+def build_cmg_objectives(config: ImageBertConfig) -> CMGObjectives | None:
+    """CMG's modules of the shape ``config.cmg`` records (``CMGConfig.module_fields``), freshly
+    initialised; None when the model has no CMG (``config.cmg`` unset)."""
+    if not config.cmg:
+        return None
+    dim = config.cmg["code_dim"]
+    return CMGObjectives(
+        config.hidden_size, num_codes=config.cmg["num_codes"], code_dim=dim, specific_dim=dim,
+        club_hidden=dim, cpc_context=dim, decay=config.cmg["decay"], dead_after=config.cmg["dead_after"],
+    )
+
+
 class RegionHead(nn.Module):
     """BERT-style transform (dense, GELU, LayerNorm) then a linear output: used by MOC and MRFR."""
 
@@ -345,14 +357,7 @@ class ImageBertForPretraining(ImageBertPreTrainedModel):
         self.itm_head = nn.Linear(config.hidden_size, 2)
         # Built only when configured: a model without CMG draws no extra random numbers and has
         # exactly the parameters it had before CMG existed.
-        if config.cmg:
-            dim = config.cmg["code_dim"]
-            self.cmg = CMGObjectives(
-                config.hidden_size, num_codes=config.cmg["num_codes"], code_dim=dim, specific_dim=dim,
-                club_hidden=dim, cpc_context=dim, decay=config.cmg["decay"], dead_after=config.cmg["dead_after"],
-            )
-        else:
-            self.cmg = None
+        self.cmg = build_cmg_objectives(config)
         self.post_init()
 
     def get_output_embeddings(self) -> nn.Linear:

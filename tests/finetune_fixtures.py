@@ -38,7 +38,8 @@ def symbolic_spec(feature_dim: int = FEATURE_DIM) -> FeatureSpec:
     )
 
 
-def tiny_release(out: Path, spec: FeatureSpec | None = None, seed: int = 0) -> Path:
+def tiny_release(out: Path, spec: FeatureSpec | None = None, seed: int = 0, cmg: dict | None = None) -> Path:
+    """A random release; ``cmg`` (``ImageBertConfig.cmg``) gives it CMG's modules."""
     import torch
 
     spec = spec or symbolic_spec()
@@ -48,7 +49,7 @@ def tiny_release(out: Path, spec: FeatureSpec | None = None, seed: int = 0) -> P
         hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
         vocab_size=tokenizer.vocab_size, max_position_embeddings=64, initializer_range=INIT,
         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-        feature_dim=spec.feature_dim, num_region_classes=spec.num_classes,
+        feature_dim=spec.feature_dim, num_region_classes=spec.num_classes, cmg=cmg,
     )
     return save_release(ImageBertForPretraining(config), tokenizer, spec, out)
 

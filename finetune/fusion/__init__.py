@@ -1,6 +1,6 @@
 """Fusion strategies as attention-routing variants over the layers of the one pretrained encoder.
 
-``finetune.fusion.build.build_fusion(cfg, encoder)`` wraps a release's ``ImageBertModel`` (its
+``finetune.fusion.build.build_fusion(cfg, encoder, task)`` wraps a release's ``ImageBertModel`` (its
 layers, embeddings and pooler are reused; only MBT's per-modality layers and MI2P's frozen
 foreign extractor are copies, as their papers have it) in the strategy ``cfg.name`` names.
 Every strategy embeds both modalities the same way (``routing.FusionEncoder``) and implements

@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 from finetune.fusion.config import STRATEGY_NAMES, FusionConfig
+from finetune.fusion.cross_modal import CrossModalTransfer
 from finetune.fusion.late import LateFusion
 from finetune.fusion.mbt import BottleneckFusion
 from finetune.fusion.mi2p import InjectionFusion
 from finetune.fusion.muse import ExchangeFusion
 from finetune.fusion.routing import FusionEncoder
 from finetune.fusion.single_stream import SingleStreamFusion
+from pretrain.cmg import CMGObjectives
 from pretrain.model import ImageBertModel
 
 
-def build_fusion(cfg: FusionConfig, encoder: ImageBertModel) -> FusionEncoder:
-    """The strategy ``cfg.name`` over ``encoder``'s pretrained layers; depth defaults resolved here."""
+def build_fusion(cfg: FusionConfig, encoder: ImageBertModel, task: str, cmg: CMGObjectives | None = None) -> FusionEncoder:
+    """The strategy ``cfg.name`` over ``encoder``'s pretrained layers (and, for ``cross_modal``, the
+    release's CMG modules ``cmg``) for task ``task``; depth defaults resolved here."""
     cfg = cfg.resolved(encoder.config.num_hidden_layers)
+    if cfg.name == "cross_modal":
+        if task not in ("classification", "multilabel", "sentiment", "retrieval"):
+            raise ValueError(f"fusion.name cross_modal pools whole sequences; it has no per-word states for task {task!r}")
+        return CrossModalTransfer(encoder, cfg, cmg, retrieval=task == "retrieval")
     if cfg.name == "single_stream":
         return SingleStreamFusion(encoder)
     if cfg.name == "late":

@@ -9,15 +9,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-STRATEGY_NAMES = ("single_stream", "mbt", "muse", "mi2p", "late")
+STRATEGY_NAMES = ("single_stream", "mbt", "muse", "mi2p", "late", "cross_modal")
 MBT_PARAMETERS = ("per_modality", "shared")
 MBT_CLASSIFIERS = ("shared", "per_modality")
 MI2P_FOREIGN = ("frozen_copy", "shared")
+CROSS_MODAL_MODALITIES = ("text", "image")
+CROSS_MODAL_REPRESENTATIONS = ("codes", "semantic", "hidden")
 
 
 @dataclass
 class FusionConfig:
-    name: str = "single_stream"  # single_stream | mbt | muse | mi2p | late
+    name: str = "single_stream"  # single_stream | mbt | muse | mi2p | late | cross_modal
 
     # MBT (Nagrani et al. 2021): B bottleneck tokens from layer L_f on (0-based layer index).
     mbt_bottlenecks: int = 4  # B; 0 lets nothing cross between the modalities
@@ -40,14 +42,28 @@ class FusionConfig:
     # shared: the host's own (fine-tuned) encoder, run without gradient
     mi2p_foreign: str = "frozen_copy"
 
+    # CMG's cross-modal generalisation protocol (Xia et al. 2023; finetune/fusion/cross_modal.py):
+    # the frozen release reads one modality at a time; the head trains on one and is tested on the other.
+    cross_modal_train: str = "text"  # the modality training batches are read through: text | image
+    cross_modal_eval: str | None = None  # the modality evaluation reads; None -> the other one
+    # what the head reads, mean-pooled: codes (quantised semantic vectors, the paper's) | semantic | hidden
+    # (the encoder's states: a release pretrained without CMG's objectives has nothing else)
+    cross_modal_representation: str = "codes"
+
     def __post_init__(self) -> None:
         if self.name not in STRATEGY_NAMES:
             raise ValueError(f"fusion.name is {self.name!r}; choose one of {', '.join(STRATEGY_NAMES)}")
         for key, choices in (
-            ("mbt_parameters", MBT_PARAMETERS), ("mbt_classifier", MBT_CLASSIFIERS), ("mi2p_foreign", MI2P_FOREIGN)
+            ("mbt_parameters", MBT_PARAMETERS), ("mbt_classifier", MBT_CLASSIFIERS), ("mi2p_foreign", MI2P_FOREIGN),
+            ("cross_modal_train", CROSS_MODAL_MODALITIES), ("cross_modal_representation", CROSS_MODAL_REPRESENTATIONS),
         ):
             if getattr(self, key) not in choices:
                 raise ValueError(f"fusion.{key} is {getattr(self, key)!r}; choose one of {', '.join(choices)}")
+        if self.cross_modal_eval is not None and self.cross_modal_eval not in CROSS_MODAL_MODALITIES:
+            raise ValueError(
+                f"fusion.cross_modal_eval is {self.cross_modal_eval!r}; choose one of {', '.join(CROSS_MODAL_MODALITIES)} "
+                "(or null: the modality training did not read)"
+            )
         if self.mbt_bottlenecks < 0:
             raise ValueError(f"fusion.mbt_bottlenecks is {self.mbt_bottlenecks}; use 0 or more (paper: 4)")
         for key in ("mbt_fusion_layer", "muse_exchange_start", "muse_exchange_end"):
