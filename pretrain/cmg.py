@@ -68,11 +68,15 @@ class SharedCodebook(nn.Module):
     so the other modality's counterpart pulls the code a vector chose (the paper's MM-EMA; its
     released code pairs time-aligned vectors instead, which text and regions are not). Both
     modalities update in one step (the released code applies two decays per step, one for each).
+    ``multimodal=False`` (the paper's ablation) drops the counterparts: each vector alone pulls
+    its code, m_i <- g m_i + (1 - g) [ sum_j a_j + sum_j b_j ], a plain per-modality EMA on the
+    one shared codebook.
 
     Dead-code reset: a code not chosen for ``dead_after`` updates is moved onto a live code plus
     uniform noise of half-width ``reset_noise`` (with its m_i rescaled to match, so the next EMA
     step does not undo the move). The donor and the noise come from a generator seeded with
     ``(seed, updates)``: the reset is a function of the state, so it resumes exactly.
+    ``code_reset=False`` (the paper's ablation) never resets; ``unused_steps`` still counts.
 
     Several ranks: ``update`` all-reduces the assignment counts and the sums over the
     data-parallel group (when torch.distributed is initialised), so every rank computes the same
@@ -82,6 +86,7 @@ class SharedCodebook(nn.Module):
     def __init__(
         self, num_codes: int, dim: int, decay: float = 0.99, epsilon: float = 1e-5,
         dead_after: int = 300, reset_noise: float = 1 / 1024, seed: int = 0,
+        multimodal: bool = True, code_reset: bool = True,
     ):
         super().__init__()
         if num_codes < 2 or dim < 1:
@@ -92,6 +97,7 @@ class SharedCodebook(nn.Module):
             raise ValueError(f"SharedCodebook: dead_after must be >= 1, got {dead_after}")
         self.decay, self.epsilon = float(decay), float(epsilon)
         self.dead_after, self.reset_noise, self.seed = int(dead_after), float(reset_noise), int(seed)
+        self.multimodal, self.code_reset = bool(multimodal), bool(code_reset)
         for name, value in self.initial_state(num_codes, dim).items():
             self.register_buffer(name, value)
 
@@ -151,27 +157,29 @@ class SharedCodebook(nn.Module):
         self, text: torch.Tensor, text_mask: torch.Tensor | None,
         regions: torch.Tensor, region_mask: torch.Tensor | None,
     ) -> dict[str, torch.Tensor]:
-        """One multimodal EMA step from both modalities' semantic vectors, then the dead-code
-        reset. Returns the usage statistics of this (global) batch. Computed in float32, also
-        under a bf16 autocast (ZeRO-0's mixed precision), so the sums keep their small terms."""
+        """One EMA step (multimodal unless ``multimodal`` is off) from both modalities' semantic
+        vectors, then the dead-code reset (unless ``code_reset`` is off). Returns the usage
+        statistics of this (global) batch. Computed in float32, also under a bf16 autocast
+        (ZeRO-0's mixed precision), so the sums keep their small terms."""
         with torch.autocast(text.device.type, enabled=False):
             return self._update(text.detach().float(), text_mask, regions.detach().float(), region_mask)
 
     def _update(self, text, text_mask, regions, region_mask) -> dict[str, torch.Tensor]:
         text_valid, region_valid = _valid(text_mask, text), _valid(region_mask, regions)
-        text_counterpart = cross_attend(text, regions, region_valid)
-        region_counterpart = cross_attend(regions, text, text_valid)
+        text_pulled, region_pulled = text, regions
+        if self.multimodal:
+            text_pulled = (text + cross_attend(text, regions, region_valid)) / 2
+            region_pulled = (regions + cross_attend(regions, text, text_valid)) / 2
         m = self.num_codes
 
-        def assigned(vectors, counterpart, valid):
+        def assigned(vectors, pulled, valid):
             # One-hot matmuls rather than index_add_: deterministic on GPUs too.
             onehot = F.one_hot(self.nearest(vectors), m).float() * valid[..., None]
             onehot = onehot.reshape(-1, m)
-            pulled = (vectors + counterpart).reshape(-1, vectors.shape[-1]) / 2
-            return onehot.sum(0), onehot.t() @ pulled
+            return onehot.sum(0), onehot.t() @ pulled.reshape(-1, vectors.shape[-1])
 
-        text_counts, text_sums = assigned(text, text_counterpart, text_valid)
-        region_counts, region_sums = assigned(regions, region_counterpart, region_valid)
+        text_counts, text_sums = assigned(text, text_pulled, text_valid)
+        region_counts, region_sums = assigned(regions, region_pulled, region_valid)
         for tensor in (text_counts, text_sums, region_counts, region_sums):
             all_reduce_sum(tensor)  # over the data-parallel ranks: every rank takes the same step
         counts, sums = text_counts + region_counts, text_sums + region_sums
@@ -197,7 +205,7 @@ class SharedCodebook(nn.Module):
     def _reset_dead_codes(self) -> torch.Tensor:
         dead = self.unused_steps >= self.dead_after
         live = (~dead).nonzero().flatten()
-        if not dead.any() or live.numel() == 0:
+        if not self.code_reset or not dead.any() or live.numel() == 0:
             return torch.zeros((), dtype=torch.long, device=dead.device)
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + int(self.updates))
         dead_codes = dead.nonzero().flatten()
@@ -372,17 +380,19 @@ class CMGObjectives(nn.Module):
     only; weight it 1), ``cross_cpc``) and the codebook's usage statistics. In training mode it
     also moves the codebook one multimodal EMA step (after quantising, so the straight-through
     codes are the ones the step started with). Regions are put in ``reading_order`` first.
+    ``multimodal_ema`` and ``code_reset``: ``SharedCodebook``'s ``multimodal`` and ``code_reset``.
     """
 
     def __init__(
         self, hidden_size: int, num_codes: int = 512, code_dim: int = 256, specific_dim: int = 256,
         club_hidden: int = 256, cpc_context: int = 256, cpc_steps: int = 1, decay: float = 0.99,
-        dead_after: int = 300, seed: int = 0,
+        dead_after: int = 300, seed: int = 0, multimodal_ema: bool = True, code_reset: bool = True,
     ):
         super().__init__()
         self.text = ModalityAutoencoder(hidden_size, code_dim, specific_dim)
         self.regions = ModalityAutoencoder(hidden_size, code_dim, specific_dim)
-        self.codebook = SharedCodebook(num_codes, code_dim, decay=decay, dead_after=dead_after, seed=seed)
+        self.codebook = SharedCodebook(num_codes, code_dim, decay=decay, dead_after=dead_after, seed=seed,
+                                       multimodal=multimodal_ema, code_reset=code_reset)
         self.text_club = SequenceCLUB(code_dim, specific_dim, club_hidden)
         self.region_club = SequenceCLUB(code_dim, specific_dim, club_hidden)
         self.cross_cpc = CrossCPC(code_dim, cpc_context, steps=cpc_steps)

@@ -36,7 +36,7 @@ from transformers.masking_utils import create_bidirectional_mask
 from transformers.models.bert.modeling_bert import BertLMPredictionHead, BertPredictionHeadTransform
 
 from pretrain.cmg import CMGObjectives, SharedCodebook
-from pretrain.model_config import CMG_LOSSES, POOLINGS, CMGConfig, ObjectiveWeights
+from pretrain.model_config import CMG_LOSSES, POOLINGS, CMGConfig, ObjectiveWeights, complete_module_fields
 
 GEOMETRY_DIM = 5
 IGNORE_INDEX = -100
@@ -57,8 +57,10 @@ class ImageBertConfig(BertConfig):
     VisualBERT embeds no boxes) and ``region_own_norm`` (regions get a final LayerNorm of their
     own in place of BERT's embedding LayerNorm, as in UNITER).
 
-    ``cmg``: the shape of CMG's modules (``CMGConfig.module_fields``: ``num_codes``, ``code_dim``,
-    ``decay``, ``dead_after``), or None (the default) for a model without them.
+    ``cmg``: the shape and switches of CMG's modules (``CMGConfig.module_fields``: ``num_codes``,
+    ``code_dim``, ``decay``, ``dead_after``, ``multimodal_ema``, ``code_reset``; a switch missing,
+    as in a release written before it existed, is its default), or None (the default) for a model
+    without them.
     """
 
     model_type = "imagebert"
@@ -86,7 +88,7 @@ class ImageBertConfig(BertConfig):
         self.region_feature_norm = bool(region_feature_norm)
         self.region_geometry = bool(region_geometry)
         self.region_own_norm = bool(region_own_norm)
-        self.cmg = dict(cmg) if cmg else None
+        self.cmg = complete_module_fields(cmg) if cmg else None
         last = self.max_position_embeddings - 1
         self.region_position_id = last if region_position_id is None else int(region_position_id)
 
@@ -294,6 +296,7 @@ def build_cmg_objectives(config: ImageBertConfig) -> CMGObjectives | None:
     return CMGObjectives(
         config.hidden_size, num_codes=config.cmg["num_codes"], code_dim=dim, specific_dim=dim,
         club_hidden=dim, cpc_context=dim, decay=config.cmg["decay"], dead_after=config.cmg["dead_after"],
+        multimodal_ema=config.cmg["multimodal_ema"], code_reset=config.cmg["code_reset"],
     )
 
 

@@ -24,6 +24,8 @@ class ObjectiveWeights:
 
 # CMG's losses (pretrain.cmg.CMGObjectives), each with its weight key in the ``cmg:`` section.
 CMG_LOSSES = ("reconstruction", "commitment", "club", "club_approximation", "cross_cpc")
+# The codebook's on/off behaviours (the paper's ablations), saved in the release with the shape.
+CMG_SWITCHES = ("multimodal_ema", "code_reset")
 
 
 @dataclass
@@ -43,8 +45,11 @@ class CMGConfig:
     code_dim: int = 256
     decay: float = 0.99
     dead_after: int = 300  # updates without a vector before a code is reset onto a live one
+    multimodal_ema: bool = True  # False: each vector alone pulls its code, no cross-modal counterpart
+    code_reset: bool = True  # False: a dead code is never reset
 
     def __post_init__(self) -> None:
+        _check_switches(vars(self))
         for name in CMG_LOSSES:
             if getattr(self, name) < 0:
                 raise ValueError(f"cmg.{name} is a loss weight and must be >= 0, got {getattr(self, name)}")
@@ -60,8 +65,23 @@ class CMGConfig:
     def loss_weights(self) -> dict[str, float]:
         return {name: float(getattr(self, name)) for name in CMG_LOSSES}
 
-    def module_fields(self) -> dict[str, float | int] | None:
+    def module_fields(self) -> dict[str, float | int | bool] | None:
         """``ImageBertConfig.cmg``: what builds the modules, or None when CMG is off."""
         if not self.enabled:
             return None
-        return {"num_codes": self.num_codes, "code_dim": self.code_dim, "decay": self.decay, "dead_after": self.dead_after}
+        return {name: getattr(self, name) for name in ("num_codes", "code_dim", "decay", "dead_after", *CMG_SWITCHES)}
+
+
+def complete_module_fields(fields: dict) -> dict:
+    """``fields`` (``ImageBertConfig.cmg``, e.g. a release's ``config.json``) with each switch it
+    lacks at its default: a release written before the switches existed trained with the
+    defaults, the paper's behaviour."""
+    completed = {**{name: getattr(CMGConfig, name) for name in CMG_SWITCHES}, **fields}
+    _check_switches(completed)
+    return completed
+
+
+def _check_switches(fields: dict) -> None:
+    for name in CMG_SWITCHES:
+        if not isinstance(fields[name], bool):
+            raise ValueError(f"cmg.{name} must be true or false, got {fields[name]!r}")

@@ -1,9 +1,11 @@
-"""CMG building blocks (pretrain/cmg.py): the multimodal EMA against a hand computation, the same
-step over two ranks, dead-code reset, CLUB on Gaussians with known mutual information,
-Cross-CPC on aligned against shuffled sequences, the region reading order."""
+"""CMG building blocks (pretrain/cmg.py): the EMA, multimodal or not, against a hand computation,
+the same step over two ranks, dead-code reset and its switch, CLUB on Gaussians with known mutual
+information, Cross-CPC on aligned against shuffled sequences, the region reading order; the
+ablation switches as config keys and in a release, old ones included."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 
@@ -16,15 +18,21 @@ from pretrain.cmg import CMGObjectives, CrossCPC, ModalityAutoencoder, SequenceC
 from pretrain_runs import free_port
 
 
-def codebook_with(embedding, decay, epsilon=0.0, dead_after=300):
-    book = SharedCodebook(len(embedding), len(embedding[0]), decay=decay, epsilon=epsilon, dead_after=dead_after)
+def codebook_with(embedding, decay, epsilon=0.0, dead_after=300, **switches):
+    book = SharedCodebook(len(embedding), len(embedding[0]), decay=decay, epsilon=epsilon, dead_after=dead_after,
+                          **switches)
     book.embedding.copy_(torch.tensor(embedding))
     book.ema_weight.copy_(book.embedding * book.ema_count[:, None])
     return book
 
 
-def test_multimodal_ema_matches_hand_computation():
-    book = codebook_with([[0.0, 0.0], [10.0, 10.0]], decay=0.5)
+# m after the step below: with the counterparts (the multimodal EMA) and without them (ablation).
+HAND_EMA_WEIGHT = {True: [[1.5, 1.25], [7.25, 7.5]], False: [[0.5, 0.0], [9.5, 10.0]]}
+
+
+@pytest.mark.parametrize("multimodal", [True, False])
+def test_ema_matches_hand_computation(multimodal):
+    book = codebook_with([[0.0, 0.0], [10.0, 10.0]], decay=0.5, multimodal=multimodal)
     # text: [1, 0] -> code 0, [9, 10] -> code 1, and a padded [100, 100] that must count nowhere
     text = torch.tensor([[[1.0, 0.0], [9.0, 10.0], [100.0, 100.0]]])
     text_mask = torch.tensor([[True, True, False]])
@@ -33,11 +41,13 @@ def test_multimodal_ema_matches_hand_computation():
     # Counterparts: each text vector attends to the one region, [0, 0]; the region scores 0
     # against both valid text vectors, so its counterpart is their mean [5, 5].
     # counts: code 0 <- t1, r; code 1 <- t2.
-    # sums: code 0: (t1 + 0)/2 + (r + [5, 5])/2 = [3, 2.5]; code 1: (t2 + 0)/2 = [4.5, 5].
+    # sums, multimodal: code 0: (t1 + 0)/2 + (r + [5, 5])/2 = [3, 2.5]; code 1: (t2 + 0)/2 = [4.5, 5].
+    # sums, without the counterparts: code 0: t1 + r = [1, 0]; code 1: t2 = [9, 10].
     # N = 0.5 [1, 1] + 0.5 [2, 1] = [1.5, 1]; m = 0.5 [[0, 0], [10, 10]] + 0.5 sums.
+    ema_weight = torch.tensor(HAND_EMA_WEIGHT[multimodal])
     assert torch.allclose(book.ema_count, torch.tensor([1.5, 1.0]))
-    assert torch.allclose(book.ema_weight, torch.tensor([[1.5, 1.25], [7.25, 7.5]]))
-    assert torch.allclose(book.embedding, torch.tensor([[1.0, 1.25 / 1.5], [7.25, 7.5]]))
+    assert torch.allclose(book.ema_weight, ema_weight)
+    assert torch.allclose(book.embedding, ema_weight / torch.tensor([[1.5], [1.0]]))
     assert int(stats["codes_used"]) == 2 and int(stats["codes_reset"]) == 0
     assert stats["perplexity_regions"].item() == pytest.approx(1.0)
     assert stats["perplexity_text"].item() == pytest.approx(2.0)
@@ -103,8 +113,16 @@ def test_dead_code_reset_revives_an_unused_code():
     assert stats[-1]["perplexity"].item() == pytest.approx(2.0)
     assert book.embedding[0, 0] * book.embedding[1, 0] < 0  # one code on each cluster
 
-    control = codebook_with([[0.0, 0.0], [100.0, 100.0]], decay=0.5, epsilon=1e-5, dead_after=1000)
-    assert [int(control.update(*_two_clusters())["codes_used"]) for _ in range(6)] == [1] * 6
+    # Never revived: below its threshold, or past it with the reset off (the ablation), where
+    # the code still counts its unused steps.
+    for dead_after, code_reset in ((1000, True), (2, False)):
+        control = codebook_with([[0.0, 0.0], [100.0, 100.0]], decay=0.5, epsilon=1e-5, dead_after=dead_after,
+                                code_reset=code_reset)
+        stats = [control.update(*_two_clusters()) for _ in range(6)]
+        assert [int(s["codes_used"]) for s in stats] == [1] * 6
+        assert [int(s["codes_reset"]) for s in stats] == [0] * 6
+        assert control.unused_steps.tolist() == [0, 6]
+        assert control.embedding[1].min() > 90  # still far from both clusters (the smoothing moves it a little)
 
 
 def test_reset_is_a_function_of_the_state():
@@ -239,6 +257,42 @@ def test_codebook_state_is_in_the_state_dict():
     assert {"embedding", "ema_count", "ema_weight", "unused_steps", "updates"} <= set(book.state_dict())
     with pytest.raises(ValueError, match="decay"):
         SharedCodebook(4, 2, decay=1.0)
+
+
+def test_the_switches_are_config_keys_saved_with_the_modules():
+    from preprocess.config import ConfigError, load_config
+    from pretrain.config import PretrainConfig
+    from pretrain_runs import TINY
+
+    overrides = ["shards_root=/x", "cmg.enabled=true"]
+    fields = load_config(PretrainConfig, TINY, [*overrides, "cmg.multimodal_ema=false"]).cmg.module_fields()
+    assert (fields["multimodal_ema"], fields["code_reset"]) == (False, True)
+    with pytest.raises(ConfigError, match="cmg.code_reset"):
+        load_config(PretrainConfig, TINY, [*overrides, "cmg.code_reset=sometimes"])
+
+
+def test_a_release_from_before_the_switches_builds_the_papers_modules(tmp_path):
+    """A release's ``config.json`` whose ``cmg`` lacks ``multimodal_ema`` and ``code_reset`` (written
+    before they existed, so trained with both on) loads with both on; set, they reach the codebook."""
+    from pretrain.model import ImageBertConfig, ImageBertForPretraining
+
+    shape = {"num_codes": 4, "code_dim": 2, "decay": 0.9, "dead_after": 3}
+    tiny = dict(feature_dim=6, num_region_classes=3, vocab_size=20, hidden_size=8, num_hidden_layers=1,
+                num_attention_heads=2, intermediate_size=16)
+    ImageBertConfig(**tiny, cmg=shape).save_pretrained(tmp_path)
+    written = json.loads((tmp_path / "config.json").read_text())
+    written["cmg"] = shape  # as a release from before the switches has it
+    (tmp_path / "config.json").write_text(json.dumps(written))
+
+    loaded = ImageBertConfig.from_pretrained(tmp_path)
+    assert loaded.cmg == {**shape, "multimodal_ema": True, "code_reset": True}
+    book = ImageBertForPretraining(loaded).cmg.codebook
+    assert book.multimodal is True and book.code_reset is True
+    ablated = ImageBertConfig(**tiny, cmg={**shape, "multimodal_ema": False, "code_reset": False})
+    book = ImageBertForPretraining(ablated).cmg.codebook
+    assert book.multimodal is False and book.code_reset is False
+    with pytest.raises(ValueError, match="cmg.code_reset must be true or false, got 'no'"):
+        ImageBertConfig(**tiny, cmg={**shape, "code_reset": "no"})
 
 
 def test_cmg_objectives_train_together_and_move_the_codebook_only_in_training():
