@@ -4,8 +4,8 @@ Off by default and then nothing moves: the default model has no CMG parameter an
 losses main's code gave before the wiring (values stored from that code). On: the losses and
 codebook statistics come out of the forward, the weights apply, a release round-trips the
 codebook, a BERT initialisation leaves the modules at their initial state, the codebook stays
-float32 under bf16 casts and autocast, and a real ``python -m pretrain`` run (ZeRO-2, bf16)
-resumed from a mid-run checkpoint ends with exactly the codebook of the uninterrupted run.
+float32 under bf16 casts and autocast, and a real ``python -m pretrain`` run (two ranks, ZeRO-2,
+bf16) resumed from a mid-run checkpoint ends with exactly the codebook of the uninterrupted run.
 """
 
 from __future__ import annotations
@@ -185,12 +185,12 @@ def test_held_out_metrics_report_the_cmg_losses(tokenizer):
 
 
 def test_resumed_run_ends_with_the_codebook_of_the_uninterrupted_run(pretraining_shards, tmp_path):
-    """One rank, ZeRO-2, bf16 (DeepSpeed casts the module), CMG on: an uninterrupted two-stage run
+    """Two ranks, ZeRO-2, bf16 (DeepSpeed casts the module), CMG on: an uninterrupted two-stage run
     of 2 + 2 steps, and a run resumed from its step-2 checkpoint, end with the same codebook
     buffers, float32 in the checkpoint. The checkpoint is the stage boundary because a resume
     re-seeds the data loader from (seed, stage, step): inside a stage a resumed run trains on
     other batches by design (docs/pretrain.md), at a boundary both runs see the same ones."""
-    from pretrain.checkpoint import LATEST_FILE, MODEL_STATES_FILE, tag_for
+    from pretrain.checkpoint import LATEST_FILE, MODEL_STATES_FILE, latest_state, tag_for
 
     config = write_config(
         tmp_path / "cmg.yaml", pretraining_shards,
@@ -199,7 +199,7 @@ def test_resumed_run_ends_with_the_codebook_of_the_uninterrupted_run(pretraining
         checkpoint={"every_steps": 2, "keep": 2}, eval={"every_steps": 10000}, logging={"every_steps": 1},
     )
     whole = tmp_path / "whole"
-    run_logged(pretrain_cmd(1, config, whole), tmp_path / "whole.log")
+    run_logged(pretrain_cmd(2, config, whole), tmp_path / "whole.log")
     log = (tmp_path / "whole.log").read_text()
     assert "cmg_perplexity=" in log and "cmg_codes_reset=" in log and "cmg_cross_cpc=" in log
     records = read_metrics(whole)
@@ -211,8 +211,11 @@ def test_resumed_run_ends_with_the_codebook_of_the_uninterrupted_run(pretraining
     shutil.rmtree(resumed / "checkpoints" / tag_for(4))
     (resumed / "checkpoints" / LATEST_FILE).write_text(tag_for(2))
     (resumed / "done.json").unlink()
-    run_logged(pretrain_cmd(1, config, resumed, "--resume"), tmp_path / "resumed.log")
+    run_logged(pretrain_cmd(2, config, resumed, "--resume"), tmp_path / "resumed.log")
     assert f"resuming from {tag_for(2)}" in (tmp_path / "resumed.log").read_text()
+    for run_dir in (whole, resumed):  # both really ran on two ranks, partitioned
+        state = latest_state(run_dir / "checkpoints")
+        assert (state.global_step, state.world_size, state.zero_stage) == (4, 2, 2), run_dir
 
     def codebook(run_dir):
         states = torch.load(run_dir / "checkpoints" / tag_for(4) / MODEL_STATES_FILE, map_location="cpu", weights_only=False)
