@@ -68,11 +68,16 @@ def test_cmg_losses_statistics_and_weights(tokenizer):
     assert int(codebook.updates) == 1
     expected = sum(weights.loss_weights()[n] * a.losses[f"cmg_{n}"] for n in CMG_LOSSES)
     assert (a.loss - b.loss).item() == pytest.approx(expected.item(), rel=1e-5)
-    # Every CMG parameter is trained by some loss (DeepSpeed needs each rank's backward to reach them all).
+    # Every CMG parameter is trained by some loss (DeepSpeed needs each rank's backward to reach them all),
+    # still reached at weight 0, with a zero gradient: the ablations without CLUB and without Cross-CPC.
     model.train()
-    model.zero_grad()
-    model(batch).loss.backward()
-    assert not [n for n, p in model.named_parameters() if p.grad is None]
+    switched_off = [p for part in (model.cmg.text_club, model.cmg.region_club, model.cmg.cross_cpc)
+                    for p in part.parameters()]
+    for ablation in (CMGConfig(), CMGConfig(club=0.0, club_approximation=0.0, cross_cpc=0.0)):
+        model.zero_grad()
+        model(batch, cmg_weights=ablation).loss.backward()
+        assert not [n for n, p in model.named_parameters() if p.grad is None]
+        assert any(p.grad.abs().sum() > 0 for p in switched_off) == (ablation == CMGConfig())
 
 
 @pytest.mark.parametrize("itm_pairs", ["masked", "unmasked"])
