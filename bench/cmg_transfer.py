@@ -15,9 +15,10 @@ Protocol, per release, each a ``python -m finetune`` run: the ``shape`` task
 names and the image shows), classified by ``configs/finetune/cross-modal-text-to-image.yaml`` and
 ``cross-modal-image-to-text.yaml``. The release is frozen; a linear head reads the mean of one
 modality's quantised semantic codes (a release without CMG: of its encoder states,
-``fusion.cross_modal_representation=hidden``). Reported: the transfer accuracy both ways, and the
-same head tested on the modality it trained on (how well that modality's codes carry the label at
-all). ``--retrieval`` adds ``configs/finetune/cross-modal-retrieval.yaml`` (caption against image
+``fusion.cross_modal_representation=hidden``; the full CMG release is also read through its
+semantic vectors before quantisation and through its encoder states). Reported: the transfer
+accuracy both ways, and the same head tested on the modality it trained on (how well that
+modality's representation carries the label at all). ``--retrieval`` adds ``configs/finetune/cross-modal-retrieval.yaml`` (caption against image
 by the cosine of their pooled codes) for the ``cmg`` and ``no cmg`` releases.
 
 Results are cached by the settings, the release and the code version (``project_runs.code_version``),
@@ -97,20 +98,29 @@ def release_of(name: str, args, features: Path, code: str) -> Path:
     return pretrained(features, root / "run", root / "release", overrides, log=root / "log.txt")
 
 
+def representations(release_name: str) -> list[str]:
+    """What the head reads: a release without CMG has only its states; the full CMG release is
+    also read before quantisation and without CMG's modules, to see what each step adds."""
+    if "cmg.enabled=true" not in RELEASES[release_name]:
+        return ["hidden"]
+    return ["codes", "semantic", "hidden"] if release_name == "cmg" else ["codes"]
+
+
 def finetune_runs(release_name: str, release: Path, roots: dict[str, Path], args) -> list[tuple[str, list[str], str]]:
     """(result name, ``python -m finetune`` arguments, task) of every protocol run of one release."""
-    representation = "hidden" if "cmg.enabled=true" not in RELEASES[release_name] else "codes"
-    common = ["--init", str(release), f"fusion.cross_modal_representation={representation}", f"train.steps={args.steps}",
-              f"eval.every_steps={args.steps}", f"checkpoint.every_steps={args.steps}", "logging.progress_bar=false"]
     runs = []
-    for direction, (train, test) in DIRECTIONS.items():
-        config = REPO / "configs" / "finetune" / "cross-modal-text-to-image.yaml"
-        runs.append((f"{release_name}/{direction}", ["--config", str(config), *common, f"shards_root={roots['shape']}",
-                     f"fusion.cross_modal_train={train}", f"fusion.cross_modal_eval={test}"], "shape"))
-    if args.retrieval and release_name in ("cmg", "no cmg"):
-        config = REPO / "configs" / "finetune" / "cross-modal-retrieval.yaml"
-        runs.append((f"{release_name}/retrieval", ["--config", str(config), *common, f"shards_root={roots['retrieval']}"],
-                     "retrieval"))
+    for representation in representations(release_name):
+        common = ["--init", str(release), f"fusion.cross_modal_representation={representation}", f"train.steps={args.steps}",
+                  f"eval.every_steps={args.steps}", f"checkpoint.every_steps={args.steps}", "logging.progress_bar=false"]
+        row = f"{release_name} ({representation})"
+        for direction, (train, test) in DIRECTIONS.items():
+            config = REPO / "configs" / "finetune" / "cross-modal-text-to-image.yaml"
+            runs.append((f"{row}/{direction}", ["--config", str(config), *common, f"shards_root={roots['shape']}",
+                         f"fusion.cross_modal_train={train}", f"fusion.cross_modal_eval={test}"], "shape"))
+        if args.retrieval and release_name in ("cmg", "no cmg"):
+            config = REPO / "configs" / "finetune" / "cross-modal-retrieval.yaml"
+            runs.append((f"{row}/retrieval", ["--config", str(config), *common, f"shards_root={roots['retrieval']}"],
+                         "retrieval"))
     return runs
 
 
@@ -154,14 +164,15 @@ def main(argv=None) -> int:
 
     with ThreadPoolExecutor(max(1, args.jobs)) as pool:  # threads only wait on the subprocesses
         list(pool.map(one_release, args.releases))
-    print(table(json.loads(results_file.read_text()), args.releases))
+    rows = [f"{name} ({r})" for name in args.releases for r in representations(name)]
+    print(table(json.loads(results_file.read_text()), rows))
     return 0
 
 
-def table(results: dict, releases: list[str]) -> str:
-    lines = ["| release | " + " | ".join(DIRECTIONS) + " | retrieval i2t / t2i R@1 | chance |",
+def table(results: dict, rows: list[str]) -> str:
+    lines = ["| release (what the head reads) | " + " | ".join(DIRECTIONS) + " | retrieval i2t / t2i R@1 | chance |",
              "|---" * (len(DIRECTIONS) + 3) + "|"]
-    for name in releases:
+    for name in rows:
         row = [name]
         chance = "-"
         for direction in DIRECTIONS:

@@ -26,10 +26,10 @@ quickstart`` does), so the features match what the release learned on.
 Results: a markdown table (each task's headline test metric beside the data's chance level and
 unimodal ceilings from ``task.json``) and every metric in ``WORK/results.json``. A (task,
 variant) result is reused only when its key matches: the settings, the release, and the code's
-commit (the last commit that changed a ``.py``/``.yaml`` file, ``pyproject.toml`` or
-``constraints.txt``, plus a hash of ``git diff HEAD`` of those when they have uncommitted changes),
-so a rerun after a code change measures again. Each key has its own run directory, so a killed bench
-resumes each run from its last checkpoint.
+version (``project_runs.code_version``: a hash of every tracked ``.py``/``.yaml`` file,
+``pyproject.toml`` and ``constraints.txt`` as they are), so a rerun after a code change measures
+again. Each key has its own run directory, so a killed bench resumes each run from its last
+checkpoint.
 
     .venv/bin/python bench/fusion_accuracy.py --work /tmp/fusion-acc --jobs 2
 """
@@ -71,7 +71,7 @@ def pretrained_release(work: Path) -> Path:
     return pretrained(features, root / "run", work / "release", [], log=root / "log.txt")
 
 
-# What the measured code is: a commit that only touches docs does not invalidate the results.
+# What the measured code is: a change that only touches docs does not invalidate the results.
 CODE_PATHS = ("*.py", "*.yaml", "pyproject.toml", "constraints.txt")
 
 

@@ -38,15 +38,16 @@ def command_env() -> dict[str, str]:
 
 
 def code_version(paths: tuple[str, ...]) -> str:
-    """The last commit that changed ``paths`` (git pathspecs), plus a hash of their uncommitted
-    changes: a result is reused only for the same code, and a docs-only commit keeps it."""
-
-    def git(*args: str) -> bytes:
-        return subprocess.run(["git", *args, "--", *paths], cwd=REPO, capture_output=True, check=True).stdout
-
-    commit = git("log", "-1", "--format=%H").decode().strip()
-    diff = git("diff", "HEAD")
-    return commit + (f"+dirty-{hashlib.sha256(diff).hexdigest()[:10]}" if diff.strip() else "")
+    """A hash of the code a result was measured with: the tracked files matching ``paths`` (git
+    pathspecs), names and contents as they are in the working tree. A result is reused only for
+    the same code; a commit that changes nothing there (docs, or committing what was measured)
+    keeps it."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--", *paths], cwd=REPO, capture_output=True, check=True).stdout
+    digest = hashlib.sha256()
+    for name in sorted(n for n in listed.decode().split("\0") if n):
+        path = REPO / name
+        digest.update(name.encode() + b"\0" + (path.read_bytes() if path.is_file() else b"<deleted>") + b"\0")
+    return digest.hexdigest()[:16]
 
 
 def python_m(*args: str, log: Path | None = None) -> None:

@@ -24,8 +24,8 @@ quickstart's second-stage schedule. The report is the last held-out evaluation o
 JSON (``OUT/report-<settings key>.json``).
 
 Data directories are named by their settings and resume; a run directory is named by its
-config, the content of the feature shards it reads and the code it runs (``CODE``: the newest
-commit that changed it, plus any uncommitted change), and a finished one (``done.json``) is not run again.
+config, the content of the feature shards it reads and the code it runs (``CODE``, hashed by
+``project_runs.code_version``), and a finished one (``done.json``) is not run again.
 """
 
 from __future__ import annotations
@@ -138,7 +138,7 @@ def run_configs(args, features: Path) -> dict[str, dict]:
     return {name: copy.deepcopy(base) | {"stages": s} for name, s in stages.items()}
 
 
-# What a run's result depends on besides its config (which the run key holds whole): a commit that
+# What a run's result depends on besides its config (which the run key holds whole): a change that
 # touches only docs or this script's reporting keeps the cache.
 CODE = ("preprocess", "pretrain", "configs", "pyproject.toml", "constraints.txt")
 

@@ -165,6 +165,21 @@ def test_club_on_gaussians_bounds_the_known_mutual_information(rho):
     assert estimate >= true_mi - 0.05
 
 
+def test_club_cannot_be_lowered_by_rescaling_the_specific_part():
+    """The main network minimises the bound through y: growing y (which q cannot follow at once)
+    must not pay, so the bound is the same for any per-dimension scale and shift of y."""
+    torch.manual_seed(0)
+    club = SequenceCLUB(3, 3, hidden=8)
+    x, y = torch.randn(6, 5, 3), torch.randn(6, 5, 3)
+    mask = torch.ones(6, 5, dtype=torch.bool)
+    mask[0, 3:] = False
+    bound = club.mi_upper_bound(x, y, mask)
+    stretched = y * torch.tensor([100.0, 0.1, 7.0]) + 5.0
+    torch.testing.assert_close(club.mi_upper_bound(x, stretched, mask), bound, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(club.approximation_loss(x, stretched, mask), club.approximation_loss(x, y, mask),
+                               rtol=1e-4, atol=1e-4)
+
+
 def test_club_gradients_stay_on_their_side():
     club = SequenceCLUB(3, 3, hidden=8)
     x = torch.randn(4, 5, 3, requires_grad=True)

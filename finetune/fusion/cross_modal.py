@@ -87,7 +87,7 @@ class CrossModalTransfer(FusionEncoder):
                 states, _ = self.semantic[modality](states)
                 if self.codebook is not None:
                     states = self.codebook.embedding[self.codebook.nearest(states)].to(states.dtype)
-            return masked_mean(states, stream.mask).float()
+            return masked_mean(states, stream.mask)
 
     def route(self, text: Stream, image: Stream, inputs: FusionInputs) -> FusedOutput:
         regions = Stream(image.states[:, 1:], image.mask[:, 1:])  # the regions alone, as CMG pretrained on them
