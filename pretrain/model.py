@@ -450,16 +450,21 @@ class ImageBertForPretraining(ImageBertPreTrainedModel):
         total = sum(getattr(weights, name) * value for name, value in losses.items())
         stats: dict[str, torch.Tensor] = {}
         if self.cmg is not None:
-            cmg_losses, stats = self.cmg_losses(batch)
-            cmg_weights = (cmg_weights or CMGConfig()).loss_weights()
+            cmg_config = cmg_weights or CMGConfig()
+            cmg_losses, stats = self.cmg_losses(batch, train_encoder=cmg_config.encoder_gradients)
+            cmg_weights = cmg_config.loss_weights()
             for name in CMG_LOSSES:
                 losses[f"cmg_{name}"] = cmg_losses[name]
                 total = total + cmg_weights[name] * cmg_losses[name]
         return PretrainingOutput(loss=total, losses=losses, counts=counts, stats=stats)
 
-    def cmg_losses(self, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    def cmg_losses(
+        self, batch: dict[str, torch.Tensor], train_encoder: bool = False,
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """CMG's unweighted losses and ``cmg_*`` statistics (``CMGObjectives``), from one encoder
-        pass over each sample's caption alone and one over its regions alone.
+        pass over each sample's caption alone and one over its regions alone. The passes run
+        without gradient unless ``train_encoder`` (``cmg.encoder_gradients``): CMG's modules learn
+        on the encoder's features as they are, as CMG's learn on frozen pretrained encoders'.
 
         Both passes read the sample before masking (the caption's masked tokens restored from the
         MLM labels, every region's feature seen): CMG encodes what is there, not a cloze. Only the
@@ -470,10 +475,11 @@ class ImageBertForPretraining(ImageBertPreTrainedModel):
         if not rows.any():
             return self._cmg_without_pairs(len(rows), batch["input_ids"].device)
         caption = torch.where(batch["mlm_labels"] != IGNORE_INDEX, batch["mlm_labels"], batch["input_ids"])
-        text_states = encoder.encode_alone(encoder.embed_tokens(caption, segment=0), batch["attention_mask"])
-        region_states = encoder.encode_alone(
-            encoder.embed_regions(batch["region_features"], batch["region_geometry"]), batch["region_mask"]
-        )
+        with torch.set_grad_enabled(torch.is_grad_enabled() and train_encoder):
+            text_states = encoder.encode_alone(encoder.embed_tokens(caption, segment=0), batch["attention_mask"])
+            region_states = encoder.encode_alone(
+                encoder.embed_regions(batch["region_features"], batch["region_geometry"]), batch["region_mask"]
+            )
         losses, stats = self.cmg(
             text_states, batch["attention_mask"].bool() & rows[:, None],
             region_states, batch["region_mask"].bool() & rows[:, None], batch["region_geometry"],

@@ -45,6 +45,10 @@ class CMGConfig:
     code_dim: int = 256
     decay: float = 0.99
     dead_after: int = 300  # updates without a vector before a code is reset onto a live one
+    # false (CMG's setting: its modules learn on the features of frozen pretrained encoders): CMG's
+    # losses reach only CMG's modules, the unimodal passes run without gradient. true: they also train
+    # the encoder, competing with the masked objectives.
+    encoder_gradients: bool = False
     multimodal_ema: bool = True  # False: each vector alone pulls its code, no cross-modal counterpart
     code_reset: bool = True  # False: a dead code is never reset
 

@@ -23,7 +23,7 @@ from pretrain.config import PretrainConfig
 from pretrain.data_config import DataConfig
 from pretrain.evaluation import masked_modelling_metrics
 from pretrain.model import ImageBertForPretraining, masked_rows
-from pretrain.model_config import CMG_LOSSES, CMGConfig
+from pretrain.model_config import CMG_LOSSES, CMGConfig, ObjectiveWeights
 from pretrain_runs import TINY, pretrain_cmd, read_metrics, run_logged, stage, write_config
 from test_pretrain_model import FEATURE_DIM, batches_of, tiny_model
 
@@ -78,6 +78,25 @@ def test_cmg_losses_statistics_and_weights(tokenizer):
         model(batch, cmg_weights=ablation).loss.backward()
         assert not [n for n, p in model.named_parameters() if p.grad is None]
         assert any(p.grad.abs().sum() > 0 for p in switched_off) == (ablation == CMGConfig())
+
+
+@pytest.mark.parametrize("encoder_gradients", [False, True])
+def test_cmg_losses_reach_the_encoder_only_when_asked(tokenizer, encoder_gradients):
+    """``cmg.encoder_gradients`` false (the default): CMG's losses train CMG's modules and leave
+    the encoder's gradient exactly that of the masked objectives; true: they add to it."""
+    batch = batches_of(tokenizer, 8, 8, seed=3)[0]
+    only_cmg = CMGConfig(encoder_gradients=encoder_gradients)
+    masked_only = {name: 0.0 for name in ("mlm", "moc", "mrfr", "itm")}
+
+    def gradients(objectives, cmg_config):
+        model = tiny_model(tokenizer, seed=0, dropout=0.0, cmg=CMG)
+        model(batch, ObjectiveWeights(**objectives), cmg_config).loss.backward()
+        return {n: p.grad for n, p in model.named_parameters() if n.startswith("imagebert.")}, model
+
+    cmg_only, model = gradients(masked_only, only_cmg)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.cmg.text.parameters())
+    reached = [n for n, g in cmg_only.items() if g is not None and g.abs().sum() > 0]
+    assert bool(reached) == encoder_gradients, reached[:3]
 
 
 @pytest.mark.parametrize("itm_pairs", ["masked", "unmasked"])
