@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from transformers import VisualBertConfig, VisualBertForPreTraining, VisualBertModel
 
 from finetune.config import TaskConfig
-from finetune.fusion import STRATEGY_NAMES, FusionConfig
+from finetune.fusion import FUSION_STRATEGIES, FusionConfig
 from finetune.tasks import build_finetune_model
 from preprocess.feature_format import region_geometry
 from pretrain import foreign_weights
@@ -324,7 +324,7 @@ def test_every_fusion_strategy_builds_from_a_converted_release(releases, source)
     batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
              "region_features": torch.randn(2, 4, FEATURE_DIM, generator=g), "region_geometry": boxes_and_geometry(1, 2, 4)[0],
              "region_mask": torch.ones(2, 4, dtype=torch.long), "region_blanked": None, "labels": torch.tensor([0, 1])}
-    for name in STRATEGY_NAMES:
+    for name in FUSION_STRATEGIES:
         model = build_finetune_model(copy.deepcopy(release.model), task, FusionConfig(name=name)).eval()
         out = model(batch)
         assert torch.isfinite(out.loss), name

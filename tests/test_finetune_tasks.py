@@ -7,7 +7,7 @@ import torch
 
 from finetune.config import DataConfig, TaskConfig
 from finetune.data import TaskCollate, read_samples
-from finetune.fusion import STRATEGY_NAMES, FusionConfig
+from finetune.fusion import FUSION_STRATEGIES, FusionConfig
 from finetune.heads import retrieval_loss
 from finetune.synth_tasks import TASKS
 from finetune.tasks import build_finetune_model, sample_negative_pairs
@@ -58,7 +58,7 @@ def _task_loss(model, batch):
     return sum(losses) / len(losses)
 
 
-@pytest.mark.parametrize("strategy", STRATEGY_NAMES)
+@pytest.mark.parametrize("strategy", FUSION_STRATEGIES)
 @pytest.mark.parametrize("task", TASKS)
 def test_task_loss_falls(task, strategy, release, task_batches):
     task_cfg, batch = task_batches[task]
@@ -118,7 +118,7 @@ def test_retrieval_losses_by_hand():
     assert retrieval_loss(pos, neg, "binary", 0.2).item() == pytest.approx(bce.item())
 
 
-@pytest.mark.parametrize("strategy", STRATEGY_NAMES)
+@pytest.mark.parametrize("strategy", FUSION_STRATEGIES)
 def test_a_fine_tuned_model_saves_and_loads_back_exactly(strategy, release, task_batches, tmp_path):
     """save_pretrained / load_model (what finetune.export and finetune.evaluate use) round-trip every
     strategy's parameters, with MuSE's caption decoder still sharing the word embeddings."""

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from finetune.config import TaskConfig
-from finetune.fusion import STRATEGY_NAMES, FusionConfig
+from finetune.fusion import FUSION_STRATEGIES, FusionConfig
 from finetune.fusion.muse import lowest_attended
 from finetune.fusion.routing import FusionInputs
 from finetune.tasks import FinetuneModel
@@ -112,7 +112,7 @@ def test_single_stream_reproduces_imagebert(padded):
     assert torch.equal(out.pooled[0], expected.pooler_output)
 
 
-@pytest.mark.parametrize("name", STRATEGY_NAMES)
+@pytest.mark.parametrize("name", FUSION_STRATEGIES)
 def test_output_shapes_and_pooled_dims(name):
     fusion = build_fusion(FusionConfig(name=name), tiny_encoder()).eval()
     with torch.no_grad():
@@ -323,7 +323,7 @@ def _objective(out, heads) -> torch.Tensor:
     return loss + (out.aux_loss if out.aux_loss is not None else 0)
 
 
-@pytest.mark.parametrize("name", STRATEGY_NAMES)
+@pytest.mark.parametrize("name", FUSION_STRATEGIES)
 def test_gradients_reach_new_and_pretrained_parameters(name):
     encoder = tiny_encoder()
     fusion = build_fusion(FusionConfig(name=name, mbt_fusion_layer=1), encoder).train()
@@ -344,7 +344,7 @@ def test_gradients_reach_new_and_pretrained_parameters(name):
     assert last_layer.grad is not None and last_layer.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("name", STRATEGY_NAMES)
+@pytest.mark.parametrize("name", FUSION_STRATEGIES)
 def test_a_few_steps_fit_a_label_that_needs_both_modalities(name):
     torch.manual_seed(0)
     encoder = tiny_encoder()

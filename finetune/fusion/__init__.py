@@ -9,6 +9,6 @@ with any strategy. docs/fusion.md describes the design, how each paper maps onto
 config key. Importing this package loads only the config (no torch).
 """
 
-from finetune.fusion.config import STRATEGY_NAMES, FusionConfig
+from finetune.fusion.config import FUSION_STRATEGIES, STRATEGY_NAMES, FusionConfig
 
-__all__ = ["STRATEGY_NAMES", "FusionConfig"]
+__all__ = ["FUSION_STRATEGIES", "STRATEGY_NAMES", "FusionConfig"]

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-STRATEGY_NAMES = ("single_stream", "mbt", "muse", "mi2p", "late", "cross_modal")
+# The strategies that fuse both modalities (any task, any release) ...
+FUSION_STRATEGIES = ("single_stream", "mbt", "muse", "mi2p", "late")
+# ... and every fusion.name: cross_modal reads one modality at a time (CMG's protocol; no NER).
+STRATEGY_NAMES = (*FUSION_STRATEGIES, "cross_modal")
 MBT_PARAMETERS = ("per_modality", "shared")
 MBT_CLASSIFIERS = ("shared", "per_modality")
 MI2P_FOREIGN = ("frozen_copy", "shared")
