@@ -29,8 +29,13 @@ $(VENV)/.installed: pyproject.toml constraints.txt Makefile
 venv: $(VENV)/.installed
 
 # One intra-op thread per process: tests run several processes (ranks, workers) on small machines.
+# Two pytest-xdist workers, one per core of the 2-core CI machine. --dist loadfile: each test file
+# runs on one worker, in its own order, with its module fixtures built once, and what one file's
+# tests share (tests/test_slurm.py's cluster) is never used twice at once. Not loadgroup: with
+# pytest 9.2, xdist 3.8 ignores xdist_group marks (pytest-xdist#1386). PYTEST_ARGS comes last:
+# `make test PYTEST_ARGS="-n 0 tests/test_x.py"` runs one file serially.
 test: venv
-	OMP_NUM_THREADS=1 $(PY) -m pytest -rs $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -rs -n 2 --dist loadfile $(PYTEST_ARGS)
 
 # synth -> extract -> pretrain (2 stages) -> export -> fine-tune; every step resumes or redoes
 # idempotently, so re-running `make quickstart` after an interruption continues. The fine-tuning

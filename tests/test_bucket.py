@@ -31,6 +31,19 @@ TINY = REPO / "configs" / "pretrain" / "tiny-test.yaml"
 FINETUNE_CONFIG = REPO / "configs" / "finetune" / "classification.yaml"
 
 
+@pytest.fixture(autouse=True)
+def own_temp_dir(tmp_path, monkeypatch):
+    """A temporary directory of this test's own, for it and the runs it starts (TMPDIR): extraction
+    into a bucket spools each shard there, and a test checks that none is left behind. In the
+    machine's shared one, a shard that another process (a parallel test worker, a SLURM job) was
+    spooling at that moment would fail the check."""
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(temp))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # tempfile caches the directory it chose
+    return temp
+
+
 def _env(server, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     env.update(server.env(), DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",

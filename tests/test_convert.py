@@ -37,6 +37,7 @@ from tests.finetune_fixtures import (
     task_config_dict,
     write_symbolic_task_shards,
 )
+from tests.pretrain_runs import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 30522  # the MiniLM tokenizer's, which the converted releases carry
@@ -382,7 +383,7 @@ def test_fine_tune_each_converted_release_with_mbt(releases):
     write_symbolic_task_shards("classification", data / "train", 24, seed=1)
     write_symbolic_task_shards("classification", data / "val", 8, seed=2)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
-           "MASTER_PORT": str(29600 + os.getpid() % 300)}
+           "MASTER_PORT": str(free_port())}
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
         env.pop(name, None)
     sources = {

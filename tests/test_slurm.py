@@ -29,6 +29,9 @@ REPO = Path(__file__).resolve().parents[1]
 VENV_ACTIVATE = Path(sys.prefix) / "bin" / "activate"
 
 
+# One cluster per machine at a time: it names its nodes in /etc/hosts (node1 and node2 on fixed
+# loopback addresses) and stop() removes them, so a second cluster would collide with it. Keep every
+# test that uses it in this file: `make test` runs each file on one worker (--dist loadfile).
 @pytest.fixture(scope="session")
 def slurm_cluster():
     reason = unavailable_reason() or install_packages()
