@@ -373,6 +373,34 @@ class CrossCPC(nn.Module):
         return -log_probs[rows].mean(), hits.sum(), rows.sum()
 
 
+def code_matching_loss(
+    codebook: SharedCodebook, text: torch.Tensor, text_mask: torch.Tensor, regions: torch.Tensor, region_mask: torch.Tensor,
+) -> torch.Tensor:
+    """CMG's L_cmcm (cross-modal code matching, after Liu et al. 2021): each sample's caption and
+    regions should choose the same codes. Per position a soft assignment over the codes,
+    softmax(-distance); its mean over the sample's valid positions is the sample's code
+    distribution P (``[B, M]``, one per modality). The pair score is
+    S_ij = sum_k P_text_i(k) log P_regions_j(k) + P_regions_i(k) log P_text_j(k), and the loss is
+    the cross-entropy of picking j = i in each row of S. Samples without a valid position on
+    either side do not count (0 when none is left). The gradient reaches the semantic vectors;
+    the codebook moves only by its EMA."""
+    keep = text_mask.any(1) & region_mask.any(1)
+    if not keep.any():
+        return text.sum() * 0.0 + regions.sum() * 0.0
+    with torch.autocast(text.device.type, enabled=False):
+        codes = codebook.embedding.clone()  # the EMA step moves the buffer in place before backward
+
+        def distribution(vectors, mask):
+            vectors, mask = vectors[keep].float(), mask[keep]
+            squared = (vectors.pow(2).sum(-1, keepdim=True) - 2 * vectors @ codes.t() + codes.pow(2).sum(1))
+            soft = torch.softmax(-squared.clamp(min=1e-12).sqrt(), dim=-1) * mask[..., None]
+            return soft.sum(1) / mask.sum(1, keepdim=True)
+
+        p_text, p_regions = distribution(text, text_mask), distribution(regions, region_mask)
+        scores = p_text @ torch.log(p_regions + 1e-10).t() + p_regions @ torch.log(p_text + 1e-10).t()
+        return F.cross_entropy(scores, torch.arange(len(scores), device=scores.device))
+
+
 def reading_order(geometry: torch.Tensor, mask: torch.Tensor | None, bands: int = 3) -> torch.Tensor:
     """The permutation ``[B, R]`` that puts each image's regions in reading order of their box
     centres: ``bands`` horizontal bands top to bottom, left to right inside a band; padded
@@ -394,7 +422,8 @@ class CMGObjectives(nn.Module):
 
     ``forward`` returns the unweighted losses (``reconstruction``, ``commitment``, ``club`` (the
     two modalities' I(z; s) bounds, summed), ``club_approximation`` (trains the CLUB networks
-    only; weight it 1), ``cross_cpc``) and the codebook's usage statistics. In training mode it
+    only; weight it 1), ``cross_cpc``, ``code_matching`` (L_cmcm)) and the codebook's usage
+    statistics. In training mode it
     also moves the codebook one multimodal EMA step (after quantising, so the straight-through
     codes are the ones the step started with). Regions are put in ``reading_order`` first.
     ``multimodal_ema`` and ``code_reset``: ``SharedCodebook``'s ``multimodal`` and ``code_reset``.
@@ -440,6 +469,7 @@ class CMGObjectives(nn.Module):
         *_, text_valid, text_semantic, _, text_quantized = encoded["text"]
         *_, region_valid, region_semantic, _, region_quantized = encoded["regions"]
         losses["cross_cpc"], cpc_accuracy = self.cross_cpc(text_quantized, text_valid, region_quantized, region_valid)
+        losses["code_matching"] = code_matching_loss(self.codebook, text_semantic, text_valid, region_semantic, region_valid)
         stats = {"cross_cpc_accuracy": cpc_accuracy.detach()}
         if self.training:
             stats.update(self.codebook.update(text_semantic, text_valid, region_semantic, region_valid))

@@ -23,7 +23,7 @@ class ObjectiveWeights:
 
 
 # CMG's losses (pretrain.cmg.CMGObjectives), each with its weight key in the ``cmg:`` section.
-CMG_LOSSES = ("reconstruction", "commitment", "club", "club_approximation", "cross_cpc")
+CMG_LOSSES = ("reconstruction", "commitment", "club", "club_approximation", "cross_cpc", "code_matching")
 # The codebook's on/off behaviours (the paper's ablations), saved in the release with the shape.
 CMG_SWITCHES = ("multimodal_ema", "code_reset")
 
@@ -41,6 +41,7 @@ class CMGConfig:
     club: float = 1.0  # the I(z; s) upper bound the model minimises
     club_approximation: float = 1.0  # trains only the CLUB networks q(s | z)
     cross_cpc: float = 1.0
+    code_matching: float = 1.0  # L_cmcm: a caption and its regions choose the same codes
     num_codes: int = 512
     code_dim: int = 256
     decay: float = 0.99

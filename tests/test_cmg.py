@@ -14,7 +14,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from pretrain.cmg import CMGObjectives, CrossCPC, ModalityAutoencoder, SequenceCLUB, SharedCodebook, reading_order
+from pretrain.cmg import (
+    CMGObjectives, CrossCPC, ModalityAutoencoder, SequenceCLUB, SharedCodebook, code_matching_loss, reading_order,
+)
 from pretrain_runs import free_port
 
 
@@ -326,7 +328,7 @@ def test_cmg_objectives_train_together_and_move_the_codebook_only_in_training():
 
     objectives.train()
     losses, stats = objectives(text, text_mask, regions, region_mask, geometry)
-    assert set(losses) == {"reconstruction", "commitment", "club", "club_approximation", "cross_cpc"}
+    assert set(losses) == {"reconstruction", "commitment", "club", "club_approximation", "cross_cpc", "code_matching"}
     assert all(torch.isfinite(v) for v in losses.values())
     assert not torch.equal(objectives.codebook.embedding, before) and int(objectives.codebook.updates) == 1
     assert 1.0 <= stats["perplexity"].item() <= 8.0
@@ -335,3 +337,34 @@ def test_cmg_objectives_train_together_and_move_the_codebook_only_in_training():
     assert all(p.grad is not None for p in objectives.parameters())
     assert not any(True for _ in objectives.codebook.parameters())
     assert text.grad.abs().sum() > 0 and regions.grad.abs().sum() > 0
+
+
+def test_code_matching_against_a_hand_computation():
+    """L_cmcm on two samples, codes (0, 0), (4, 0), (0, 4): soft assignments softmax(-distance),
+    averaged over each sample's valid positions; S_ij = P_t,i . log P_r,j + P_r,i . log P_t,j;
+    cross-entropy of the diagonal. A sample without regions does not count."""
+    codebook = SharedCodebook(3, 2)
+    codebook.embedding.copy_(torch.tensor([[0.0, 0.0], [4.0, 0.0], [0.0, 4.0]]))
+    text = torch.tensor([[[0.5, 0.0], [3.0, 1.0]], [[0.0, 3.5], [9.0, 9.0]], [[1.0, 1.0], [1.0, 1.0]]], requires_grad=True)
+    text_mask = torch.tensor([[True, True], [True, False], [True, True]])
+    regions = torch.tensor([[[3.5, 0.0]], [[0.0, 4.0]], [[2.0, 2.0]]])
+    region_mask = torch.tensor([[True], [True], [False]])  # the third sample has no region
+
+    def distribution(vectors):
+        distances = torch.stack([torch.tensor([math.dist(v, c) for c in codebook.embedding.tolist()]) for v in vectors])
+        return torch.softmax(-distances, dim=-1).mean(0)
+
+    p_text = torch.stack([distribution(text[0].tolist()), distribution(text[1, :1].tolist())])
+    p_regions = torch.stack([distribution(regions[0].tolist()), distribution(regions[1].tolist())])
+    scores = torch.tensor([[float((p_text[i] * p_regions[j].log()).sum() + (p_regions[i] * p_text[j].log()).sum())
+                            for j in range(2)] for i in range(2)])
+    expected = -(scores.diag() - scores.logsumexp(1)).mean()
+    loss = code_matching_loss(codebook, text, text_mask, regions, region_mask)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
+    loss.backward()
+    assert text.grad[:2].abs().sum() > 0 and text.grad[2].abs().sum() == 0  # only the counted samples
+    # Captions and regions that choose the same codes score lower than the same ones mismatched.
+    swapped = code_matching_loss(codebook, text, text_mask, regions[[1, 0, 2]], region_mask)
+    assert loss.item() < swapped.item()
+    none = code_matching_loss(codebook, text, text_mask, regions, torch.zeros_like(region_mask))
+    assert none.item() == 0.0 and none.requires_grad
