@@ -26,12 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from finetune.fusion.config import CROSS_MODAL_MODALITIES as MODALITIES
 from finetune.fusion.config import FusionConfig
 from finetune.fusion.routing import FusedOutput, FusionEncoder, FusionInputs, Stream, run_layer
 from pretrain.cmg import CMGObjectives
 from pretrain.model import ImageBertModel, masked_mean
 
-MODALITIES = ("text", "image")
 COSINE_SCALE = 10.0  # a temperature of 0.1, CLIP-like, so a softmax over cosines is not flat at step 0
 
 
