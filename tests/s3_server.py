@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from pretrain_runs import free_port
+
 _UNSIGNED_SETUP_REQUESTS = 3  # create_user, put_user_policy, create_access_key
 _ALL_OF_S3 = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}
 
@@ -31,10 +33,6 @@ def unavailable_reason() -> str | None:
     return None
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class S3Server:

@@ -23,6 +23,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pretrain_runs import free_port
+
 log = logging.getLogger(__name__)
 
 PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
@@ -70,10 +72,6 @@ def install_packages(timeout_s: float = 600) -> str | None:
     return f"installed {' '.join(PACKAGES)} but still missing {missing}" if missing else None
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _tail(path: Path, lines: int = 40) -> str:
@@ -99,8 +97,8 @@ class SlurmCluster:
         # A requeued job may start again only after its old credential expires (cred_expire,
         # 120 s by default); the tests requeue, so keep it short.
         self.requeue_delay_s = requeue_delay_s
-        self.ctld_port = _free_port()
-        self.nodes = [Node(f"node{k}", f"127.0.0.{10 + k}", _free_port()) for k in range(1, num_nodes + 1)]
+        self.ctld_port = free_port()
+        self.nodes = [Node(f"node{k}", f"127.0.0.{10 + k}", free_port()) for k in range(1, num_nodes + 1)]
         self.munge_dir = self.root / "munge"
         self.conf = self.root / "slurm.conf"
         self._procs: dict[str, subprocess.Popen] = {}

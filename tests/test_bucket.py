@@ -24,7 +24,7 @@ import yaml
 from extract_helpers import GIVEN_BOXES, good_shards
 from finetune_fixtures import tiny_release, write_symbolic_task_shards
 from pretrain_shards import write_feature_shards
-from s3_server import free_port
+from pretrain_runs import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "pretrain" / "tiny-test.yaml"

@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from pretrain.checkpoint import LATEST_FILE, latest_state
-from s3_server import free_port
+from pretrain_runs import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "pretrain" / "tiny-test.yaml"

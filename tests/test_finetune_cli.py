@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import socket
 import subprocess
 import sys
 from dataclasses import replace
@@ -24,6 +23,7 @@ from finetune.evaluation import evaluate_samples
 from finetune.fusion import FusionConfig
 from finetune.tasks import build_finetune_model
 from pretrain.release import load_release
+from pretrain_runs import free_port
 from tests.finetune_fixtures import (
     per_image_layout,
     symbolic_spec,
@@ -38,9 +38,7 @@ CONFIG = REPO / "configs" / "finetune" / "classification.yaml"
 
 def _env() -> dict[str, str]:
     env = dict(os.environ)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env.update(DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), MASTER_PORT=str(port))
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS"):

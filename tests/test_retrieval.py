@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import math
 import os
-import socket
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from pretrain.retrieval import hit_probability, recall_at_k
+from pretrain_runs import free_port
 
 # 3 images, 6 captions; captions 0,1 belong to image 0, 2,3 to image 1, 4,5 to image 2.
 CAPTION_IMAGE = torch.tensor([0, 0, 1, 1, 2, 2])
@@ -106,9 +106,7 @@ def _two_ranks(rank: int, port: int, results) -> None:
 
 
 def test_two_ranks_share_the_forwards_and_agree():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     results = mp.Manager().dict()
     mp.spawn(_two_ranks, args=(port, results), nprocs=2)
     (out0, calls0), (out1, calls1) = results[0], results[1]

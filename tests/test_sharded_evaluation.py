@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -25,6 +24,7 @@ from pretrain.masking_config import MaskingConfig
 from pretrain.model import ImageBertConfig, ImageBertForPretraining
 from pretrain.release import load_release
 from pretrain_shards import write_feature_shards
+from pretrain_runs import free_port
 from tests.finetune_fixtures import minilm_tokenizer, symbolic_spec, task_config_dict, tiny_release, write_symbolic_task_shards
 
 
@@ -78,9 +78,7 @@ def inputs(tmp_path_factory):
 
 
 def test_two_ranks_evaluate_like_one_process(inputs):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     results = mp.Manager().dict()
     mp.spawn(_rank, args=(port, inputs, results), nprocs=2)
     (pre0, fine0), (pre1, fine1) = results[0], results[1]
