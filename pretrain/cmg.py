@@ -287,9 +287,9 @@ class SequenceCLUB(nn.Module):
     def approximation_loss(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """Negative log-likelihood of (standardised) y given x (up to a constant), mean over valid
         positions and over y's dimensions. Per dimension, not summed: q's optimum is the same, and
-        its gradient does not swamp the global norm that gradient clipping scales every
-        parameter's step by (summed over 64 dimensions it took a bench run's norm from 6 to 23,
-        slowing the masked objectives fourfold)."""
+        the loss's scale does not grow with the code width (it was the one CMG loss that did).
+        This did not lower a bench run's global gradient norm, which stayed about 24 at step 300;
+        what raises it is not yet pinned down (docs/benchmarks.md, Cross-modal transfer)."""
         valid = _valid(mask, x)
         x, y = x.detach()[valid], _standardised(y.detach()[valid])
         mu, logvar = self._gaussian(x, frozen=False)
