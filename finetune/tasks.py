@@ -27,7 +27,7 @@ from finetune.fusion.routing import FusionInputs
 from finetune.heads import PooledHead, WordTagger, retrieval_loss
 from pretrain.cmg import CMGObjectives
 from pretrain.model import (
-    IGNORE_INDEX, ImageBertConfig, ImageBertForPretraining, ImageBertModel, ImageBertPreTrainedModel, build_cmg_objectives,
+    IGNORE_INDEX, ImageBertConfig, ImageBertForPretraining, ImageBertModel, ImageBertPreTrainedModel,
 )
 
 _INPUTS = ("input_ids", "attention_mask", "region_features", "region_geometry", "region_mask", "region_blanked")
@@ -52,8 +52,6 @@ class FinetuneModel(ImageBertPreTrainedModel):
         the release's; without them (``from_pretrained`` of a fine-tuned model) they are built anew."""
         super().__init__(config)
         self.task = task
-        if fusion.name == "cross_modal" and cmg is None:
-            cmg = build_cmg_objectives(config)
         self.fusion = build_fusion(fusion, encoder if encoder is not None else ImageBertModel(config), task.name, cmg)
         if task.name == "ner":
             self.tagger = WordTagger(

@@ -38,6 +38,11 @@ def _valid(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     return mask.bool()
 
 
+def squared_distances(vectors: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """``[N, M]`` squared Euclidean distances of ``[N, D]`` vectors to ``[M, D]`` codes, as one matmul."""
+    return vectors.pow(2).sum(1, keepdim=True) - 2 * vectors @ codes.t() + codes.pow(2).sum(1)
+
+
 def cross_attend(query: torch.Tensor, keys: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
     """For each query vector, the softmax(q k^T / sqrt(D))-weighted mean of the same sample's
     valid ``keys``: its counterpart in the other modality (``[B, Lq, D]``). Parameter-free, so the
@@ -135,9 +140,12 @@ class SharedCodebook(nn.Module):
         computed in float32 whatever the autocast around it."""
         flat = z.detach().reshape(-1, z.shape[-1]).to(self.embedding.dtype)
         with torch.autocast(flat.device.type, enabled=False):
-            distances = (flat.pow(2).sum(1, keepdim=True) - 2 * flat @ self.embedding.t()
-                         + self.embedding.pow(2).sum(1))
+            distances = squared_distances(flat, self.embedding)
         return distances.argmin(dim=1).reshape(z.shape[:-1])
+
+    def codes(self, z: torch.Tensor) -> torch.Tensor:
+        """The nearest code of each vector of ``z``, in ``z``'s dtype, without gradient."""
+        return self.embedding[self.nearest(z)].to(z.dtype)
 
     def quantize(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(the nearest codes with a straight-through gradient to ``z``, their indices)."""
@@ -149,8 +157,7 @@ class SharedCodebook(nn.Module):
         """Mean squared distance of the valid vectors to their (fixed) codes: keeps the encoder
         near the codebook; the codebook itself has no loss, only the EMA."""
         valid = _valid(mask, z)
-        codes = self.embedding[self.nearest(z)].to(z.dtype)
-        return (z - codes).pow(2).mean(-1)[valid].mean()
+        return (z - self.codes(z)).pow(2).mean(-1)[valid].mean()
 
     @torch.no_grad()
     def update(
@@ -392,7 +399,7 @@ def code_matching_loss(
 
         def distribution(vectors, mask):
             vectors, mask = vectors[keep].float(), mask[keep]
-            squared = (vectors.pow(2).sum(-1, keepdim=True) - 2 * vectors @ codes.t() + codes.pow(2).sum(1))
+            squared = squared_distances(vectors.flatten(0, 1), codes).unflatten(0, vectors.shape[:2])
             soft = torch.softmax(-squared.clamp(min=1e-12).sqrt(), dim=-1) * mask[..., None]
             return soft.sum(1) / mask.sum(1, keepdim=True)
 

@@ -31,9 +31,9 @@ CMG_SWITCHES = ("multimodal_ema", "code_reset")
 @dataclass
 class CMGConfig:
     """The ``cmg:`` section: CMG's objectives (a codebook shared by text and regions) on top of
-    the masked-modelling ones; off by default. The loss weights are training settings; the
-    codebook's shape, decay and dead-code threshold are the model's (``module_fields``, saved in
-    the release as ``ImageBertConfig.cmg``)."""
+    the masked-modelling ones; off by default. The loss weights and ``encoder_gradients`` are
+    training settings; the codebook's shape, decay, dead-code threshold and the two switches are
+    the model's (``module_fields``, saved in the release as ``ImageBertConfig.cmg``)."""
 
     enabled: bool = False
     reconstruction: float = 1.0

@@ -11,7 +11,7 @@ from finetune.fusion.muse import ExchangeFusion
 from finetune.fusion.routing import FusionEncoder
 from finetune.fusion.single_stream import SingleStreamFusion
 from pretrain.cmg import CMGObjectives
-from pretrain.model import ImageBertModel
+from pretrain.model import ImageBertModel, build_cmg_objectives
 
 
 def build_fusion(cfg: FusionConfig, encoder: ImageBertModel, task: str, cmg: CMGObjectives | None = None) -> FusionEncoder:
@@ -21,6 +21,8 @@ def build_fusion(cfg: FusionConfig, encoder: ImageBertModel, task: str, cmg: CMG
     if cfg.name == "cross_modal":
         if task not in ("classification", "multilabel", "sentiment", "retrieval"):
             raise ValueError(f"fusion.name cross_modal pools whole sequences; it has no per-word states for task {task!r}")
+        # A release's own modules, or (a fine-tuned model being loaded) new ones its weights fill.
+        cmg = cmg if cmg is not None else build_cmg_objectives(encoder.config)
         return CrossModalTransfer(encoder, cfg, cmg, retrieval=task == "retrieval")
     if cfg.name == "single_stream":
         return SingleStreamFusion(encoder)

@@ -47,14 +47,12 @@ class CrossModalTransfer(FusionEncoder):
             )
         width = encoder.config.hidden_size if representation == "hidden" else cmg.codebook.embedding.shape[1]
         super().__init__(encoder, pooled_dims=[1 if retrieval else width])
-        self.representation = representation
         self.train_modality = cfg.cross_modal_train
         self.eval_modality = cfg.cross_modal_eval or next(m for m in MODALITIES if m != cfg.cross_modal_train)
-        self.retrieval = retrieval
         # The release's modules the protocol reads (frozen); CLUB's and Cross-CPC's are pretraining's only.
         self.semantic = None if representation == "hidden" else nn.ModuleDict({"text": cmg.text, "image": cmg.regions})
         self.codebook = None if representation != "codes" else cmg.codebook
-        self.projection = nn.Linear(width, width, bias=False) if retrieval else None
+        self.projection = nn.Linear(width, width, bias=False) if retrieval else None  # None: classification
 
     def frozen_modules(self) -> list[nn.Module]:
         return [m for m in (self.encoder, self.semantic, self.codebook) if m is not None]
@@ -86,13 +84,13 @@ class CrossModalTransfer(FusionEncoder):
             if self.semantic is not None:
                 states, _ = self.semantic[modality](states)
                 if self.codebook is not None:
-                    states = self.codebook.embedding[self.codebook.nearest(states)].to(states.dtype)
+                    states = self.codebook.codes(states)
             return masked_mean(states, stream.mask)
 
     def route(self, text: Stream, image: Stream, inputs: FusionInputs) -> FusedOutput:
         regions = Stream(image.states[:, 1:], image.mask[:, 1:])  # the regions alone, as CMG pretrained on them
         streams = {"text": text, "image": regions}
-        if self.retrieval:
+        if self.projection is not None:
             caption, picture = (self.projection(self.represent(streams[m], m)) for m in MODALITIES)
             pooled = F.cosine_similarity(caption, picture, dim=-1).unsqueeze(-1)
         else:
