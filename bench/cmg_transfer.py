@@ -33,7 +33,6 @@ import argparse
 import hashlib
 import json
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -42,11 +41,10 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from finetune.evaluate import RESULTS_FILE  # noqa: E402
 from finetune.synth_tasks import TASK_FILE  # noqa: E402
 from preprocess import atomic  # noqa: E402
 from project_runs import (  # noqa: E402  (bench/, this script's directory)
-    PRETRAIN_CONFIG, code_version, prepare_task, pretrained, pretraining_features, python_m,
+    PRETRAIN_CONFIG, code_version, finetune_run, prepare_task, pretrained, pretraining_features,
 )
 
 CODE_PATHS = ("*.py", "*.yaml", "pyproject.toml", "constraints.txt")
@@ -127,12 +125,9 @@ def finetune_runs(release_name: str, release: Path, roots: dict[str, Path], args
 def run_one(name: str, argv: list[str], code: str, work: Path) -> dict:
     key = hashlib.sha256(json.dumps([argv, code]).encode()).hexdigest()[:12]
     run_dir = work / "runs" / f"{name.replace(' ', '_').replace('/', '-')}-{key}"
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    python_m("finetune", *argv, "--run-dir", str(run_dir), "--resume", log=run_dir.with_suffix(".log"))
-    record = json.loads((run_dir / RESULTS_FILE).read_text())
-    return {"key": key, "argv": argv, "code": code, "run_dir": str(run_dir),
-            "seconds": round(time.perf_counter() - start, 1), "metrics": record["metrics"]}
+    record, seconds = finetune_run(run_dir, *argv)
+    return {"key": key, "argv": argv, "code": code, "run_dir": str(run_dir), "seconds": seconds,
+            "metrics": record["metrics"]}
 
 
 def main(argv=None) -> int:

@@ -40,19 +40,17 @@ import argparse
 import hashlib
 import json
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from finetune.evaluate import RESULTS_FILE  # noqa: E402
 from finetune.evaluation import HEADLINE  # noqa: E402
 from finetune.synth_tasks import TASK_FILE, TASKS  # noqa: E402
 from preprocess import atomic  # noqa: E402
 from project_runs import (  # noqa: E402  (bench/, this script's directory)
-    code_version, prepare_task, pretrained, pretraining_features, python_m,
+    code_version, finetune_run, prepare_task, pretrained, pretraining_features,
 )
 
 VARIANTS = {
@@ -97,12 +95,9 @@ def run_settings(task: str, variant: str, root: Path, release: Path, args, code:
 def run_variant(task: str, variant: str, release: Path, settings: dict, key: str, work: Path) -> dict:
     """One ``python -m finetune`` run in a run directory of its own key; its final test metrics."""
     run_dir = work / "runs" / f"{task}-{variant.replace(' ', '_')}-{key}"
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    python_m("finetune", "--config", str(REPO / "configs" / "finetune" / f"{task}.yaml"), "--init", str(release),
-             "--run-dir", str(run_dir), "--resume", *settings["overrides"], log=run_dir.with_suffix(".log"))
-    record = json.loads((run_dir / RESULTS_FILE).read_text())
-    return {"key": key, "run_dir": str(run_dir), "seconds": round(time.perf_counter() - start, 1), **settings,
+    record, seconds = finetune_run(run_dir, "--config", str(REPO / "configs" / "finetune" / f"{task}.yaml"),
+                                   "--init", str(release), *settings["overrides"])
+    return {"key": key, "run_dir": str(run_dir), "seconds": seconds, **settings,
             "metrics": record["metrics"], "num_samples": record["num_samples"]}
 
 

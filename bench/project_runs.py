@@ -8,10 +8,12 @@ CPU, and cache results; and the data and small releases the first two build the 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,6 +59,17 @@ def python_m(*args: str, log: Path | None = None) -> None:
                                 stderr=subprocess.STDOUT)
     if result.returncode:
         raise RuntimeError(f"python -m {' '.join(args)} failed ({result.returncode}); see {log}")
+
+
+def finetune_run(run_dir: Path, *args: str) -> tuple[dict, float]:
+    """``python -m finetune ARGS`` into ``run_dir`` (resumed when killed; its log beside it as
+    ``RUN.log``): the ``results.json`` record of its final validation, and the seconds it took."""
+    from finetune.evaluate import RESULTS_FILE
+
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    python_m("finetune", *args, "--run-dir", str(run_dir), "--resume", log=run_dir.with_suffix(".log"))
+    return json.loads((run_dir / RESULTS_FILE).read_text()), round(time.perf_counter() - start, 1)
 
 
 EXTRACT_CONFIG = REPO / "configs" / "preprocess" / "quickstart.yaml"
