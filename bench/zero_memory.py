@@ -21,9 +21,15 @@ model states   bytes of the tensors the engine holds after a backward and after 
 peak allocated the most bytes live at once, activations and transient copies included, in the
                training steps (the table says whether in forward+backward or in the optimizer step)
                and, apart, while the model and engine were built (``PhasePeaks``). CUDA:
-               ``torch.cuda.max_memory_allocated``. CPU: the same figure from the allocator's own
-               accounting: the profiler's memory events (``profile_memory=True``) added up in time
-               order from just before the model was built.
+               ``torch.cuda.max_memory_allocated``. CPU: the same figure from the CPU allocator's
+               own running total of live bytes, which the profiler's memory events carry
+               (``profile_memory=True``), counted from just before the model was built. The
+               allocator keeps that total across all threads only with c10's
+               ``caffe2_report_cpu_memory_usage`` flag (``count_cpu_bytes_on_all_threads``): without
+               it, a block freed on a gloo worker thread (where the last reference to a
+               collective's buffer often drops) is never subtracted, and adding up the events'
+               sizes instead counted such blocks as live for the rest of the run, by a different
+               amount on each rank and in each run (hundreds of MiB at ZeRO-3).
 peak RSS       growth of the process's peak resident set over its peak before the model was built.
                Includes what the allocators cache and what gloo/DeepSpeed hold outside torch, and
                counts only pages touched (an untouched bucket is free here): noisy at small sizes.
@@ -78,7 +84,7 @@ def parse_args(argv=None):
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {list(CONFIGS)}")
     p.add_argument("--buckets", choices=("deepspeed", "model"), default="model",
-                   help="sized to the model (the engine's pretrain.engine.bucket_elements), or DeepSpeed's defaults (5e8)")
+                   help="sized to the model (the engine's pretrain.engine.zero_buckets), or DeepSpeed's defaults")
     p.add_argument("--extra", default="{}", help="JSON merged last into the DeepSpeed config (a knob to try)")
     p.add_argument("--quick", action="store_true", help="tiny model, 2 steps (the test)")
     for name, value in BERT_BASE.items():
@@ -97,10 +103,11 @@ def device() -> torch.device:
     return bench_pretrain().device()
 
 
-# DeepSpeed's own defaults, which the engine replaces with buckets sized to the model
-# (pretrain.engine.bucket_elements): --buckets deepspeed puts them back to show what they cost.
+# DeepSpeed's own defaults, which the engine replaces with sizes fitted to the model
+# (pretrain.engine.zero_buckets): --buckets deepspeed puts them back to show what they cost.
 DEEPSPEED_BUCKETS = {"zero_optimization": {
     "reduce_bucket_size": int(5e8), "allgather_bucket_size": int(5e8), "stage3_prefetch_bucket_size": int(5e7),
+    "stage3_max_live_parameters": int(1e9), "stage3_max_reuse_distance": int(1e9),
 }}
 
 
@@ -237,12 +244,23 @@ def engine_state(engine) -> dict:
             "buffers_by_attribute": dict(sorted(counter.buffers.items(), key=lambda kv: -kv[1])[:6])}
 
 
+def count_cpu_bytes_on_all_threads(on: bool = True) -> None:
+    """Make c10's CPU allocator keep its total of live bytes over every thread (its
+    ``caffe2_report_cpu_memory_usage`` flag, which torch exposes to no Python API), so that the
+    profiler's memory events carry the true total. Blocks allocated before this call are not in it."""
+    import ctypes
+
+    libc10 = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libc10.so"))
+    ctypes.c_bool.in_dll(libc10, "FLAGS_caffe2_report_cpu_memory_usage").value = on
+
+
 class PhasePeaks:
     """The most bytes allocated at once in each phase of the run: "build" (model and engine),
     "forward_backward" and "optimizer_step" (the latter two over all steps). CUDA: the allocator's
-    peak, reset at each phase's start. CPU: the profiler's allocator events (+ allocation, - free)
-    added up in time order, each event charged to the phase it falls in; frees of blocks allocated
-    before the profile started are not reported, so the count starts at 0 there."""
+    peak, reset at each phase's start. CPU: the largest total of live bytes the CPU allocator
+    reported with an event in the phase (``count_cpu_bytes_on_all_threads``), less its total
+    when the profile started. Events come from the threads the profiler follows: a transient
+    block a gloo thread allocates and frees between two of them is not seen."""
 
     def __init__(self, on_cuda: bool):
         self.on_cuda = on_cuda
@@ -260,19 +278,30 @@ class PhasePeaks:
             self.peaks[name] = max(self.peaks.get(name, 0), torch.cuda.max_memory_allocated())
 
     def read_profile(self, prof) -> None:
-        events = list(prof.profiler.kineto_results.events())
-        marks = sorted((e.start_ns(), e.end_ns(), e.name()[len(PHASE_MARK):]) for e in events
-                       if e.name().startswith(PHASE_MARK))
-        memory = sorted((e.start_ns(), e.nbytes()) for e in events
-                        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
-        live, m = 0, 0
-        for start, nbytes in memory:
-            live += nbytes
+        from torch._C._profiler import _EventType
+
+        marks, memory = [], []
+        pending = list(prof.profiler.kineto_results.experimental_event_tree())
+        while pending:
+            event = pending.pop()
+            pending.extend(event.children)
+            if event.tag == _EventType.Allocation and event.extra_fields.device.type == "cpu":
+                fields = event.extra_fields
+                memory.append((event.start_time_ns, fields.total_allocated, fields.alloc_size))
+            elif event.tag == _EventType.TorchOp and event.name.startswith(PHASE_MARK):
+                marks.append((event.start_time_ns, event.end_time_ns, event.name[len(PHASE_MARK):]))
+        marks.sort()
+        memory.sort()
+        if not memory:
+            return
+        before = memory[0][1] - memory[0][2]  # live when the profile began (blocks from before the flag aside)
+        m = 0
+        for start, total, _ in memory:
             while m < len(marks) and marks[m][1] < start:
                 m += 1
             if m < len(marks) and marks[m][0] <= start:
                 name = marks[m][2]
-                self.peaks[name] = max(self.peaks.get(name, 0), live)
+                self.peaks[name] = max(self.peaks.get(name, 0), total - before)
 
 
 def peak_rss_bytes() -> int:
@@ -293,6 +322,8 @@ def worker(args) -> None:
     if on_cuda:
         torch.cuda.reset_peak_memory_stats()
     # CPU: the profiler's allocator events give the peak; it records nothing else we need.
+    if not on_cuda:
+        count_cpu_bytes_on_all_threads()
     tracing = contextlib.nullcontext() if on_cuda else profile(activities=[ProfilerActivity.CPU], profile_memory=True)
     states = []
     peaks = PhasePeaks(on_cuda)

@@ -242,10 +242,31 @@ def clips_with_torch(ds: DeepSpeedConfig) -> bool:
 
 def bucket_elements(num_params: int) -> int:
     """ZeRO's reduce, all-gather and prefetch bucket size for a model of ``num_params``: 1/16 of it,
-    within [1e6, 5e8]. DeepSpeed allocates a reduce bucket of that many elements whatever the model;
-    its default, 5e8, is more than a whole BERT-base gradient (1.9 GiB in fp32), which ZeRO-2/3
-    would then hold on top of what they save (docs/benchmarks.md, "ZeRO memory")."""
+    within [1e6, 5e8]; also ZeRO-3's cap on gathered parameters (``zero_buckets``). DeepSpeed
+    allocates a reduce bucket of that many elements whatever the model; its default, 5e8, is more
+    than a whole BERT-base gradient (1.9 GiB in fp32), which ZeRO-2/3 would then hold on top of
+    what they save (docs/benchmarks.md, "ZeRO memory")."""
     return int(min(5e8, max(1e6, num_params // 16)))
+
+
+def zero_buckets(num_params: int) -> dict[str, int]:
+    """ZeRO's sizes in elements for a model of ``num_params`` (``bucket_elements``).
+
+    ZeRO-3 gathers each module's parameters before it runs and releases them after, except those
+    it will use again within ``stage3_max_reuse_distance`` elements of parameters (its trace of
+    the previous step says which), and prefetches up to ``stage3_max_live_parameters``. Both
+    default to 1e9, more than a BERT-base's parameters used twice in a step: from the second step
+    on it then released nothing in the forward, and the whole model, gathered, stayed live
+    through the forward's end with the activations (218 MiB of bf16 per rank at BERT-base, where
+    the ranks' own partitions are 109 MiB; docs/benchmarks.md, "ZeRO memory"). Capped at the
+    bucket, a module's parameters stay gathered only when they are used again within about one
+    encoder layer (the heads and last layer, where the forward turns into the backward).
+    """
+    size = bucket_elements(num_params)
+    return {
+        "reduce_bucket_size": size, "allgather_bucket_size": size, "stage3_prefetch_bucket_size": size,
+        "stage3_max_live_parameters": size, "stage3_max_reuse_distance": size,
+    }
 
 
 def deepspeed_config(
@@ -259,10 +280,7 @@ def deepspeed_config(
     if ds.precision == "auto" or ds.zero_stage == "auto":
         raise ValueError("deepspeed_config needs a decided precision and ZeRO stage: pass choose_precision's "
                          "and choose_zero_stage's answers")
-    buckets = {}
-    if num_params is not None:
-        size = bucket_elements(num_params)
-        buckets = {"reduce_bucket_size": size, "allgather_bucket_size": size, "stage3_prefetch_bucket_size": size}
+    buckets = {} if num_params is None else zero_buckets(num_params)
     warmup = max(1, schedule.warmup_steps)  # DeepSpeed's schedulers refuse 0; one step of warm-up is no warm-up
     if schedule.schedule == "linear":
         scheduler = {

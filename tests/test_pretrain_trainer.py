@@ -108,6 +108,23 @@ def test_deepspeed_config_follows_the_job_config():
     assert cosine["checkpoint"]["load_universal"] is True
 
 
+def test_zero_sizes_follow_the_model_and_extra_overrides_them():
+    """ZeRO's buckets and ZeRO-3's caps on gathered parameters are 1/16 of the model (BERT-base:
+    7.2 M elements), not DeepSpeed's 5e8 / 1e9, which at that size made ZeRO-3 keep the whole
+    model gathered through the forward; ``deepspeed.extra`` still has the last word."""
+    from pretrain.engine import deepspeed_config
+
+    cfg = load_config(PretrainConfig, TINY, ["deepspeed.zero_stage=3", "deepspeed.precision=bf16"])
+    zero = deepspeed_config(cfg.deepspeed, cfg.stages[0], 8, num_params=114_500_000)["zero_optimization"]
+    sizes = ("reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size",
+             "stage3_max_live_parameters", "stage3_max_reuse_distance")
+    assert zero == {"stage": 3, **dict.fromkeys(sizes, 7_156_250)}
+    assert deepspeed_config(cfg.deepspeed, cfg.stages[0], 8, num_params=1000)["zero_optimization"]["stage3_max_reuse_distance"] == 10**6
+    cfg = load_config(PretrainConfig, TINY, ["deepspeed.zero_stage=3", "deepspeed.extra={zero_optimization: {stage3_max_reuse_distance: 0}}"])
+    zero = deepspeed_config(cfg.deepspeed, cfg.stages[0], 8, num_params=114_500_000)["zero_optimization"]
+    assert zero["stage3_max_reuse_distance"] == 0 and zero["stage3_max_live_parameters"] == 7_156_250
+
+
 def test_zero_stage_auto_is_zero0_on_one_rank_and_a_checkpoint_keeps_its_stage():
     from pretrain.checkpoint import TrainerState
     from pretrain.engine import choose_zero_stage, deepspeed_config
