@@ -257,10 +257,11 @@ def zero_buckets(num_params: int) -> dict[str, int]:
     the previous step says which), and prefetches up to ``stage3_max_live_parameters``. Both
     default to 1e9, more than a BERT-base's parameters used twice in a step: from the second step
     on it then released nothing in the forward, and the whole model, gathered, stayed live
-    through the forward's end with the activations (218 MiB of bf16 per rank at BERT-base, where
-    the ranks' own partitions are 109 MiB; docs/benchmarks.md, "ZeRO memory"). Capped at the
-    bucket, a module's parameters stay gathered only when they are used again within about one
-    encoder layer (the heads and last layer, where the forward turns into the backward).
+    through the forward's end with the activations (208 MiB of bf16 per rank at BERT-base, where
+    a rank's own partition is 109 MiB; docs/benchmarks.md, "ZeRO memory"). Capped at the bucket,
+    a module's parameters stay gathered only when they are used again within about one encoder
+    layer's worth of parameters (where the forward turns into the backward); the rest are
+    gathered again in the backward.
     """
     size = bucket_elements(num_params)
     return {
