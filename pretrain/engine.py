@@ -240,30 +240,25 @@ def clips_with_torch(ds: DeepSpeedConfig) -> bool:
     return ds.zero_stage == 0 and ds.precision != "fp16" and ds.gradient_clipping > 0
 
 
-def bucket_elements(num_params: int) -> int:
-    """ZeRO's reduce, all-gather and prefetch bucket size for a model of ``num_params``: 1/16 of it,
-    within [1e6, 5e8]; also ZeRO-3's cap on gathered parameters (``zero_buckets``). DeepSpeed
-    allocates a reduce bucket of that many elements whatever the model; its default, 5e8, is more
-    than a whole BERT-base gradient (1.9 GiB in fp32), which ZeRO-2/3 would then hold on top of
-    what they save (docs/benchmarks.md, "ZeRO memory")."""
-    return int(min(5e8, max(1e6, num_params // 16)))
-
-
 def zero_buckets(num_params: int) -> dict[str, int]:
-    """ZeRO's sizes in elements for a model of ``num_params`` (``bucket_elements``).
+    """ZeRO's sizes in elements for a model of ``num_params``: 1/16 of it, within [1e6, 5e8].
 
-    ZeRO-3 gathers each module's parameters before it runs and releases them after, except those
-    it will use again within ``stage3_max_reuse_distance`` elements of parameters (its trace of
-    the previous step says which), and prefetches up to ``stage3_max_live_parameters``. Both
-    default to 1e9, more than a BERT-base's parameters used twice in a step: from the second step
-    on it then released nothing in the forward, and the whole model, gathered, stayed live
-    through the forward's end with the activations (208 MiB of bf16 per rank at BERT-base, where
-    a rank's own partition is 109 MiB; docs/benchmarks.md, "ZeRO memory"). Capped at the bucket,
-    a module's parameters stay gathered only when they are used again within about one encoder
+    Buckets: DeepSpeed allocates a reduce bucket of ``reduce_bucket_size`` elements whatever the
+    model; its default, 5e8, is more than a whole BERT-base gradient (1.9 GiB in fp32), which
+    ZeRO-2/3 would then hold on top of what they save.
+
+    ZeRO-3's caps: it gathers each module's parameters before it runs and releases them after,
+    except those it will use again within ``stage3_max_reuse_distance`` elements of parameters
+    (its trace of the previous step says which), and prefetches up to
+    ``stage3_max_live_parameters``. Both default to 1e9, more than a BERT-base's parameters used
+    twice in a step: from the second step on it then released nothing in the forward, and the
+    whole model, gathered, stayed live through the forward's end with the activations (208 MiB of
+    bf16 per rank at BERT-base, where a rank's own partition is 109 MiB). Capped at the bucket, a
+    module's parameters stay gathered only when they are used again within about one encoder
     layer's worth of parameters (where the forward turns into the backward); the rest are
-    gathered again in the backward.
+    gathered again in the backward. docs/benchmarks.md, "ZeRO memory", has the figures.
     """
-    size = bucket_elements(num_params)
+    size = int(min(5e8, max(1e6, num_params // 16)))
     return {
         "reduce_bucket_size": size, "allgather_bucket_size": size, "stage3_prefetch_bucket_size": size,
         "stage3_max_live_parameters": size, "stage3_max_reuse_distance": size,
