@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader
 from finetune.config import DataConfig, TaskConfig
 from preprocess.captions import captions_of
 from preprocess.feature_format import FeatureSpec, decode_feature_sample
-from preprocess.launch_env import ignore_stop_signals
+from preprocess.launch_env import stop_safe_worker_init
 from preprocess.shard_reader import tar_samples
 from pretrain.data import (
     BadSampleHandler,
@@ -217,7 +217,7 @@ def build_train_loader(
     pipeline = build_train_pipeline(shards, tokenizer, spec, data, task, seed, rank, world_size)
     return DataLoader(
         pipeline, batch_size=None, num_workers=data.num_workers, persistent_workers=data.num_workers > 0,
-        pin_memory=torch.cuda.is_available(), worker_init_fn=ignore_stop_signals,
+        pin_memory=torch.cuda.is_available(), worker_init_fn=stop_safe_worker_init(),
     )
 
 

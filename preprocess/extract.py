@@ -38,7 +38,7 @@ from preprocess.detector_config import DetectorConfig
 from preprocess.extract_config import ExtractConfig
 from preprocess.feature_format import FEATURE_SPEC_FILE, MANIFEST_FILE, SKIPPED_FILE, BatchnormCalibration, FeatureSpec
 from preprocess.feature_writer import DetectedBatch, FeatureWriter
-from preprocess.launch_env import WorkShare, ignore_stop_signals, read_work_share
+from preprocess.launch_env import WorkShare, read_work_share, stop_safe_worker_init
 from preprocess.raw_input import (
     InputError,
     InputShard,
@@ -251,7 +251,7 @@ def make_loader(job: ExtractJob) -> DataLoader:
         collate_fn=pass_through,
         num_workers=workers,
         prefetch_factor=cfg.prefetch_batches if workers else None,
-        worker_init_fn=ignore_stop_signals,  # a SIGTERM for the job stops the main process, not a decode worker mid-batch
+        worker_init_fn=stop_safe_worker_init(),  # a SIGTERM for the job stops the main process, not a decode worker mid-batch
     )
 
 

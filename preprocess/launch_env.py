@@ -1,6 +1,6 @@
 """Where this process sits in a job: read from torchrun, the deepspeed launcher or SLURM; what
 the machine's CPU is (``cpu_info``); and how DataLoader workers treat a job's stop signals
-(``ignore_stop_signals``).
+(``ignore_stop_signals``, ``stop_safe_worker_init``).
 
 This is the one place that reads launcher environment variables. Everything else takes a
 ``LaunchEnv`` (distributed training) or a ``WorkShare`` (embarrassingly parallel work such as
@@ -9,13 +9,14 @@ feature extraction) as an argument.
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import os
 import re
 import signal
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 
 @dataclass(frozen=True)
@@ -139,7 +140,38 @@ def ignore_stop_signals(worker_id: int) -> None:
     process turns these into "save a checkpoint at the next step, then exit", which needs its
     workers alive for that step; torch's own worker handler re-raises any SIGTERM not sent by the
     parent, and SIGUSR1's default action ends a process, either killing the worker and with it the
-    run. Workers still end when the main process does (torch's watchdog in each worker).
+    run. Workers still end when the main process does (torch's watchdog in each worker), and
+    when it exits, by ``stop_safe_worker_init``'s exit handler.
     """
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)
+
+
+_kill_registered = False
+
+
+def stop_safe_worker_init() -> Callable[[int], None]:
+    """The ``worker_init_fn`` for a DataLoader (``ignore_stop_signals``), called in the main
+    process as the loader is built; it also makes sure the workers end when this process exits.
+
+    At exit, multiprocessing stops its daemonic children (DataLoader workers) with SIGTERM, which
+    these workers ignore, then waits for them. A process leaving while a loader iterator is still
+    alive (an exception in a step keeps it alive in the traceback) waited forever, and a job whose
+    step failed hung until its time limit instead of failing. An exit handler registered after
+    multiprocessing's runs before it and kills those children outright: at exit nothing they
+    hold is needed."""
+    global _kill_registered
+    if not _kill_registered:
+        atexit.register(_kill_daemonic_children)
+        _kill_registered = True
+    return ignore_stop_signals
+
+
+def _kill_daemonic_children() -> None:
+    import multiprocessing
+
+    # torch's SIGCHLD handler would report each killed worker as a failure, after the real error.
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()

@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, get_worker_info
 from preprocess import storage
 from preprocess.captions import captions_of, image_id_of
 from preprocess.feature_format import FeatureSpec, decode_feature_sample
-from preprocess.launch_env import ignore_stop_signals
+from preprocess.launch_env import stop_safe_worker_init
 from preprocess.shard_reader import tar_samples
 from pretrain.data_config import DataConfig
 from pretrain.masking import choose_modality, mask_regions, mask_text
@@ -445,7 +445,7 @@ def build_train_loader(
         persistent_workers=data.num_workers > 0,
         prefetch_factor=4 if data.num_workers > 0 else None,
         pin_memory=torch.cuda.is_available(),
-        worker_init_fn=ignore_stop_signals,
+        worker_init_fn=stop_safe_worker_init(),
     )
 
 

@@ -398,3 +398,24 @@ def test_bad_samples_and_nonfinite_losses_are_skipped_and_counted_and_a_diverged
     assert re.match(r"error: step 13: 3 batches in a row had a non-finite loss \((\w+, )*loss(, \w+)*; on rank 0: ", last), last
     assert f"the last good checkpoint is {run_dir / 'checkpoints' / 'global_step12'} (step 12;" in last, last
     assert "Traceback" not in second.stderr
+
+
+def test_a_process_whose_step_fails_ends_instead_of_waiting_for_its_loader_workers(tmp_path):
+    """DataLoader workers ignore SIGTERM (they must survive a job's stop signal until the
+    checkpoint), and multiprocessing ends its children at exit with SIGTERM and then waits. A
+    process leaving on an exception while its loader iterator was alive (the traceback holds it)
+    waited for its workers forever: a failed pretraining step left the job hanging (seen in a
+    quickstart run, and with ``ignore_stop_signals`` alone this script never ends).
+    ``stop_safe_worker_init`` ends them; the real error is the last thing on stderr."""
+    script = tmp_path / "failing_step.py"
+    script.write_text(
+        "from torch.utils.data import DataLoader\n"
+        "from preprocess.launch_env import stop_safe_worker_init\n"
+        "batches = iter(DataLoader(range(100), batch_size=2, num_workers=2, worker_init_fn=stop_safe_worker_init()))\n"
+        "next(batches)\n"
+        "raise RuntimeError('the step failed')\n"
+    )
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, str(script)], env=_env(), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and time.monotonic() - started < 30
+    assert proc.stderr.strip().splitlines()[-1] == "RuntimeError: the step failed", proc.stderr[-2000:]
