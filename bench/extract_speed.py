@@ -25,12 +25,10 @@ box head again at the final boxes, and the copy of the regions back to the CPU. 
 loading, image decoding, writing features (``bench/preprocess.py`` measures end to end).
 images/s = timed images / sum of the timed batches' seconds.
 
-Precision: ``fp32`` is what extraction uses (the product has no half-precision option). On
-CUDA, cuDNN convolutions may use TF32 (torch's default ``cudnn.allow_tf32``), reported with the
-result. ``--precision bf16 fp16`` additionally wrap ``detect`` in ``torch.autocast``: a
-measurement only, not something extraction does; a detector whose code fails under autocast is
-reported with the error (torchvision's box selection does, as of this writing: a float32 index
-put of half-precision boxes).
+Precision: ``--precision fp32 bf16`` measures each of the extractor's ``detector.precision``
+values (bf16: the backbone under bf16 autocast in channels-last layout, the heads in fp32), one
+detector built per value. On CUDA, cuDNN convolutions may use TF32 (torch's default
+``cudnn.allow_tf32``), reported with the result.
 
 Random weights make class scores near-uniform, so box selection sees far more (proposal, class)
 pairs above its score floor than with a trained detector: that step is pessimistic here.
@@ -46,7 +44,6 @@ Prints one JSON object; ``--json PATH`` also saves it.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 import json
 import logging
@@ -73,14 +70,14 @@ from preprocess.launch_env import WorkShare, cpu_info  # noqa: E402
 from preprocess.raw_input import RawSample, plan_input_shards, read_shard  # noqa: E402
 
 DEFAULT_DETECTORS = ("torchvision:fasterrcnn_resnet50_fpn", "detectron2:COCO-Detection/faster_rcnn_R_101_C4_3x.yaml")
-AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = ("fp32", "bf16")  # detector.precision values, decided (not auto)
 
 
-def detector_config(spec: str, args) -> DetectorConfig:
+def detector_config(spec: str, args, precision: str) -> DetectorConfig:
     """``torchvision:<builder>`` or ``detectron2:<config file or model-zoo name>``."""
     backend, _, model = spec.partition(":")
     common = {"min_size": args.min_size, "max_size": args.max_size, "min_boxes": args.boxes, "max_boxes": args.boxes,
-              "device": args.device}
+              "device": args.device, "precision": precision}
     if backend == "torchvision":
         return DetectorConfig(backend="torchvision", model=model, **common)
     if backend == "detectron2":
@@ -123,42 +120,39 @@ def proposals_per_image(detector) -> int | None:
     return None
 
 
-def time_batches(detector, batches, device: torch.device, autocast: torch.dtype | None) -> list[float]:
+def time_batches(detector, batches, device: torch.device) -> list[float]:
     """Seconds of each ``detect`` call, each between two device synchronisations."""
-    ctx = torch.autocast(device.type, dtype=autocast) if autocast is not None else contextlib.nullcontext()
     seconds = []
-    with ctx:
-        for samples in batches:
-            sync(device)
-            started = time.perf_counter()
-            detector.detect(*detector_inputs(samples))
-            sync(device)
-            seconds.append(time.perf_counter() - started)
+    for samples in batches:
+        sync(device)
+        started = time.perf_counter()
+        detector.detect(*detector_inputs(samples))
+        sync(device)
+        seconds.append(time.perf_counter() - started)
     return seconds
 
 
 def measure(spec: str, input_spec: str, samples: list[RawSample], work: Path, args) -> list[dict]:
     """One entry per precision for this detector, or one skipped entry."""
-    cfg = ExtractConfig(detector=detector_config(spec, args), batch_size=args.batch_size, progress=False)
-    try:
-        job = plan_job(input_spec, work / f"job-{spec.replace('/', '_').replace(':', '_')}", cfg, WorkShare(0, 1, "single"))
-        detector = load_detector(job)
-    except ImportError as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        hint = "; bench/device_bundle.sh then PYTHONPATH=.d2" if spec.startswith("detectron2:") else ""
-        print(f"skip {spec}: backend not importable ({reason}){hint}", flush=True)
-        return [{"detector": spec, "skipped": f"backend not importable: {reason}"}]
-    device = resolve_device(cfg.detector.device)
-    cycle = itertools.cycle(samples)
-    n = args.batch_size
     entries = []
     for precision in args.precision:
-        autocast = AUTOCAST.get(precision)
+        cfg = ExtractConfig(detector=detector_config(spec, args, precision), batch_size=args.batch_size, progress=False)
+        try:
+            name = f"job-{spec.replace('/', '_').replace(':', '_')}-{precision}"
+            detector = load_detector(plan_job(input_spec, work / name, cfg, WorkShare(0, 1, "single")))
+        except ImportError as err:
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            hint = "; bench/device_bundle.sh then PYTHONPATH=.d2" if spec.startswith("detectron2:") else ""
+            print(f"skip {spec}: backend not importable ({reason}){hint}", flush=True)
+            return [{"detector": spec, "skipped": f"backend not importable: {reason}"}]
+        device = resolve_device(cfg.detector.device)
+        cycle = itertools.cycle(samples)
+        n = args.batch_size
         entry = {
             "detector": detector.name,
             "weights": detector.weights,
             "feature_dim": detector.feature_dim,
-            "precision": precision if autocast is None else f"autocast {precision} (measurement only; extraction runs fp32)",
+            "precision": detector.precision,
             "device": device_name(device),
             "batch_size": n,
             "boxes_per_image": args.boxes,
@@ -166,8 +160,8 @@ def measure(spec: str, input_spec: str, samples: list[RawSample], work: Path, ar
             "proposals_per_image": proposals_per_image(detector),
         }
         try:
-            time_batches(detector, [[next(cycle) for _ in range(n)] for _ in range(args.warmup)], device, autocast)
-            seconds = time_batches(detector, [[next(cycle) for _ in range(n)] for _ in range(args.batches)], device, autocast)
+            time_batches(detector, [[next(cycle) for _ in range(n)] for _ in range(args.warmup)], device)
+            seconds = time_batches(detector, [[next(cycle) for _ in range(n)] for _ in range(args.batches)], device)
         except (RuntimeError, ValueError) as err:
             reason = str(err).strip().splitlines()[0]
             print(f"{detector.name} {precision}: failed ({type(err).__name__}: {reason})", flush=True)
@@ -188,10 +182,10 @@ def measure(spec: str, input_spec: str, samples: list[RawSample], work: Path, ar
                              "cuda.matmul.allow_tf32": torch.backends.cuda.matmul.allow_tf32}
         print(f"{detector.name} {precision}: {entry['images_per_s']} images/s ({images} images, batch {n})", flush=True)
         entries.append(entry)
-    del detector
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
+        del detector
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
     return entries
 
 
@@ -211,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-size", type=int, default=600, help="detector resize: shorter side")
     parser.add_argument("--max-size", type=int, default=1000, help="detector resize: longer side at most")
     parser.add_argument("--boxes", type=int, default=36, help="regions per image (min_boxes = max_boxes)")
-    parser.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", *AUTOCAST])
+    parser.add_argument("--precision", nargs="+", default=["fp32"], choices=PRECISIONS)
     parser.add_argument("--detectron2-overrides", nargs="*", default=[], metavar="KEY VALUE")
     parser.add_argument("--json", type=Path, help="also write the result here")
     args = parser.parse_args(argv)

@@ -8,7 +8,7 @@
 # table docs/benchmarks.md shows), plus each benchmark's own JSON and log in DIR:
 #
 #   extract.json   bench/extract_speed.py: detector images/s, torchvision ResNet-50 FPN and
-#                  detectron2 ResNet-101 C4 (skipped, with the reason, where detectron2 is missing;
+#                  detectron2 ResNet-101 C4, backbone in fp32 and in bf16 (skipped, with the reason, where detectron2 is missing;
 #                  bench/device_bundle.sh makes a .d2/ that needs no compiled extension)
 #   train_ref.json bench/pretrain.py at the reference shape (hidden 384, 6 layers, 2048-d regions,
 #                  40 tokens + 36 regions, batch 32), bf16 where the device has it, fused AdamW
@@ -68,7 +68,7 @@ if [[ $SMOKE == 1 ]]; then
     --num-workers 1 --target-rate 100 --json "$OUT/loader.json"
   step zero 300 "$PY" bench/zero_memory.py --quick --nproc 2 --configs zero0,zero3 --json "$OUT/zero.json"
 else
-  step extract 120 "$PY" bench/extract_speed.py --json "$OUT/extract.json" --batches 6 \
+  step extract 180 "$PY" bench/extract_speed.py --json "$OUT/extract.json" --batches 6 --precision fp32 bf16 \
     --detector torchvision:fasterrcnn_resnet50_fpn --detector detectron2:COCO-Detection/faster_rcnn_R_101_C4_3x.yaml
   step train_ref 75 "$PY" bench/pretrain.py --text 40 --regions 36 --feature-dim 2048 --precision auto \
     --steps 20 --rounds 3 --warmup 3 --out "$OUT/train_ref.json"

@@ -88,7 +88,7 @@ class ButdDetector(TwoStageDetector):
         batch = torch.zeros(len(images), 3, height, width, device=self.device)
         for i, t in enumerate(tensors):
             batch[i, :, : t.shape[1], : t.shape[2]] = t  # zero after the mean: padding is the mean colour
-        return (self.model.backbone(batch), sizes), sizes
+        return (self._backbone(self.model.backbone, batch), sizes), sizes
 
     def _propose(self, state):
         features, sizes = state

@@ -20,6 +20,7 @@ BACKENDS = ("torchvision", "detectron2", "given_boxes", "butd")
 BATCHNORM_CALIBRATIONS = ("noise", "input")
 # How region labels are stored in the feature shards (detector.label_format, FeatureSpec.label_format).
 LABEL_FORMATS = ("distribution", "topk")
+PRECISIONS = ("auto", "fp32", "bf16")
 # torchvision.models.list_models(module=torchvision.models.detection) starting with "fasterrcnn_".
 TORCHVISION_FASTER_RCNN_MODELS = (
     "fasterrcnn_mobilenet_v3_large_320_fpn",
@@ -62,6 +63,15 @@ class DetectorConfig:
     label_format: str = "distribution"  # or "topk"
     topk: int = 5
     device: str = "auto"  # "auto" -> cuda if available else cpu
+    # What the backbone (the image-level trunk, most of the extraction's arithmetic) computes in:
+    # "fp32" (the default) as the reference extractors do, so features match those released
+    # checkpoints were trained on and are the same on every node; "bf16" under bf16 autocast in
+    # channels-last layout (1.7x the quickstart extraction's images/s on an AVX-512 BF16 CPU);
+    # "auto": bf16 where the device computes it natively (a GPU with bf16, a CPU with AVX-512
+    # BF16 or AMX), else fp32. The RPN, box head, box decoding and NMS stay fp32 either way, so
+    # box coordinates are not rounded to bf16. feature_spec.json records what was decided
+    # (backbone_precision); a resumed output must keep it.
+    precision: str = "fp32"
     # Pad every image to a fixed canvas for its orientation (landscape: min_size x max_size,
     # rounded up to 32; portrait: transposed), one forward pass per orientation present, so
     # features do not depend on batch composition (resume-safe, batch-size independent).
@@ -135,6 +145,8 @@ class DetectorConfig:
             raise ValueError(f"detector.label_format must be one of {list(LABEL_FORMATS)}, got {self.label_format!r}")
         if self.topk < 1:
             raise ValueError(f"detector.topk must be >= 1, got {self.topk}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"detector.precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
         if self.device != "auto" and not TORCH_DEVICE.fullmatch(self.device):
             raise ValueError(f"detector.device {self.device!r} is not a torch device; use auto, cpu, cuda or cuda:N")
         if self.backend == "detectron2" and not self.detectron2_config:

@@ -100,7 +100,7 @@ class Detectron2Detector(TwoStageDetector):
             if pad_h < 0 or pad_w < 0:
                 raise RuntimeError(f"resized batch {tuple(image_list.tensor.shape[-2:])} exceeds the {canvas} canvas")
             image_list = ImageList(torch.nn.functional.pad(image_list.tensor, (0, pad_w, 0, pad_h)), image_list.image_sizes)
-        features = model.backbone(image_list.tensor)
+        features = self._backbone(model.backbone, image_list.tensor)
         return (image_list, features), sizes
 
     def _propose(self, state):

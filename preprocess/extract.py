@@ -67,6 +67,9 @@ SPEED_ONLY_KEYS = {
     "progress",
     "detector.device",
 }
+# Keys whose decided value feature_spec.json records and write_or_check_spec compares instead:
+# a run with detector.precision auto may be continued with what auto decided, and vice versa.
+CHECKED_IN_SPEC_KEYS = {"detector.precision"}
 
 
 class ExtractError(ValueError):
@@ -106,10 +109,12 @@ def check_saved_config(output: Location, cfg: ExtractConfig) -> None:
     path = output.url(CONFIG_FILE)
     saved = _flatten(yaml.safe_load(saved_text) or {})
     now = _flatten(to_dict(cfg))
+    # A key newer than the saved config had, when the run started, the behaviour of its default.
+    defaults = _flatten(to_dict(ExtractConfig()))
     for key in sorted(set(saved) | set(now)):
-        if key in SPEED_ONLY_KEYS:
+        if key in SPEED_ONLY_KEYS or key in CHECKED_IN_SPEC_KEYS:
             continue
-        if saved.get(key) != now.get(key):
+        if saved.get(key, defaults.get(key)) != now.get(key):
             raise ExtractError(
                 f"{path}: this directory was written with {key}={saved.get(key)!r} but this run has "
                 f"{key}={now.get(key)!r}; use the same setting or a fresh --output"
@@ -169,6 +174,7 @@ def feature_spec_for(detector: RegionDetector, cfg: ExtractConfig) -> FeatureSpe
         class_names=list(detector.class_names),
         attribute_names=list(detector.attribute_names),
         extractor_sha256=detector.extractor_sha256,
+        backbone_precision=detector.precision,
     )
 
 
@@ -182,7 +188,10 @@ def write_or_check_spec(output: Location, spec: FeatureSpec, calibration: Batchn
     if existing is not None:
         diffs = existing.differences(spec, path, "this run's detector")
         if diffs:
-            raise ExtractError(f"{path} does not match this run's detector ({'; '.join(diffs)[:600]}); use a fresh --output")
+            hint = ""
+            if any(d.startswith("backbone_precision:") for d in diffs):
+                hint = f" or set detector.precision={existing.backbone_precision} to continue it"
+            raise ExtractError(f"{path} does not match this run's detector ({'; '.join(diffs)[:600]}); use a fresh --output{hint}")
     if existing is None:
         if calibration is not None:
             # Before the spec: whoever finds a spec finds its calibration (and a rerun or another

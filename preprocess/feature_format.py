@@ -79,6 +79,9 @@ class FeatureSpec:
     # sha256 of every parameter and buffer of the detector network (preprocess.detector.state_sha256):
     # "" in specs written before it existed, which can then not be verified.
     extractor_sha256: str = ""
+    # What the detector's backbone computed in (detector.precision decided): "fp32" or "bf16";
+    # "fp32" in specs written before it existed, when every extraction was fp32.
+    backbone_precision: str = "fp32"
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:

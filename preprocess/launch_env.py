@@ -1,5 +1,6 @@
 """Where this process sits in a job: read from torchrun, the deepspeed launcher or SLURM; what
-the machine's CPU is (``cpu_info``); and how DataLoader workers treat a job's stop signals
+the machine's CPU is (``cpu_info``) and whether a device computes bf16 natively (``native_bf16``);
+and how DataLoader workers treat a job's stop signals
 (``ignore_stop_signals``, ``stop_safe_worker_init``).
 
 This is the one place that reads launcher environment variables. Everything else takes a
@@ -130,6 +131,24 @@ def cpu_info() -> dict[str, str]:
         name, _, value = line.partition(":")
         info[name.strip()] = value.strip()
     return info
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux lists them (empty where unknown)."""
+    return set(cpu_info().get("flags", "").split())
+
+
+def native_bf16(device) -> str | None:
+    """What computes bf16 natively on ``device`` (a ``torch.device``; said in the log), or None
+    where bf16 would be emulated and slower than fp32. Decides ``precision: auto`` of training
+    and of extraction alike."""
+    if device.type == "cuda":
+        import torch  # here, not at the top: launch checks import this module before torch
+
+        supported = torch.cuda.is_bf16_supported(including_emulation=False)
+        return torch.cuda.get_device_name(device) if supported else None
+    found = [flag for flag in ("amx_bf16", "avx512_bf16") if flag in cpu_flags()]
+    return "a CPU with " + " and ".join(found) if found else None
 
 
 def ignore_stop_signals(worker_id: int) -> None:

@@ -90,7 +90,7 @@ class TorchvisionDetector(TwoStageDetector):
         sizes = [(int(h), int(w)) for h, w in image_list.image_sizes]  # resized, before padding
         if canvas is not None:
             image_list = pad_to_canvas(image_list, canvas)
-        feats = model.backbone(image_list.tensors)
+        feats = self._backbone(model.backbone, image_list.tensors)
         if isinstance(feats, torch.Tensor):
             feats = OrderedDict([("0", feats)])
         # torchvision's ROI pooler infers each level's stride from the largest image HEIGHT in

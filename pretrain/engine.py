@@ -40,7 +40,7 @@ from tqdm import tqdm
 from preprocess import atomic
 from preprocess.config import dump_yaml, merge, to_dict
 from preprocess.feature_format import FeatureSpec
-from preprocess.launch_env import LaunchEnv, cpu_info
+from preprocess.launch_env import LaunchEnv, native_bf16
 from pretrain import checkpoint
 from pretrain.data import to_device
 from pretrain.engine_config import (
@@ -167,21 +167,6 @@ def param_groups(
         result += [{"params": decay, "weight_decay": weight_decay, **lr}, {"params": no_decay, "weight_decay": 0.0, **lr}]
     # An override that matches nothing adds no empty group (ZeRO flattens every group).
     return [group for group in result if group["params"] or "lr" not in group]
-
-
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags as Linux lists them (empty where unknown)."""
-    return set(cpu_info().get("flags", "").split())
-
-
-def native_bf16(device: torch.device) -> str | None:
-    """What computes bf16 natively on ``device`` (said in the log), or None where bf16 would be
-    emulated and slower than fp32."""
-    if device.type == "cuda":
-        supported = torch.cuda.is_bf16_supported(including_emulation=False)
-        return torch.cuda.get_device_name(device) if supported else None
-    found = [flag for flag in ("amx_bf16", "avx512_bf16") if flag in cpu_flags()]
-    return "a CPU with " + " and ".join(found) if found else None
 
 
 def choose_precision(requested: str, device: torch.device) -> str:

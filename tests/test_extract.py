@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from extract_helpers import DETECT, GIVEN_BOXES, good_sample, good_shards, read_features, tables, write_shard
-from preprocess import extract, extract_cli
+from preprocess import extract, extract_cli, launch_env
 from preprocess.feature_format import FeatureSpec, decode_feature_sample
 
 REPO = Path(__file__).resolve().parents[1]
@@ -237,7 +237,7 @@ def test_errors_are_one_line_and_come_before_the_model(tmp_path, monkeypatch, ca
     assert len(err) == 1 and err[0].startswith("extract: error:") and message in err[0], err
 
 
-def test_rerun_with_a_different_detector_is_refused(tmp_path, capsys):
+def test_rerun_with_a_different_detector_is_refused(tmp_path, capsys, monkeypatch):
     spec = good_shards(tmp_path / "raw", num_shards=1, per_shard=1)
     out = tmp_path / "features"
     assert run(["--input", spec, "--output", str(out), *GIVEN_BOXES]) == 0
@@ -252,6 +252,14 @@ def test_rerun_with_a_different_detector_is_refused(tmp_path, capsys):
     (out / ".parts" / "00000.tar.manifest.parquet").unlink()
     assert run(["--input", spec, "--output", str(out), *GIVEN_BOXES]) == 2
     assert "feature_dim: 7 vs 1024" in capsys.readouterr().err
+    # What the backbone computed in is part of what was written: continuing in bf16 is refused
+    # with the way out, while a key that decides the same is not (auto, on a CPU without bf16).
+    spec_file.write_text(json.dumps(data))
+    assert run(["--input", spec, "--output", str(out), *GIVEN_BOXES, "detector.precision=bf16"]) == 2
+    err = capsys.readouterr().err
+    assert "backbone_precision: 'fp32' vs 'bf16'" in err and "set detector.precision=fp32 to continue it" in err
+    monkeypatch.setattr(launch_env, "cpu_flags", lambda: {"avx2"})
+    assert run(["--input", spec, "--output", str(out), *GIVEN_BOXES, "detector.precision=auto"]) == 0
 
 
 def test_given_boxes_missing_from_every_sample_names_the_field_and_the_key(tmp_path, capsys):

@@ -207,15 +207,16 @@ def test_zero0_clips_like_torch_and_reports_the_norm():
 
 
 def test_precision_auto_is_bf16_only_where_the_hardware_computes_it(monkeypatch, caplog):
+    from preprocess import launch_env
     from pretrain import engine
 
     import torch
 
     cpu = torch.device("cpu")
     assert engine.choose_precision("fp16", cpu) == "fp16"  # an explicit choice is kept
-    monkeypatch.setattr(engine, "cpu_flags", lambda: {"avx2", "avx512f"})
-    assert engine.native_bf16(cpu) is None and engine.choose_precision("auto", cpu) == "fp32"
-    monkeypatch.setattr(engine, "cpu_flags", lambda: {"avx512f", "avx512_bf16", "amx_bf16"})
+    monkeypatch.setattr(launch_env, "cpu_flags", lambda: {"avx2", "avx512f"})
+    assert launch_env.native_bf16(cpu) is None and engine.choose_precision("auto", cpu) == "fp32"
+    monkeypatch.setattr(launch_env, "cpu_flags", lambda: {"avx512f", "avx512_bf16", "amx_bf16"})
     with caplog.at_level("INFO", logger="pretrain.engine"):
         assert engine.choose_precision("auto", cpu) == "bf16"
     assert "precision: bf16 (auto: a CPU with amx_bf16 and avx512_bf16)" in caplog.text
