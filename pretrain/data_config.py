@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# What ITM scores. ``unmasked`` (ImageBERT, UNITER): its own forward over the pairs as they are,
-# negatives included, while the masked objectives run on every sample with its own caption.
+# What ITM scores. ``unmasked`` (ImageBERT, UNITER): the pairs as they are, negatives included,
+# as second sequences of the encoder call (2B rows), while the masked objectives run on every
+# sample with its own caption.
 # ``masked``: one forward for everything, ITM on the masked pairs and the masked objectives on
 # the matched ones only (cheaper per step; the masked positions of negatives score nothing).
 ITM_PAIRS = ("unmasked", "masked")

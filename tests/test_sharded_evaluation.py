@@ -88,11 +88,11 @@ def test_two_ranks_evaluate_like_one_process(inputs):
     assert pre0[0] == pre1[0]  # every rank returns the reduced metrics
     assert pre0[0] == pytest.approx(single_pre, rel=1e-9)
     assert single_pre["num_eval_samples"] == 36 and single_pre["num_images"] == 9
-    # 36 samples in batches of eval.batch_size 10 = 4 batches of two forwards (masked modelling,
-    # then ITM on the unmasked pairs), and the 9 + 81 retrieval pairs in batches of 10 = 1 + 9:
-    # 18 in one process; each of two ranks runs 2 x 2 + 1 + 5 (rank 1 pads the positives' batch
-    # and the last block batch).
-    assert single_forwards == 18 and pre0[1] == pre1[1] == 10
+    # 36 samples in batches of eval.batch_size 10 = 4 batches of one forward (masked modelling and
+    # ITM on the unmasked pairs in one encoder call), and the 9 + 81 retrieval pairs in batches of
+    # 10 = 1 + 9: 14 in one process; each of two ranks runs 2 + 1 + 5 (rank 1 pads the positives'
+    # batch and the last block batch).
+    assert single_forwards == 14 and pre0[1] == pre1[1] == 8
     for task in single_fine:
         assert fine0[task] == fine1[task] == pytest.approx(single_fine[task]), task
     assert single_fine["retrieval"]["num_captions"] == 20
