@@ -470,7 +470,8 @@ class ImageBertForPretraining(ImageBertPreTrainedModel):
         pad = self.config.pad_token_id or 0
 
         def padded(text: torch.Tensor, value: int = 0) -> torch.Tensor:
-            return F.pad(text, (0, length - text.shape[1]), value=value)
+            missing = length - text.shape[1]
+            return F.pad(text, (0, missing), value=value) if missing else text
 
         def twice(tensor: torch.Tensor) -> torch.Tensor:
             # Not torch.cat: under CPU autocast it rejects the float16 region features.

@@ -171,11 +171,11 @@ def test_batched_equals_one_at_a_time():
     assert (together.features - alone.features).abs().max() > 1e-2 * alone.features.abs().max()
 
 
-def test_bf16_backbone_keeps_the_network_and_the_boxes():
+def test_bf16_backbone_keeps_the_network_and_feeds_the_heads_fp32():
     """detector.precision bf16: the same network (hash) with its backbone in channels-last
     layout, features near fp32's (bf16 keeps 8 bits of mantissa: measured per-region cosine
-    0.998-0.9999 here) and the heads in fp32, so detection picks boxes from fp32 arithmetic on
-    the feature maps. bf16 is emulated where the CPU lacks it: slower, the same numbers."""
+    0.998-0.9999 here), and feature maps handed to the RPN and box head in fp32, so box decoding
+    and NMS compute in fp32. bf16 is emulated where the CPU lacks it: slower, the same numbers."""
     images = [noise_image(90, 160, 1), noise_image(150, 70, 2)]
     boxes = [torch.tensor([[0.0, 0.0, 160.0, 90.0], [100.0, 40.0, 160.0, 90.0]]),
              torch.tensor([[0.0, 0.0, 70.0, 150.0], [10.0, 100.0, 70.0, 150.0]])]
@@ -189,7 +189,8 @@ def test_bf16_backbone_keeps_the_network_and_the_boxes():
         assert b.features.dtype == torch.float32
         cosine = torch.nn.functional.cosine_similarity(a.features, b.features, dim=1)
         assert cosine.min() > 0.99 and not torch.equal(a.features, b.features), cosine
-        torch.testing.assert_close(b.boxes, a.boxes, rtol=0, atol=0)
+    (_, feature_maps, _), _ = bf16._prepare(images[:1], canvas=None)
+    assert {m.dtype for m in feature_maps.values()} == {torch.float32}
     detector = make_detector(min_boxes=5, max_boxes=20, precision="bf16")
     (detected,) = detector.detect(images[:1])
     assert_valid_regions(detected, images[0], 5, 20, detector.feature_dim, detector.num_classes)
