@@ -8,7 +8,8 @@ library ties the MLM decoder to the word embeddings and initialises every module
 ``_init_weights``. Importing this module registers them, so ``AutoConfig`` / ``AutoModel`` /
 ``AutoModelForPreTraining.from_pretrained(RELEASE)`` work.
 
-The encoder is transformers' ``BertModel`` (SDPA attention). Regions enter as ``inputs_embeds``:
+The encoder is transformers' ``BertModel`` (SDPA attention; training on a CPU draws dropout's
+masks cheaply, ``pretrain.cpu_dropout``). Regions enter as ``inputs_embeds``:
 the projected ROI feature plus the projected 5-d geometry, each layer-normed; BERT's own
 embedding layer then adds the segment embedding (text 0, regions 1) and the position embedding
 (text tokens sequential, all regions one shared position, since regions are unordered), and
@@ -35,6 +36,7 @@ from transformers import initialization as init
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.models.bert.modeling_bert import BertLMPredictionHead, BertPredictionHeadTransform
 
+from pretrain import cpu_dropout
 from pretrain.cmg import CMGObjectives, SharedCodebook
 from pretrain.model_config import CMG_LOSSES, POOLINGS, CMGConfig, ObjectiveWeights, complete_module_fields
 
@@ -146,6 +148,11 @@ class ImageBertPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _supports_sdpa = True
 
+    def get_correct_attn_implementation(self, requested_attention: str | None, is_init_check: bool = False) -> str:
+        # SDPA, except that training on a CPU draws the attention dropout's mask cheaply (pretrain.cpu_dropout).
+        chosen = super().get_correct_attn_implementation(requested_attention, is_init_check)
+        return cpu_dropout.ATTENTION if chosen == "sdpa" else chosen
+
     def _init_weights(self, module: nn.Module) -> None:
         # The library's default: Linear and Embedding normal(0, initializer_range), LayerNorm (1, 0).
         super()._init_weights(module)
@@ -174,6 +181,7 @@ class ImageBertModel(ImageBertPreTrainedModel):
         super().__init__(config)
         self.bert = BertModel(config, add_pooling_layer=True)
         self.region_embeddings = ImageBertRegionEmbeddings(config)
+        cpu_dropout.use_cpu_dropout(self)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:

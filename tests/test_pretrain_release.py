@@ -17,6 +17,7 @@ from transformers import (
     BertForPreTraining,
 )
 
+from pretrain import cpu_dropout
 from pretrain.model import ImageBertConfig, ImageBertForPretraining, ImageBertModel
 from pretrain.release import load_release, save_release
 from pretrain.weights import load_model
@@ -69,7 +70,7 @@ def test_new_modules_are_initialised_by_init_weights():
     for linear in (regions.feature_proj, model.itm_head, model.moc_head.out, model.mrfr_head.transform.dense):
         assert linear.weight.std().item() == pytest.approx(0.05, rel=0.15) and linear.bias.abs().sum() == 0
     assert torch.equal(model.moc_head.transform.LayerNorm.weight, torch.ones(32))
-    assert model.config._attn_implementation == "sdpa"
+    assert model.config._attn_implementation == cpu_dropout.ATTENTION  # SDPA, with the cheap CPU dropout
     # Tied once, by the library: one parameter, counted once by the optimizer.
     assert model.mlm_head.decoder.weight is model.imagebert.bert.embeddings.word_embeddings.weight
     assert len(list(model.parameters())) == len({id(p) for p in model.parameters()})
