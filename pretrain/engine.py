@@ -43,6 +43,7 @@ from preprocess.feature_format import FeatureSpec
 from preprocess.launch_env import LaunchEnv, native_bf16
 from pretrain import checkpoint
 from pretrain.data import to_device
+from pretrain.gradient_sync import OverlappedGradientAverage
 from pretrain.engine_config import (
     CheckpointConfig, DeepSpeedConfig, LoggingConfig, NonFiniteLossConfig, ScheduleConfig,
 )
@@ -342,12 +343,17 @@ def build_engine(
             group_lrs=[group.get("lr", schedule.lr) for group in groups] if lr_overrides else None,
         ),
     )
-    if clips_with_torch(ds):
-        clip_before_each_step(engine.optimizer, ds.gradient_clipping)
     if ds.zero_stage == 0 and dist.get_world_size() == 1:
         # DeepSpeed would still "average" the gradients over the one rank: a flat copy of all of
         # them, an all-reduce and a copy back, every step.
         engine.enable_backward_allreduce = False
+    elif ds.zero_stage == 0 and ds.precision != "fp16":
+        # Averaged during the backward, as DDP does, instead of in one pass after it (fp16's
+        # loss-scaling optimizer keeps DeepSpeed's own reduction).
+        engine.enable_backward_allreduce = False
+        OverlappedGradientAverage(engine.module, engine.optimizer, engine.is_gradient_accumulation_boundary)
+    if clips_with_torch(ds):
+        clip_before_each_step(engine.optimizer, ds.gradient_clipping)
     if resume is not None:
         load_path, _ = engine.load_checkpoint(
             str(checkpoints), tag=load_tag or resume.tag, load_optimizer_states=True,

@@ -206,6 +206,70 @@ def test_zero0_clips_like_torch_and_reports_the_norm():
     assert got["max_diff"] < 1e-7
 
 
+# Two ranks, ZeRO-0, fp32, 2 micro-steps per step, clipping, buckets of a few parameters: the
+# gradients the optimizer steps on (after the engine's averaging during the backward and its
+# clipping) against a reference model's over all four micro-batches. The extra layer is used on
+# rank 1 only: on rank 0 its gradient is missing, and its bucket waits for the step.
+_OVERLAP = """
+import copy, json, os
+from pathlib import Path
+import deepspeed, torch
+deepspeed.init_distributed("gloo", verbose=False)
+import torch.distributed as dist
+from pretrain import gradient_sync
+from pretrain.engine import build_engine
+from pretrain.engine_config import DeepSpeedConfig, ScheduleConfig
+gradient_sync.BUCKET_BYTES = 300  # several buckets
+rank = dist.get_rank()
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first, self.extra, self.last = torch.nn.Linear(8, 16), torch.nn.Linear(16, 16), torch.nn.Linear(16, 1)
+    def forward(self, x, use_extra):
+        h = torch.tanh(self.first(x))
+        return self.last(torch.tanh(self.extra(h)) if use_extra else h)
+torch.manual_seed(0)
+model = Net()
+reference = copy.deepcopy(model)
+data = [[torch.randn(4, 8, generator=torch.Generator().manual_seed(10 * r + m)) for m in range(2)] for r in range(2)]
+engine = build_engine(model, DeepSpeedConfig(zero_stage=0, precision="fp32", gradient_clipping=0.05,
+                                             gradient_accumulation_steps=2), ScheduleConfig(steps=10), 4, Path("unused"))
+stepped = {}
+engine.optimizer.register_step_pre_hook(  # runs after the engine's averaging and clipping
+    lambda opt, args, kwargs: stepped.update({n: p.grad.clone() for n, p in engine.module.named_parameters()}))
+for x in data[rank]:
+    engine.backward(engine(x, rank == 1).pow(2).mean())
+    engine.step()
+for r in range(2):
+    for x in data[r]:
+        (reference(x, r == 1).pow(2).mean() / 4).backward()
+norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.05)
+print(json.dumps({
+    "allreduce": engine.enable_backward_allreduce, "steps": engine.global_steps, "norm": float(norm),
+    "reported": float(engine.get_global_grad_norm()),
+    "max_diff": max((stepped[n] - p.grad).abs().max().item() for n, p in reference.named_parameters()),
+    "extra_grad": stepped["extra.weight"].abs().sum().item(),
+}))
+"""
+
+
+def test_zero0_on_two_ranks_averages_during_the_backward_like_one_big_batch(tmp_path):
+    script = tmp_path / "overlap.py"
+    script.write_text(_OVERLAP)
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", subprocess_env()["MASTER_PORT"], str(script)],
+                         cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert len(results) == 2
+    for got in results:
+        assert got["allreduce"] is False and got["steps"] == 1  # DeepSpeed's own pass is off
+        assert got["norm"] > 0.5  # the clipping scales the averages
+        assert got["reported"] == pytest.approx(got["norm"], rel=1e-6)  # the norm of the averages
+        assert got["extra_grad"] > 0  # rank 0 steps on rank 1's gradient of the layer it did not use
+        assert got["max_diff"] < 1e-7
+
+
 def test_precision_auto_is_bf16_only_where_the_hardware_computes_it(monkeypatch, caplog):
     from preprocess import launch_env
     from pretrain import engine
