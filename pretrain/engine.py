@@ -43,10 +43,10 @@ from preprocess.feature_format import FeatureSpec
 from preprocess.launch_env import LaunchEnv, native_bf16
 from pretrain import checkpoint
 from pretrain.data import to_device
-from pretrain.gradient_sync import OverlappedGradientAverage
 from pretrain.engine_config import (
     CheckpointConfig, DeepSpeedConfig, LoggingConfig, NonFiniteLossConfig, ScheduleConfig,
 )
+from pretrain.gradient_sync import OverlappedGradientAverage
 
 log = logging.getLogger("pretrain.engine")
 
