@@ -219,11 +219,16 @@ def choose_zero_stage(ds: DeepSpeedConfig, world_size: int, resume: checkpoint.T
     return stage
 
 
+def steps_torch_optimizer(ds: DeepSpeedConfig) -> bool:
+    """Whether DeepSpeed steps a plain torch optimizer, whose gradients the engine then averages
+    (``OverlappedGradientAverage``) and clips (``clip_before_each_step``) itself: without ZeRO, in
+    fp32 or bf16 (autocast); in fp16 DeepSpeed's loss-scaling optimizer wraps it and does both."""
+    return ds.zero_stage == 0 and ds.precision != "fp16"
+
+
 def clips_with_torch(ds: DeepSpeedConfig) -> bool:
-    """Whether the engine clips gradients itself (``clip_before_each_step``) rather than DeepSpeed:
-    without ZeRO, where DeepSpeed steps a plain torch optimizer (fp32, or bf16 as autocast); in fp16
-    DeepSpeed's loss-scaling optimizer wraps it and clips the unscaled gradients itself."""
-    return ds.zero_stage == 0 and ds.precision != "fp16" and ds.gradient_clipping > 0
+    """Whether the engine clips gradients itself (``clip_before_each_step``) rather than DeepSpeed."""
+    return steps_torch_optimizer(ds) and ds.gradient_clipping > 0
 
 
 def zero_buckets(num_params: int) -> dict[str, int]:
@@ -347,9 +352,8 @@ def build_engine(
         # DeepSpeed would still "average" the gradients over the one rank: a flat copy of all of
         # them, an all-reduce and a copy back, every step.
         engine.enable_backward_allreduce = False
-    elif ds.zero_stage == 0 and ds.precision != "fp16":
-        # Averaged during the backward, as DDP does, instead of in one pass after it (fp16's
-        # loss-scaling optimizer keeps DeepSpeed's own reduction).
+    elif steps_torch_optimizer(ds):
+        # Averaged during the backward, as DDP does, instead of in one pass after it.
         engine.enable_backward_allreduce = False
         OverlappedGradientAverage(engine.module, engine.optimizer, engine.is_gradient_accumulation_boundary)
     if clips_with_torch(ds):
