@@ -13,10 +13,10 @@ validation on the test shard). The variants:
 
 The release: ``--init DIR`` with ``--features`` (any release and its pretraining features, e.g. the
 quickstart's ``quickstart-out/release`` and ``quickstart-out/features``), or
-by default a small one the bench pretrains itself in a few minutes on a CPU, under
+by default a small one the bench pretrains itself in about 12 minutes on one CPU core, under
 ``WORK/pretrain``: ``python -m preprocess synth`` (1,200 scenes) and ``preprocess extract``
 (``configs/preprocess/quickstart.yaml``), ``python -m pretrain --config
-configs/pretrain/bench-small.yaml`` (a random ImageBERT, hidden 128, 3 layers, 800 steps of
+configs/pretrain/bench-small.yaml`` (a random ImageBERT, hidden 128, 3 layers, 3,000 steps of
 MLM/MOC/MRFR/ITM) and ``python -m pretrain.export`` to ``WORK/release``.
 
 The data: per task, ``finetune.synth_tasks`` train and test shards and ``preprocess extract``
