@@ -8,7 +8,8 @@ MOC, MRFR and ITM) pretrained on the same 1,200 synthetic scenes with the same s
 - ``no cmg``: without them, the control;
 - the paper's ablations that fit: ``without Cross-CPC`` (``cmg.cross_cpc=0``), ``without CLUB``
   (``cmg.club=0 cmg.club_approximation=0``), ``without MM-EMA`` (``cmg.multimodal_ema=false``),
-  ``without code reset`` (``cmg.code_reset=false``).
+  ``without code reset`` (``cmg.code_reset=false``);
+- CLUB's weight: ``CLUB weight 1`` (CMG's) and ``CLUB weight 0.1``, against the default 0.01.
 
 Protocol, per release, each a ``python -m finetune`` run: the ``shape`` task
 (``finetune.synth_tasks``: the label is the shape every object of the scene has, which the caption
@@ -60,6 +61,9 @@ RELEASES = {
     "without CLUB": [*CMG_ON, "cmg.club=0", "cmg.club_approximation=0"],
     "without MM-EMA": [*CMG_ON, "cmg.multimodal_ema=false"],
     "without code reset": [*CMG_ON, "cmg.code_reset=false"],
+    # CLUB's weight: CMG's own (1) and a tenth of it, against the default 0.01 of "cmg"
+    "CLUB weight 1": [*CMG_ON, "cmg.club=1"],
+    "CLUB weight 0.1": [*CMG_ON, "cmg.club=0.1"],
 }
 # (train modality, test modality) of each protocol column
 DIRECTIONS = {"text→image": ("text", "image"), "image→text": ("image", "text"),

@@ -38,7 +38,11 @@ class CMGConfig:
     enabled: bool = False
     reconstruction: float = 1.0
     commitment: float = 0.25  # VQ-VAE's beta, which CMG keeps
-    club: float = 1.0  # the I(z; s) upper bound the model minimises
+    # The I(z; s) upper bound the model minimises. Not CMG's weight of 1: here that collapses the
+    # codebook (the regions all take one code, L_cmcm stays at chance), since shrinking z towards
+    # a constant is the cheapest way down the bound; 0.1 still does, 0.01 keeps the codes apart
+    # (docs/benchmarks.md, Cross-modal transfer).
+    club: float = 0.01
     club_approximation: float = 1.0  # trains only the CLUB networks q(s | z)
     cross_cpc: float = 1.0
     code_matching: float = 1.0  # L_cmcm: a caption and its regions choose the same codes
