@@ -4,15 +4,17 @@ their codes give: a diagnostic of the objectives apart from pretraining.
 CMG (Xia et al., NeurIPS 2023) trains its semantic and specific encoders, codebook, CLUB and
 Cross-CPC networks on the features of frozen pretrained unimodal encoders. This bench does that
 with a release's encoder: each sample's caption alone and its regions alone go once through the
-frozen encoder (``encode_alone``, as ``ImageBertForPretraining.cmg_losses`` does), and
-``pretrain.cmg.CMGObjectives`` trains in-process on those fixed states (AdamW, gradients clipped
-to 1, the EMA codebook moving as in pretraining), with the loss weights of ``CMGConfig`` and the
-variant's changes:
+frozen encoder (``encode_each_alone``, as ``ImageBertForPretraining.cmg_losses`` does), and CMG's
+modules (``build_cmg_objectives``, the codebook of ``bench/cmg_transfer.py``) train in-process on
+those fixed states (AdamW at ``bench-small.yaml``'s peak lr, gradients clipped to 1, the EMA
+codebook moving as in pretraining), with the loss weights of ``CMGConfig`` and the variant's
+changes:
 
 - training states: 1,000 scenes of the release's pretraining features (``--features``, shards
-  00000-00004, as ``configs/pretrain/bench-small.yaml`` trains on);
+  00000-00004, as ``configs/pretrain/bench-small.yaml`` trains on, read with its ``data`` settings);
 - probe: the ``shape`` task (``finetune.synth_tasks``, 1,000 train / 300 test, extracted through
-  the same network, ``project_runs.prepare_task``); a linear head on the mean of one modality's
+  the same network, ``project_runs.prepare_task``, read with ``cross-modal-text-to-image.yaml``'s
+  ``data`` and ``task`` settings); a linear head on the mean of one modality's
   codes (or semantic vectors, or encoder states) is fitted on the train split and tested on the
   other modality's test split (text→image, image→text), and on the same one as a control.
 
@@ -26,6 +28,7 @@ through ``python -m finetune`` on releases pretrained with CMG.
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import time
 from pathlib import Path
@@ -36,9 +39,10 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from project_runs import prepare_task  # noqa: E402  (bench/, this script's directory)
+from cmg_transfer import CODEBOOK  # noqa: E402  (bench/, this script's directory)
+from project_runs import PRETRAIN_CONFIG, prepare_task  # noqa: E402
 
-CODEBOOK = {"num_codes": 64, "code_dim": 64, "dead_after": 100}  # bench/cmg_transfer.py's CMG_ON
+PROBE_CONFIG = REPO / "configs" / "finetune" / "cross-modal-text-to-image.yaml"
 VARIANTS = {  # name -> loss weights changed from CMGConfig's defaults
     "CLUB weight 1 (CMG's)": {"club": 1.0},
     "CLUB weight 0.1": {"club": 0.1},
@@ -57,9 +61,10 @@ def unimodal_states(release, batches) -> dict[str, torch.Tensor]:
     parts: dict[str, list] = {"text": [], "text_mask": [], "regions": [], "region_mask": [], "geometry": []}
     with torch.no_grad():
         for b in batches:
-            parts["text"].append(encoder.encode_alone(encoder.embed_tokens(b["input_ids"], segment=0), b["attention_mask"]))
-            parts["regions"].append(encoder.encode_alone(
-                encoder.embed_regions(b["region_features"].float(), b["region_geometry"]), b["region_mask"]))
+            text, regions = encoder.encode_each_alone(
+                b["input_ids"], b["attention_mask"], b["region_features"], b["region_geometry"], b["region_mask"])
+            parts["text"].append(text)
+            parts["regions"].append(regions)
             parts["text_mask"].append(b["attention_mask"].bool())
             parts["region_mask"].append(b["region_mask"].bool())
             parts["geometry"].append(b["region_geometry"])
@@ -70,37 +75,31 @@ def unimodal_states(release, batches) -> dict[str, torch.Tensor]:
     return out
 
 
-def pretraining_states(release, features: Path) -> dict[str, torch.Tensor]:
+def pretraining_states(release, features: Path, data) -> dict[str, torch.Tensor]:
     from pretrain.data import pad_captions, pad_regions, read_eval_samples
-    from pretrain.data_config import DataConfig
 
-    data = DataConfig(max_text_length=32, max_regions=10)  # configs/pretrain/bench-small.yaml's
     samples = read_eval_samples(str(features / "{00000..00004}.tar"), release.tokenizer, release.feature_spec, data, 1000)
     batches = [{**pad_captions(samples[i:i + 100], release.tokenizer.pad_token_id), **pad_regions(samples[i:i + 100])}
                for i in range(0, len(samples), 100)]
     return unimodal_states(release, batches)
 
 
-def task_states(release, root: Path, split: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    from finetune.config import DataConfig, TaskConfig
+def task_states(release, root: Path, split: str, probe_config) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     from finetune.data import TaskCollate, read_samples
 
-    task = TaskConfig(name="classification", label_names=["circle", "square", "triangle", "cross", "star"])
-    data = DataConfig(train="-", max_text_length=40, max_regions=10)  # configs/finetune/cross-modal-*.yaml's
-    samples = read_samples(str(root / split / "00000.tar"), release.tokenizer, release.feature_spec, data, task)
-    collate = TaskCollate(release.tokenizer.pad_token_id, task)
+    samples = read_samples(str(root / split / "00000.tar"), release.tokenizer, release.feature_spec, probe_config.data, probe_config.task)
+    collate = TaskCollate(release.tokenizer.pad_token_id, probe_config.task)
     batches = [collate(samples[i:i + 100]) for i in range(0, len(samples), 100)]
     return unimodal_states(release, batches), torch.cat([b["labels"] for b in batches])
 
 
-def train_cmg(states: dict[str, torch.Tensor], weights: dict[str, float], hidden: int, steps: int, seed: int, log):
-    from pretrain.cmg import CMGObjectives
+def train_cmg(states: dict[str, torch.Tensor], weights: dict[str, float], model_config, lr: float, steps: int, seed: int, log):
+    """CMG's modules of ``model_config.cmg``, trained on ``states`` for ``steps`` batches of 32."""
+    from pretrain.model import build_cmg_objectives
 
-    torch.manual_seed(seed)
-    dim = CODEBOOK["code_dim"]
-    cmg = CMGObjectives(hidden, num_codes=CODEBOOK["num_codes"], code_dim=dim, specific_dim=dim, club_hidden=dim,
-                        cpc_context=dim, dead_after=CODEBOOK["dead_after"], seed=seed)
-    optimizer = torch.optim.AdamW(cmg.parameters(), lr=5e-4, weight_decay=0.01)  # bench-small.yaml's peak lr
+    torch.manual_seed(seed)  # the modules' initialisation and the batches (the codebook has its own seed)
+    cmg = build_cmg_objectives(model_config)
+    optimizer = torch.optim.AdamW(cmg.parameters(), lr=lr, weight_decay=0.01)
     generator = torch.Generator().manual_seed(seed)
     cmg.train()
     for step in range(1, steps + 1):
@@ -116,14 +115,16 @@ def train_cmg(states: dict[str, torch.Tensor], weights: dict[str, float], hidden
 
 
 def pooled(cmg, states: dict[str, torch.Tensor], modality: str, representation: str) -> torch.Tensor:
+    """One modality's mean codes, semantic vectors or encoder states (``CrossModalTransfer.represent``'s pooling)."""
+    from pretrain.model import masked_mean
+
     vectors, mask = (states["text"], states["text_mask"]) if modality == "text" else (states["regions"], states["region_mask"])
     with torch.no_grad():
         if representation != "hidden":
             vectors, _ = (cmg.text if modality == "text" else cmg.regions)(vectors)
             if representation == "codes":
                 vectors = cmg.codebook.codes(vectors)
-    weights = mask.float()[..., None]
-    return (vectors * weights).sum(1) / weights.sum(1).clamp(min=1)
+    return masked_mean(vectors, mask)
 
 
 def probe(train_x, train_y, test_x, test_y, classes: int) -> float:
@@ -150,23 +151,31 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    from pretrain.model_config import CMGConfig
+    from finetune.config import FinetuneConfig
+    from preprocess.config import load_config
+    from pretrain.config import PretrainConfig
+    from pretrain.model_config import CMGConfig, complete_module_fields
     from pretrain.release import load_release
 
+    pretraining = load_config(PretrainConfig, PRETRAIN_CONFIG)
+    probe_config = load_config(FinetuneConfig, PROBE_CONFIG)
     release = load_release(args.release)
+    model_config = copy.deepcopy(release.model.config)
+    model_config.cmg = complete_module_fields(CMGConfig(enabled=True, **CODEBOOK).module_fields())
     root = prepare_task("shape", args.work.resolve(), 1000, 300, args.features.resolve())
-    training = pretraining_states(release, args.features)
-    (train, train_y), (test, test_y) = task_states(release, root, "train"), task_states(release, root, "test")
+    training = pretraining_states(release, args.features, pretraining.data)
+    (train, train_y), (test, test_y) = (task_states(release, root, split, probe_config) for split in ("train", "test"))
     chance = (test_y == test_y.mode().values).float().mean().item() * 100
-    hidden = training["text"].shape[-1]
+    classes = len(probe_config.task.label_names)
     rows = []
     for name in args.variants:
         start = time.perf_counter()
         print(f"{name}:", flush=True)
         weights = {**CMGConfig().loss_weights(), **VARIANTS[name]}
-        cmg, last = train_cmg(training, weights, hidden, args.steps, args.seed, lambda line: print(line, flush=True))
+        cmg, last = train_cmg(training, weights, model_config, pretraining.stages[0].lr, args.steps, args.seed,
+                              lambda line: print(line, flush=True))
         for representation in ("codes", "semantic") + (("hidden",) if name == args.variants[0] else ()):
-            accuracy = [probe(pooled(cmg, train, a, representation), train_y, pooled(cmg, test, b, representation), test_y, 5)
+            accuracy = [probe(pooled(cmg, train, a, representation), train_y, pooled(cmg, test, b, representation), test_y, classes)
                         for a, b in DIRECTIONS]
             label = "encoder states (no CMG)" if representation == "hidden" else f"{name} ({representation})"
             rows.append(f"| {label} | " + " | ".join(f"{v:.1f}" for v in accuracy) + " | "

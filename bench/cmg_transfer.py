@@ -53,7 +53,8 @@ CODE_PATHS = ("*.py", "*.yaml", "pyproject.toml", "constraints.txt")
 RELEASE_CODE_PATHS = ("preprocess/*.py", "pretrain/*.py", "configs/pretrain/*.yaml", "pyproject.toml", "constraints.txt")
 # The codebook for this small world (5 shapes, 6 colours, sizes, places; hidden 128): the paper's
 # 400 codes of width 256 would leave most codes dead; a code unused for 100 steps is reset.
-CMG_ON = ["cmg.enabled=true", "cmg.num_codes=64", "cmg.code_dim=64", "cmg.dead_after=100"]
+CODEBOOK = {"num_codes": 64, "code_dim": 64, "dead_after": 100}
+CMG_ON = ["cmg.enabled=true", *(f"cmg.{key}={value}" for key, value in CODEBOOK.items())]
 RELEASES = {
     "cmg": CMG_ON,
     "no cmg": [],

@@ -222,6 +222,16 @@ class ImageBertModel(ImageBertPreTrainedModel):
         attention = create_bidirectional_mask(config=self.config, inputs_embeds=embedded, attention_mask=mask.long())
         return self.bert.encoder(embedded, attention_mask=attention).last_hidden_state
 
+    def encode_each_alone(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+        region_features: torch.Tensor, region_geometry: torch.Tensor, region_mask: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(text states ``[B, T, H]``, region states ``[B, R, H]``): the caption alone and the
+        regions alone through the encoder, neither attending to the other (CMG's unimodal inputs)."""
+        text = self.encode_alone(self.embed_tokens(input_ids, segment=0), attention_mask)
+        regions = self.encode_alone(self.embed_regions(region_features, region_geometry), region_mask)
+        return text, regions
+
     def pool(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The summary the ITM and task heads read: BERT's pooler (dense + tanh) on token 0
         (``summary_pooling: cls``, ImageBERT) or on the mean over the real positions (``mean``).
@@ -511,9 +521,8 @@ class ImageBertForPretraining(ImageBertPreTrainedModel):
             return self._cmg_without_pairs(len(rows), batch["input_ids"].device)
         caption = torch.where(batch["mlm_labels"] != IGNORE_INDEX, batch["mlm_labels"], batch["input_ids"])
         with torch.set_grad_enabled(torch.is_grad_enabled() and train_encoder):
-            text_states = encoder.encode_alone(encoder.embed_tokens(caption, segment=0), batch["attention_mask"])
-            region_states = encoder.encode_alone(
-                encoder.embed_regions(batch["region_features"], batch["region_geometry"]), batch["region_mask"]
+            text_states, region_states = encoder.encode_each_alone(
+                caption, batch["attention_mask"], batch["region_features"], batch["region_geometry"], batch["region_mask"]
             )
         losses, stats = self.cmg(
             text_states, batch["attention_mask"].bool() & rows[:, None],
