@@ -1,15 +1,20 @@
 """CMG's cross-modal generalisation protocol on the synthetic world: a head trained on one
-modality, tested on the other, for releases pretrained with and without CMG's objectives.
+modality, tested on the other, for releases with CMG's objectives and without them.
 
-Releases: ``configs/pretrain/bench-small.yaml`` (a random ImageBERT, hidden 128, 3 layers, MLM,
-MOC, MRFR and ITM) pretrained on the same 1,200 synthetic scenes with the same seed and steps:
+Releases, all from the same 1,200 synthetic scenes:
 
-- ``cmg``: with every CMG objective (``cmg.enabled=true`` and the bench's codebook shape);
-- ``no cmg``: without them, the control;
-- the paper's ablations that fit: ``without Cross-CPC`` (``cmg.cross_cpc=0``), ``without CLUB``
-  (``cmg.club=0 cmg.club_approximation=0``), ``without MM-EMA`` (``cmg.multimodal_ema=false``),
-  ``without code reset`` (``cmg.code_reset=false``);
-- CLUB's weight: ``CLUB weight 1`` (CMG's) and ``CLUB weight 0.1``, against the default 0.01.
+- ``no cmg``: ``configs/pretrain/bench-small.yaml`` (a random ImageBERT, hidden 128, 3 layers,
+  MLM, MOC, MRFR and ITM, 3,000 steps), the control and the base of the others;
+- ``cmg``: ``configs/pretrain/cmg-bench-small.yaml`` on it: CMG's modules added to the finished
+  ``no cmg`` release and trained alone on its frozen encoder (``stages[].objectives: cmg``,
+  1,000 steps), CMG's own setting;
+- the paper's ablations that fit, each the ``cmg`` release's config with an override:
+  ``without Cross-CPC`` (``cmg.cross_cpc=0``), ``without CLUB`` (``cmg.club=0
+  cmg.club_approximation=0``), ``without MM-EMA`` (``cmg.multimodal_ema=false``), ``without
+  code reset`` (``cmg.code_reset=false``);
+- CLUB's weight: ``CLUB weight 1`` (CMG's) and ``CLUB weight 0.1``, against the default 0.01;
+- not run unless named: ``cmg during pretraining``, CMG's objectives beside the masked ones
+  from the first step (``bench-small.yaml`` with ``cmg.enabled``, about 3x slower).
 
 Protocol, per release, each a ``python -m finetune`` run: the ``shape`` task
 (``finetune.synth_tasks``: the label is the shape every object of the scene has, which the caption
@@ -51,21 +56,24 @@ from project_runs import (  # noqa: E402  (bench/, this script's directory)
 CODE_PATHS = ("*.py", "*.yaml", "pyproject.toml", "constraints.txt")
 # What a release depends on: a change to fine-tuning's code does not pretrain the releases again.
 RELEASE_CODE_PATHS = ("preprocess/*.py", "pretrain/*.py", "configs/pretrain/*.yaml", "pyproject.toml", "constraints.txt")
-# The codebook for this small world (5 shapes, 6 colours, sizes, places; hidden 128): the paper's
-# 400 codes of width 256 would leave most codes dead; a code unused for 100 steps is reset.
-CODEBOOK = {"num_codes": 64, "code_dim": 64, "dead_after": 100}
+CMG_CONFIG = REPO / "configs" / "pretrain" / "cmg-bench-small.yaml"
+# The codebook's shape and reset for this small world: the CMG config's cmg section.
+CODEBOOK = {key: value for key, value in yaml.safe_load(CMG_CONFIG.read_text())["cmg"].items() if key != "enabled"}
 CMG_ON = ["cmg.enabled=true", *(f"cmg.{key}={value}" for key, value in CODEBOOK.items())]
-RELEASES = {
-    "cmg": CMG_ON,
-    "no cmg": [],
-    "without Cross-CPC": [*CMG_ON, "cmg.cross_cpc=0"],
-    "without CLUB": [*CMG_ON, "cmg.club=0", "cmg.club_approximation=0"],
-    "without MM-EMA": [*CMG_ON, "cmg.multimodal_ema=false"],
-    "without code reset": [*CMG_ON, "cmg.code_reset=false"],
+BASE = "no cmg"  # the release the CMG_CONFIG ones start from (their model.release)
+RELEASES = {  # name -> (config, overrides)
+    BASE: (PRETRAIN_CONFIG, []),
+    "cmg": (CMG_CONFIG, []),
+    "without Cross-CPC": (CMG_CONFIG, ["cmg.cross_cpc=0"]),
+    "without CLUB": (CMG_CONFIG, ["cmg.club=0", "cmg.club_approximation=0"]),
+    "without MM-EMA": (CMG_CONFIG, ["cmg.multimodal_ema=false"]),
+    "without code reset": (CMG_CONFIG, ["cmg.code_reset=false"]),
     # CLUB's weight: CMG's own (1) and a tenth of it, against the default 0.01 of "cmg"
-    "CLUB weight 1": [*CMG_ON, "cmg.club=1"],
-    "CLUB weight 0.1": [*CMG_ON, "cmg.club=0.1"],
+    "CLUB weight 1": (CMG_CONFIG, ["cmg.club=1"]),
+    "CLUB weight 0.1": (CMG_CONFIG, ["cmg.club=0.1"]),
+    "cmg during pretraining": (PRETRAIN_CONFIG, CMG_ON),
 }
+DEFAULT_RELEASES = [name for name in RELEASES if name != "cmg during pretraining"]
 # (train modality, test modality) of each protocol column
 DIRECTIONS = {"text→image": ("text", "image"), "image→text": ("image", "text"),
               "text→text": ("text", "text"), "image→image": ("image", "image")}
@@ -74,8 +82,10 @@ DIRECTIONS = {"text→image": ("text", "image"), "image→text": ("image", "text
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", type=Path, required=True, help="data, releases, runs and results (reused across runs)")
-    parser.add_argument("--releases", nargs="+", default=list(RELEASES), choices=list(RELEASES))
-    parser.add_argument("--pretrain-steps", type=int, default=0, help="steps of the pretraining stage (0: the config's)")
+    parser.add_argument("--releases", nargs="+", default=DEFAULT_RELEASES, choices=list(RELEASES))
+    parser.add_argument("--pretrain-steps", type=int, default=0,
+                        help="steps of bench-small.yaml's stage (0: the config's)")
+    parser.add_argument("--cmg-steps", type=int, default=0, help="steps of the CMG stage on the release (0: the config's)")
     parser.add_argument("--train-samples", type=int, default=1000)
     parser.add_argument("--test-samples", type=int, default=300)
     parser.add_argument("--steps", type=int, default=300, help="fine-tuning steps of each head")
@@ -84,27 +94,37 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def pretrain_overrides(name: str, steps: int) -> list[str]:
-    overrides = list(RELEASES[name])
-    if steps:
-        stages = yaml.safe_load(PRETRAIN_CONFIG.read_text())["stages"]
-        stages[0]["steps"] = steps
-        overrides.append("stages=" + json.dumps(stages))
-    return overrides
+def with_steps(config: Path, steps: int) -> list[str]:
+    """The override that sets ``config``'s (only) stage to ``steps`` (none for 0)."""
+    if not steps:
+        return []
+    stages = yaml.safe_load(config.read_text())["stages"]
+    stages[0]["steps"] = steps
+    return ["stages=" + json.dumps(stages)]
 
 
-def release_of(name: str, args, features: Path, code: str) -> Path:
-    """The release ``name``, pretrained once per (overrides, ``RELEASE_CODE_PATHS``' version)."""
-    overrides = pretrain_overrides(name, args.pretrain_steps)
-    key = hashlib.sha256(json.dumps([overrides, code]).encode()).hexdigest()[:12]
+def release_of(name: str, args, features: Path, code: str, base: Path | None) -> Path:
+    """The release ``name``, pretrained once per (config, overrides, ``RELEASE_CODE_PATHS``'
+    version); the CMG_CONFIG releases on ``base`` (the ``no cmg`` release)."""
+    config, overrides = RELEASES[name]
+    if config == CMG_CONFIG:
+        overrides = [*overrides, *with_steps(config, args.cmg_steps), f"model.release={base}"]
+    else:
+        overrides = [*overrides, *with_steps(config, args.pretrain_steps)]
+    key = hashlib.sha256(json.dumps([config.name, overrides, code]).encode()).hexdigest()[:12]
     root = args.work / "releases" / f"{name.replace(' ', '_')}-{key}"
-    return pretrained(features, root / "run", root / "release", overrides, log=root / "log.txt")
+    return pretrained(features, root / "run", root / "release", overrides, log=root / "log.txt", config=config)
+
+
+def has_cmg(release_name: str) -> bool:
+    config, overrides = RELEASES[release_name]
+    return config == CMG_CONFIG or "cmg.enabled=true" in overrides
 
 
 def representations(release_name: str) -> list[str]:
     """What the head reads: a release without CMG has only its states; the full CMG release is
     also read before quantisation and without CMG's modules, to see what each step adds."""
-    if "cmg.enabled=true" not in RELEASES[release_name]:
+    if not has_cmg(release_name):
         return ["hidden"]
     return ["codes", "semantic", "hidden"] if release_name == "cmg" else ["codes"]
 
@@ -146,8 +166,11 @@ def main(argv=None) -> int:
     if args.retrieval:
         roots["retrieval"] = prepare_task("retrieval", args.work, args.train_samples, args.test_samples, features)
 
+    release_code = code_version(RELEASE_CODE_PATHS)
+    base = release_of(BASE, args, features, release_code, None)  # before the others: they start from it
+
     def one_release(name: str) -> list[tuple[str, dict]]:
-        release = release_of(name, args, features, code_version(RELEASE_CODE_PATHS))
+        release = release_of(name, args, features, release_code, base)
         done = []
         for result_name, run_argv, task in finetune_runs(name, release, roots, args):
             results = json.loads(results_file.read_text()) if results_file.is_file() else {}

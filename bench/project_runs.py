@@ -89,13 +89,15 @@ def pretraining_features(root: Path, log: Path) -> Path:
     return features
 
 
-def pretrained(features: Path, run: Path, release: Path, overrides: list[str], log: Path) -> Path:
-    """``release``: ``configs/pretrain/bench-small.yaml`` with ``overrides`` pretrained on
-    ``features`` in ``run`` (resumed when killed) and exported; skipped when the release exists."""
+def pretrained(features: Path, run: Path, release: Path, overrides: list[str], log: Path,
+               config: Path = PRETRAIN_CONFIG) -> Path:
+    """``release``: ``config`` (default ``configs/pretrain/bench-small.yaml``) with ``overrides``
+    pretrained on ``features`` in ``run`` (resumed when killed) and exported; skipped when the
+    release exists."""
     if (release / "model.safetensors").is_file():
         return release
     run.parent.mkdir(parents=True, exist_ok=True)
-    python_m("pretrain", "--config", str(PRETRAIN_CONFIG), "--run-dir", str(run), "--resume",
+    python_m("pretrain", "--config", str(config), "--run-dir", str(run), "--resume",
              f"shards_root={features}", "logging.progress_bar=false", *overrides, log=log)
     python_m("pretrain.export", "--run", str(run), "--out", str(release), log=log)
     return release

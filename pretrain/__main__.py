@@ -39,10 +39,11 @@ def main(argv: list[str] | None = None) -> int:
         # DeepSpeed picks its accelerator on first use; without CUDA it must be told.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-    from pretrain.trainer import check_feature_specs, run
+    from pretrain.trainer import check_feature_specs, check_release, run
 
     try:
         spec = check_feature_specs(cfg)  # missing shards, unreadable bucket, mismatched specs: one line, before any rank starts
+        check_release(cfg, spec)  # model.release: not a release, or one that does not fit the config or the shards
     except (OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

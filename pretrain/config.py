@@ -22,7 +22,7 @@ from pretrain.engine_config import (
 )
 from pretrain.evaluate_config import EvalConfig
 from pretrain.masking_config import MaskingConfig
-from pretrain.model_config import POOLINGS, CMGConfig, ObjectiveWeights
+from pretrain.model_config import POOLINGS, STAGE_OBJECTIVES, CMGConfig, ObjectiveWeights
 
 PACKAGE_PREFIX = "pkg:"
 
@@ -52,7 +52,11 @@ class ModelConfig:
     bert: str | None = None
     # Random initialisation instead: BertConfig keyword arguments (hidden_size, num_hidden_layers, ...).
     bert_config: dict[str, Any] | None = None
-    # Tokenizer directory (or pkg:<module>); defaults to `bert`. Required with `bert_config`.
+    # Or go on from a release directory (python -m pretrain.export, or a converted checkpoint):
+    # its architecture, weights and tokenizer; CMG's modules it lacks are initialised when
+    # cmg.enabled (e.g. CMG's objectives trained on a finished release's frozen encoder).
+    release: str | None = None
+    # Tokenizer directory (or pkg:<module>); defaults to `bert` or `release`. Required with `bert_config`.
     tokenizer: str | None = None
     # Keep only the first N layers of the pretrained `bert` (a smaller model for CPU runs); null keeps all.
     num_layers: int | None = None
@@ -61,20 +65,22 @@ class ModelConfig:
     # The summary the ITM and task heads read: "cls" (ImageBERT: BERT's pooler on [CLS]) or "mean"
     # (the pooler on the mean over tokens and regions; for checkpoints trained with mean pooling,
     # such as sentence-transformers' MiniLM, whose [CLS] is no summary). Saved in the release.
-    pooling: str = "cls"
+    # null: "cls", or with `release` the release's own.
+    pooling: str | None = None
 
     def __post_init__(self) -> None:
-        if (self.bert is None) == (self.bert_config is None):
-            raise ValueError("model: set exactly one of model.bert (pretrained directory) or model.bert_config (random init)")
+        if sum(source is not None for source in (self.bert, self.bert_config, self.release)) != 1:
+            raise ValueError("model: set exactly one of model.bert (pretrained BERT directory), model.bert_config "
+                             "(random init) or model.release (a release to go on from)")
         if self.num_layers is not None and (self.bert is None or self.num_layers < 1):
             raise ValueError("model.num_layers truncates a pretrained model.bert and must be >= 1 (with bert_config set num_hidden_layers)")
-        if self.pooling not in POOLINGS:
+        if self.pooling is not None and self.pooling not in POOLINGS:
             raise ValueError(f"model.pooling must be one of {list(POOLINGS)}, got {self.pooling!r}")
         if self.bert_config is not None and self.tokenizer is None:
             raise ValueError("model.tokenizer is required with model.bert_config (a directory with the tokenizer files)")
 
     def tokenizer_path(self) -> str:
-        return resolve_model_path(self.tokenizer or self.bert)
+        return resolve_model_path(self.tokenizer or self.bert or self.release)
 
 
 @dataclass
@@ -89,6 +95,9 @@ class StageConfig(ScheduleConfig):
     # Stage > 0: start from the previous stage's weights with a fresh optimizer (True) or keep its
     # Adam moments (False). The learning-rate schedule always restarts.
     reset_optimizer: bool = True
+    # What the stage trains, one of STAGE_OBJECTIVES: "all" (every objective the config weights),
+    # "masked" (not CMG's), "cmg" (CMG's alone, on the frozen encoder; needs cmg.enabled).
+    objectives: str = "all"
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -96,6 +105,8 @@ class StageConfig(ScheduleConfig):
         super().__post_init__()
         if not self.shards or not self.eval_shards:
             raise ValueError(f"stages[{self.name}]: shards and eval_shards must be non-empty shard patterns")
+        if self.objectives not in STAGE_OBJECTIVES:
+            raise ValueError(f"stages[{self.name}].objectives must be one of {list(STAGE_OBJECTIVES)}, got {self.objectives!r}")
 
     def config_key(self) -> str:
         return f"stages[{self.name}]"
@@ -136,6 +147,14 @@ class PretrainConfig:
             # module forwards where ZeRO-3 gathers a partitioned parameter.
             raise ValueError("cmg.enabled needs deepspeed.zero_stage 0, 1, 2 or auto: CMG's CLUB reads its weights "
                              "outside the forwards where ZeRO-3 gathers them")
+        for previous, stage in zip([None, *self.stages], self.stages):
+            if stage.objectives == "cmg" and not self.cmg.enabled:
+                raise ValueError(f"stages[{stage.name}].objectives is cmg: set cmg.enabled=true (the model needs CMG's modules)")
+            changed = previous is not None and stage.objectives != previous.objectives
+            if self.cmg.enabled and changed and not stage.reset_optimizer:
+                # The stages train different parameters, so the optimizer's state does not carry over.
+                raise ValueError(f"stages[{stage.name}]: reset_optimizer false needs the previous stage's objectives "
+                                 f"({previous.objectives}), got {stage.objectives}: the two train different parameters")
 
     def shard_path(self, pattern: str) -> str:
         return storage.resolve(self.shards_root, pattern)

@@ -268,7 +268,8 @@ def deepspeed_config(
         raise ValueError("deepspeed_config needs a decided precision and ZeRO stage: pass choose_precision's "
                          "and choose_zero_stage's answers")
     buckets = {} if num_params is None else zero_buckets(num_params)
-    warmup = max(1, schedule.warmup_steps)  # DeepSpeed's schedulers refuse 0; one step of warm-up is no warm-up
+    # DeepSpeed's schedulers refuse 0, and warm up over at least 2 steps: a stage's first steps run at lr 0.
+    warmup = max(1, schedule.warmup_steps)
     if schedule.schedule == "linear":
         scheduler = {
             "type": "WarmupDecayLR",

@@ -18,6 +18,8 @@ applies its LayerNorm. Model code takes tensors only: no DeepSpeed, no argparse,
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,7 +40,9 @@ from transformers.models.bert.modeling_bert import BertLMPredictionHead, BertPre
 
 from pretrain import cpu_dropout
 from pretrain.cmg import CMGObjectives, SharedCodebook
-from pretrain.model_config import CMG_LOSSES, POOLINGS, CMGConfig, ObjectiveWeights, complete_module_fields
+from pretrain.model_config import (
+    CMG_LOSSES, POOLINGS, STAGE_OBJECTIVES, CMGConfig, ObjectiveWeights, complete_module_fields,
+)
 
 GEOMETRY_DIM = 5
 IGNORE_INDEX = -100
@@ -415,11 +419,33 @@ class ImageBertForPretraining(ImageBertPreTrainedModel):
 
     def forward(
         self, batch: dict[str, torch.Tensor], weights: ObjectiveWeights | None = None,
-        cmg_weights: CMGConfig | None = None,
+        cmg_weights: CMGConfig | None = None, objectives: str = "all",
     ) -> PretrainingOutput:
-        """The losses of ``batch``, each objective weighted by ``weights`` and, with CMG's
-        modules, each CMG loss by ``cmg_weights`` (default: ``CMGConfig``'s weights)."""
+        """The losses of ``batch``: the masked objectives and ITM, each weighted by ``weights``,
+        and with CMG's modules CMG's losses, each weighted by ``cmg_weights`` (default:
+        ``CMGConfig``'s weights). ``objectives`` (a stage's, ``STAGE_OBJECTIVES``): "all" both,
+        "masked" not CMG's, "cmg" CMG's alone (no multimodal pass at all)."""
+        if objectives not in STAGE_OBJECTIVES:
+            raise ValueError(f"objectives must be one of {list(STAGE_OBJECTIVES)}, got {objectives!r}")
+        if objectives == "cmg" and self.cmg is None:
+            raise ValueError("objectives 'cmg' needs a model with CMG's modules (config.cmg; cmg.enabled in pretraining)")
         weights = weights or ObjectiveWeights()
+        losses, counts = ({}, {}) if objectives == "cmg" else self._masked_losses(batch, weights)
+        total = sum(getattr(weights, name) * value for name, value in losses.items())
+        stats: dict[str, torch.Tensor] = {}
+        if self.cmg is not None and objectives != "masked":
+            cmg_config = cmg_weights or CMGConfig()
+            cmg_losses, stats = self.cmg_losses(batch, train_encoder=cmg_config.encoder_gradients)
+            cmg_weights = cmg_config.loss_weights()
+            for name in CMG_LOSSES:
+                losses[f"cmg_{name}"] = cmg_losses[name]
+                total = total + cmg_weights[name] * cmg_losses[name]
+        return PretrainingOutput(loss=total, losses=losses, counts=counts, stats=stats)
+
+    def _masked_losses(
+        self, batch: dict[str, torch.Tensor], weights: ObjectiveWeights,
+    ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, int]]]:
+        """The unweighted loss of each masked objective and ITM with a weight, and (correct, scored) counts."""
         states, itm_summary = self._encode(batch, with_itm_pairs=bool(weights.itm) and "itm_input_ids" in batch)
         text_states = states[:, : batch["input_ids"].shape[1]]
         region_states = states[:, states.shape[1] - batch["region_features"].shape[1] :]
@@ -456,17 +482,14 @@ class ImageBertForPretraining(ImageBertPreTrainedModel):
             itm_logits = self.itm_head(itm_summary).float()
             losses["itm"] = F.cross_entropy(itm_logits, batch["itm_labels"].long())
             counts["itm"] = ((itm_logits.argmax(-1) == batch["itm_labels"]).sum(), len(itm_logits))
+        return losses, counts
 
-        total = sum(getattr(weights, name) * value for name, value in losses.items())
-        stats: dict[str, torch.Tensor] = {}
-        if self.cmg is not None:
-            cmg_config = cmg_weights or CMGConfig()
-            cmg_losses, stats = self.cmg_losses(batch, train_encoder=cmg_config.encoder_gradients)
-            cmg_weights = cmg_config.loss_weights()
-            for name in CMG_LOSSES:
-                losses[f"cmg_{name}"] = cmg_losses[name]
-                total = total + cmg_weights[name] * cmg_losses[name]
-        return PretrainingOutput(loss=total, losses=losses, counts=counts, stats=stats)
+    def set_trainable(self, objectives: str) -> None:
+        """``requires_grad`` on the parameters a stage with ``objectives`` (``STAGE_OBJECTIVES``)
+        trains, off on the rest: all of them ("all"), all but CMG's modules ("masked"), CMG's
+        modules alone ("cmg"). Frozen parameters are in no optimizer group."""
+        for name, param in self.named_parameters():
+            param.requires_grad_(objectives == "all" or name.startswith("cmg.") == (objectives == "cmg"))
 
     def _encode(self, batch: dict[str, torch.Tensor], with_itm_pairs: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """The encoder's states over the masked inputs [B, T' + R] (text first, padded to T' >= T)
@@ -509,7 +532,8 @@ class ImageBertForPretraining(ImageBertPreTrainedModel):
         """CMG's unweighted losses and ``cmg_*`` statistics (``CMGObjectives``), from one encoder
         pass over each sample's caption alone and one over its regions alone. The passes run
         without gradient unless ``train_encoder`` (``cmg.encoder_gradients``): CMG's modules learn
-        on the encoder's features as they are, as CMG's learn on frozen pretrained encoders'.
+        on the encoder's features as they are, as CMG's learn on frozen pretrained encoders'; and
+        then without dropout too, the features a frozen encoder gives (and a fine-tuning head reads).
 
         Both passes read the sample before masking (the caption's masked tokens restored from the
         MLM labels, every region's feature seen): CMG encodes what is there, not a cloze. Only the
@@ -520,7 +544,7 @@ class ImageBertForPretraining(ImageBertPreTrainedModel):
         if not rows.any():
             return self._cmg_without_pairs(len(rows), batch["input_ids"].device)
         caption = torch.where(batch["mlm_labels"] != IGNORE_INDEX, batch["mlm_labels"], batch["input_ids"])
-        with torch.set_grad_enabled(torch.is_grad_enabled() and train_encoder):
+        with torch.set_grad_enabled(torch.is_grad_enabled() and train_encoder), _dropout_off(encoder, not train_encoder):
             text_states, region_states = encoder.encode_each_alone(
                 caption, batch["attention_mask"], batch["region_features"], batch["region_geometry"], batch["region_mask"]
             )
@@ -555,6 +579,18 @@ class ImageBertForPretraining(ImageBertPreTrainedModel):
         enc = self.imagebert(input_ids, attention_mask, region_features, region_geometry, region_mask)
         logits = self.itm_head(enc.pooler_output).float()
         return logits[:, 1] - logits[:, 0]
+
+
+@contextlib.contextmanager
+def _dropout_off(module: nn.Module, off: bool) -> Iterator[None]:
+    """``module`` in eval mode inside the block when ``off``, then back in the mode it was in."""
+    was_training = module.training
+    if off:
+        module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
 
 
 def masked_rows(batch: dict[str, torch.Tensor]) -> torch.Tensor:

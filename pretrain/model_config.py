@@ -1,6 +1,6 @@
 """The model's settings that the pretraining config names, without torch: ``POOLINGS`` (the
-choices of ``model.pooling``), ``ObjectiveWeights`` (the ``objectives:`` section) and
-``CMGConfig`` (the ``cmg:`` section).
+choices of ``model.pooling``), ``STAGE_OBJECTIVES`` (those of ``stages[].objectives``),
+``ObjectiveWeights`` (the ``objectives:`` section) and ``CMGConfig`` (the ``cmg:`` section).
 
 Kept apart from the model (``pretrain.model``) so that ``python -m pretrain`` checks a config,
 and reports a mistake, before torch and transformers are imported.
@@ -11,6 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 POOLINGS = ("cls", "mean")
+# What a stage trains (``ImageBertForPretraining.forward``'s ``objectives``, ``set_trainable``):
+# "all": the masked objectives, ITM and, with CMG's modules, CMG's objectives, every parameter;
+# "masked": the masked objectives and ITM, CMG's modules (if any) left as they are;
+# "cmg": CMG's objectives alone, on the frozen encoder (CMG's setting: its modules learn on the
+# features of frozen pretrained encoders), no multimodal pass.
+STAGE_OBJECTIVES = ("all", "masked", "cmg")
 
 
 @dataclass

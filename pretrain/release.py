@@ -58,15 +58,22 @@ def save_release(
 def load_release(path: str | Path) -> Release:
     """Load a release directory written by ``save_release`` (``python -m pretrain.export``), in eval mode."""
     path = Path(path)
-    for name in (CONFIG_FILE, WEIGHTS_FILE, FEATURE_SPEC_FILE):
-        if not (path / name).is_file():
-            raise FileNotFoundError(f"{path} is not a release directory: {name} is missing")
-    config = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
+    config = read_release_config(path)
     if config.get("model_type") == ImageBertConfig.model_type:
         model = load_model(ImageBertForPretraining, path, what=f"release {path}")
     else:
         model = _load_first_layout(path, config)
     return Release(model=model, tokenizer=AutoTokenizer.from_pretrained(path), feature_spec=FeatureSpec.load(path), path=path)
+
+
+def read_release_config(path: str | Path) -> dict:
+    """The release's ``config.json`` as a dict, after checking that ``path`` holds a release
+    (cheap: no weights read, no torch needed)."""
+    path = Path(path)
+    for name in (CONFIG_FILE, WEIGHTS_FILE, FEATURE_SPEC_FILE):
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"{path} is not a release directory: {name} is missing")
+    return json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
 
 
 def _load_first_layout(path: Path, config: dict) -> ImageBertForPretraining:

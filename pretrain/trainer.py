@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -28,7 +29,8 @@ from pretrain.distributed import init_distributed
 from pretrain.engine import Phase, RunPaths, Trainer, build_engine, setup_logging
 from pretrain.evaluation import evaluate, metrics_table
 from pretrain.model import ImageBertConfig, ImageBertForPretraining
-from pretrain.model_config import CMGConfig, ObjectiveWeights
+from pretrain.model_config import CMGConfig, ObjectiveWeights, complete_module_fields
+from pretrain.release import load_release, read_release_config
 from pretrain.weights import load_model
 
 log = logging.getLogger("pretrain")
@@ -52,18 +54,22 @@ def check_feature_specs(cfg: PretrainConfig) -> FeatureSpec:
 
 
 def build_model(cfg: PretrainConfig, spec: FeatureSpec, vocab_size: int) -> ImageBertForPretraining:
-    """ImageBERT with its text side from the pretrained BERT, or randomly initialised from ``bert_config``."""
+    """ImageBERT with its text side from the pretrained BERT, randomly initialised from
+    ``bert_config``, or a release's whole model (``model.release``)."""
     # Same seed on every rank: ZeRO-3 partitions each rank's own copy, so they must agree.
     torch.manual_seed(cfg.seed)
-    if cfg.model.bert is not None:
+    pooling = cfg.model.pooling or "cls"
+    if cfg.model.release is not None:
+        model = model_of_release(cfg.model.release, cfg.cmg.module_fields())
+    elif cfg.model.bert is not None:
         model = ImageBertForPretraining.from_bert(
-            resolve_model_path(cfg.model.bert), spec.feature_dim, spec.num_classes, cfg.model.pooling,
+            resolve_model_path(cfg.model.bert), spec.feature_dim, spec.num_classes, pooling,
             cfg.model.num_layers, cmg=cfg.cmg.module_fields(),
         )
     else:
         config = ImageBertConfig(
             **{"vocab_size": vocab_size, **cfg.model.bert_config}, feature_dim=spec.feature_dim,
-            num_region_classes=spec.num_classes, summary_pooling=cfg.model.pooling, cmg=cfg.cmg.module_fields(),
+            num_region_classes=spec.num_classes, summary_pooling=pooling, cmg=cfg.cmg.module_fields(),
         )
         model = ImageBertForPretraining(config)
     if model.config.vocab_size < vocab_size:
@@ -71,20 +77,57 @@ def build_model(cfg: PretrainConfig, spec: FeatureSpec, vocab_size: int) -> Imag
     return model
 
 
-def ready_for_training(model: ImageBertForPretraining, cfg: PretrainConfig) -> ImageBertForPretraining:
+def check_release(cfg: PretrainConfig, spec: FeatureSpec) -> None:
+    """With ``model.release``: that it is a release whose pooling and CMG's modules fit the
+    config and whose features are the shards' (``spec``), before any rank starts
+    (``ValueError`` or ``FileNotFoundError``, one line)."""
+    if cfg.model.release is None:
+        return
+    path = cfg.model.release
+    fields = read_release_config(resolve_model_path(path))
+    check_spec_matches_model(spec, SimpleNamespace(**fields), cfg.shard_path(cfg.stages[0].shards))
+    pooling = fields.get("summary_pooling", "cls")
+    if cfg.model.pooling is not None and cfg.model.pooling != pooling:
+        raise ValueError(f"model.pooling is {cfg.model.pooling} but release {path} was pretrained with {pooling}; "
+                         "leave model.pooling unset to keep the release's")
+    has, wants = fields.get("cmg"), cfg.cmg.module_fields()
+    if has and wants is None:
+        raise ValueError(f"release {path} has CMG's modules: set cmg.enabled=true (and its codebook's shape: {has})")
+    shape = ("num_codes", "code_dim")
+    if has and wants and any(has[key] != wants[key] for key in shape):
+        raise ValueError(f"release {path} has a codebook of {has['num_codes']} codes of width {has['code_dim']}; "
+                         f"cmg.num_codes and cmg.code_dim are {wants['num_codes']} and {wants['code_dim']}")
+
+
+def model_of_release(path: str, cmg: dict | None) -> ImageBertForPretraining:
+    """The whole model of the release at ``path`` (its pooling too: its heads were trained on that
+    summary), with CMG's modules of shape ``cmg`` (``CMGConfig.module_fields``): those the release
+    holds are loaded, those it lacks freshly initialised. ``check_release`` has vetted the pair."""
+    model = load_release(resolve_model_path(path)).model
+    if cmg is None or model.config.cmg == complete_module_fields(cmg):
+        return model
+    config = ImageBertConfig.from_dict({**model.config.to_dict(), "cmg": cmg})
+    return load_model(ImageBertForPretraining, None, config=config, state_dict=model.state_dict(),
+                      may_be_missing=[] if model.cmg is not None else [r"^cmg\."], what=f"release {path}")
+
+
+def ready_for_training(model: ImageBertForPretraining, cfg: PretrainConfig, objectives: str) -> ImageBertForPretraining:
+    """``model`` set up to train a stage with ``objectives`` (``stages[].objectives``)."""
     if cfg.model.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     checkpoint.mark_universal(model)
+    model.set_trainable(objectives)
     return model.train()
 
 
-def pretraining_step(objectives: ObjectiveWeights, cmg: CMGConfig | None = None):
+def pretraining_step(objectives: ObjectiveWeights, cmg: CMGConfig | None = None, stage_objectives: str = "all"):
     """The engine's step: the weighted loss to train on, and each objective's loss to log, with
     CMG's codebook usage (``cmg_perplexity``, ``cmg_codes_used``, ``cmg_codes_reset``, ...)
-    where the model has CMG's modules: the engine logs each as its mean over the interval."""
+    where the model has CMG's modules: the engine logs each as its mean over the interval.
+    ``stage_objectives``: the stage's ``objectives`` (``STAGE_OBJECTIVES``)."""
 
     def step(engine, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        out = engine(batch, objectives, cmg)
+        out = engine(batch, objectives, cmg, stage_objectives)
         return {"loss": out.loss, **out.losses, **out.stats}
 
     return step
@@ -145,7 +188,7 @@ def run(cfg: PretrainConfig, run_dir: str | Path, resume: bool, spec: FeatureSpe
                     cfg.eval, device, objectives=cfg.objectives,
                 )
 
-            result = trainer.run(engine, phase, batches, pretraining_step(cfg.objectives, cfg.cmg), evaluate_stage)
+            result = trainer.run(engine, phase, batches, pretraining_step(cfg.objectives, cfg.cmg, stage.objectives), evaluate_stage)
             source, last_eval = result.state or source, result.last_eval or last_eval
             del engine  # the next stage starts from the checkpoint, not from this engine's copy
             if result.stopped_by:
@@ -185,7 +228,7 @@ def start_stage(
             state_dict=checkpoint.consolidated_weights(paths.checkpoints, source.tag),
             what=f"checkpoint {paths.checkpoints / source.tag}",
         )
-    model = ready_for_training(model, cfg)
+    model = ready_for_training(model, cfg, stage.objectives)
     engine = build_engine(
         model, cfg.deepspeed, stage, cfg.data.batch_size, paths.checkpoints,
         resume=source if keep_optimizer else None, load_schedule=mid_stage,

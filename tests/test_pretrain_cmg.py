@@ -11,13 +11,17 @@ bf16) resumed from a mid-run checkpoint ends with exactly the codebook of the un
 from __future__ import annotations
 
 import copy
+import json
 import math
+import re
 import shutil
 
 import pytest
 import torch
+import yaml
 
 from preprocess.config import load_config
+from preprocess.feature_format import FeatureSpec
 from pretrain.cmg import SharedCodebook
 from pretrain.config import PretrainConfig
 from pretrain.data_config import DataConfig
@@ -208,45 +212,150 @@ def test_held_out_metrics_report_the_cmg_losses(tokenizer):
         assert metrics[f"cmg_{name}_loss"] == pytest.approx(expected, rel=1e-6, abs=1e-9), name
 
 
-def test_resumed_run_ends_with_the_codebook_of_the_uninterrupted_run(pretraining_shards, tmp_path):
-    """Two ranks, ZeRO-2, bf16 (DeepSpeed casts the module), CMG on: an uninterrupted two-stage run
-    of 2 + 2 steps, and a run resumed from its step-2 checkpoint, end with the same codebook
-    buffers, float32 in the checkpoint. The checkpoint is the stage boundary because a resume
-    re-seeds the data loader from (seed, stage, step): inside a stage a resumed run trains on
-    other batches by design (docs/pretrain.md), at a boundary both runs see the same ones."""
-    from pretrain.checkpoint import LATEST_FILE, MODEL_STATES_FILE, latest_state, tag_for
+def test_a_stage_trains_what_its_objectives_name(tokenizer):
+    """``objectives`` (a stage's): "masked" computes and trains what a model without CMG does and
+    leaves the codebook where it is; "cmg" computes CMG's losses alone, no multimodal pass, and
+    ``set_trainable`` leaves only CMG's modules to the optimizer."""
+    batch = batches_of(tokenizer, 8, 8, seed=3)[0]
+    model = tiny_model(tokenizer, seed=0, dropout=0.0, cmg=CMG)
+    without = tiny_model(tokenizer, seed=0, dropout=0.0)
+    assert not model.load_state_dict(without.state_dict(), strict=False).unexpected_keys
+    updates = int(model.cmg.codebook.updates)
+    masked = model(batch, objectives="masked")
+    assert set(masked.losses) == {"mlm", "moc", "mrfr", "itm"} and masked.stats == {}
+    assert int(model.cmg.codebook.updates) == updates
+    expected = without(batch)
+    assert masked.loss.item() == expected.loss.item()
+    assert all(torch.equal(masked.losses[name], expected.losses[name]) for name in expected.losses)
 
+    calls = []
+    model.imagebert.bert.register_forward_hook(lambda *args: calls.append("multimodal"))  # encode_alone bypasses it
+    only_cmg = model(batch, objectives="cmg")
+    assert set(only_cmg.losses) == {f"cmg_{n}" for n in CMG_LOSSES} and calls == []
+    assert int(model.cmg.codebook.updates) == updates + 1
+    model.set_trainable("cmg")
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {n for n, _ in model.named_parameters() if n.startswith("cmg.")}
+    only_cmg.loss.backward()
+    assert all(p.grad is None for n, p in model.named_parameters() if not n.startswith("cmg."))
+    model.set_trainable("masked")
+    assert not any(p.requires_grad for p in model.cmg.parameters()) and all(p.requires_grad for p in model.imagebert.parameters())
+    model.set_trainable("all")
+    assert all(p.requires_grad for p in model.parameters())
+    with pytest.raises(ValueError, match="objectives must be one of"):
+        model(batch, objectives="mlm")
+    with pytest.raises(ValueError, match="needs a model with CMG's modules"):
+        tiny_model(tokenizer)(batch, objectives="cmg")
+
+
+@pytest.mark.parametrize("encoder_gradients", [False, True])
+def test_frozen_unimodal_passes_run_without_dropout(tokenizer, encoder_gradients):
+    """Without encoder gradients CMG's modules read the features a frozen encoder gives: no
+    dropout, whatever the model's mode (two different dropout draws give the same losses); the
+    model is back in training mode afterwards. With encoder gradients the passes train, dropout on."""
+    model = tiny_model(tokenizer, seed=0, dropout=0.5, cmg=CMG)
+    batch = batches_of(tokenizer, 8, 8, seed=3)[0]
+    first = copy.deepcopy(model)
+    losses = []
+    for seed, each in ((1, first), (2, copy.deepcopy(model))):
+        torch.manual_seed(seed)
+        losses.append(each.cmg_losses(batch, train_encoder=encoder_gradients)[0]["reconstruction"])
+    assert torch.equal(losses[0], losses[1]) != encoder_gradients
+    assert all(m.training for m in first.modules())
+
+
+def test_cmg_on_a_release_under_zero2_resumes_exactly(pretraining_shards, tokenizer, tmp_path):
+    """A finished release (``model.release``) gains CMG's modules and trains on, two ranks, ZeRO-2,
+    bf16 (DeepSpeed casts the module): a stage with every objective (``all``) moves the encoder
+    and CMG's modules; a ``cmg`` stage then trains CMG's modules alone on the frozen encoder,
+    which it leaves as the first stage ended it (rounded to bf16: DeepSpeed keeps fp32 copies of
+    trained parameters only). A run resumed from the stage boundary ends with exactly the weights
+    and the codebook buffers (float32 in the checkpoint) of the uninterrupted run. The checkpoint
+    is the stage boundary because a resume re-seeds the data loader from (seed, stage, step):
+    inside a stage a resumed run trains on other batches by design (docs/pretrain.md)."""
+    from pretrain.checkpoint import LATEST_FILE, MODEL_STATES_FILE, consolidated_weights, latest_state, tag_for
+    from pretrain.release import save_release
+    from pretrain.trainer import model_of_release
+
+    release = save_release(tiny_model(tokenizer, seed=5), tokenizer, FeatureSpec.load(pretraining_shards / "train"),
+                           tmp_path / "release")
     config = write_config(
         tmp_path / "cmg.yaml", pretraining_shards,
-        [stage("web", 2, warmup_steps=1), stage("indomain", 2, reset_optimizer=False)],
+        # 3 steps each: DeepSpeed's schedules run a stage's first two steps at lr 0 and 1/2 of it.
+        [stage("all", 3, objectives="all"), stage("cmg", 3, objectives="cmg")],
         cmg={"enabled": True, **CMG}, deepspeed={"zero_stage": 2, "precision": "bf16"},
-        checkpoint={"every_steps": 2, "keep": 2}, eval={"every_steps": 10000}, logging={"every_steps": 1},
+        checkpoint={"every_steps": 3, "keep": 2}, eval={"every_steps": 10000}, logging={"every_steps": 1},
     )
+    written = yaml.safe_load(config.read_text())
+    written["model"] = {"release": str(release)}
+    config.write_text(yaml.safe_dump(written))
     whole = tmp_path / "whole"
     run_logged(pretrain_cmd(2, config, whole), tmp_path / "whole.log")
     log = (tmp_path / "whole.log").read_text()
-    assert "cmg_perplexity=" in log and "cmg_codes_reset=" in log and "cmg_cross_cpc=" in log
+    assert all(f" {name}=" in log for name in ("mlm", "cmg_perplexity", "cmg_codes_reset", "cmg_cross_cpc"))
     records = read_metrics(whole)
-    assert [r["step"] for r in records] == [2, 4]
+    assert [r["step"] for r in records] == [3, 6]
     assert all(math.isfinite(r[f"cmg_{n}_loss"]) for r in records for n in CMG_LOSSES)
+
+    torch.manual_seed(0)  # the run's seed: CMG's modules as the run initialised them
+    initial = model_of_release(str(release), {**CMG, "multimodal_ema": True, "code_reset": True}).state_dict()
+    after_all, after_cmg = (consolidated_weights(whole / "checkpoints", tag_for(step)) for step in (3, 6))
+    trained = [n for n, v in initial.items() if v.is_floating_point() and not n.startswith("cmg.codebook.")]
+    assert [n for n in trained if torch.equal(after_all[n], initial[n])] == []  # "all" trained everything
+    cmg_modules = [n for n in trained if n.startswith("cmg.")]
+    assert [n for n in cmg_modules if torch.equal(after_cmg[n], after_all[n])] == []  # "cmg" trained CMG's ...
+    frozen = [n for n in trained if not n.startswith("cmg.")]
+    assert [n for n in frozen if not torch.equal(after_cmg[n], after_all[n].bfloat16().float())] == []  # ... alone
+    assert int(after_all["cmg.codebook.updates"]) == 3 and int(after_cmg["cmg.codebook.updates"]) == 6
 
     resumed = tmp_path / "resumed"
     shutil.copytree(whole, resumed)
-    shutil.rmtree(resumed / "checkpoints" / tag_for(4))
-    (resumed / "checkpoints" / LATEST_FILE).write_text(tag_for(2))
+    shutil.rmtree(resumed / "checkpoints" / tag_for(6))
+    (resumed / "checkpoints" / LATEST_FILE).write_text(tag_for(3))
     (resumed / "done.json").unlink()
     run_logged(pretrain_cmd(2, config, resumed, "--resume"), tmp_path / "resumed.log")
-    assert f"resuming from {tag_for(2)}" in (tmp_path / "resumed.log").read_text()
+    assert f"resuming from {tag_for(3)}" in (tmp_path / "resumed.log").read_text()
     for run_dir in (whole, resumed):  # both really ran on two ranks, partitioned
         state = latest_state(run_dir / "checkpoints")
-        assert (state.global_step, state.world_size, state.zero_stage) == (4, 2, 2), run_dir
-
-    def codebook(run_dir):
-        states = torch.load(run_dir / "checkpoints" / tag_for(4) / MODEL_STATES_FILE, map_location="cpu", weights_only=False)
-        return {n: states["module"][f"cmg.codebook.{n}"] for n in CODEBOOK_BUFFERS}
-
-    expected, got = codebook(whole), codebook(resumed)
-    assert int(expected["updates"]) == 4
-    assert expected["embedding"].dtype == expected["ema_weight"].dtype == torch.float32
+        assert (state.global_step, state.world_size, state.zero_stage) == (6, 2, 2), run_dir
+    again = consolidated_weights(resumed / "checkpoints", tag_for(6))
+    assert again.keys() == after_cmg.keys()
+    assert [n for n in after_cmg if not torch.equal(again[n], after_cmg[n])] == []
+    states = torch.load(resumed / "checkpoints" / tag_for(6) / MODEL_STATES_FILE, map_location="cpu", weights_only=False)
+    codebook = {n: states["module"][f"cmg.codebook.{n}"] for n in CODEBOOK_BUFFERS}
+    assert codebook["embedding"].dtype == codebook["ema_weight"].dtype == torch.float32
     for name in CODEBOOK_BUFFERS:
-        assert torch.equal(got[name], expected[name]), name
+        assert torch.equal(codebook[name], after_cmg[f"cmg.codebook.{name}"].to(codebook[name].dtype)), name
+
+
+def test_a_release_that_does_not_fit_is_refused_before_any_rank_starts(pretraining_shards, tokenizer, tmp_path):
+    """``check_release`` (``python -m pretrain`` runs it with the shard checks, before any rank
+    starts): not a release, another pooling, CMG's modules the config does not enable or of
+    another shape, features of another width. A release that fits passes."""
+    from pretrain.release import save_release
+    from pretrain.trainer import check_release
+
+    spec = FeatureSpec.load(pretraining_shards / "train")
+    plain = save_release(tiny_model(tokenizer), tokenizer, spec, tmp_path / "plain")
+    with_cmg = save_release(tiny_model(tokenizer, cmg=CMG), tokenizer, spec, tmp_path / "with-cmg")
+    other_features = save_release(tiny_model(tokenizer), tokenizer, spec, tmp_path / "other")
+    config = json.loads((other_features / "config.json").read_text())
+    (other_features / "config.json").write_text(json.dumps({**config, "feature_dim": FEATURE_DIM + 1}))
+    cmg_on = ["cmg.enabled=true", *(f"cmg.{k}={v}" for k, v in CMG.items())]
+
+    def check(release, *overrides):
+        cfg = load_config(PretrainConfig, TINY, [f"shards_root={pretraining_shards}", "model.bert_config=null",
+                                                 "model.tokenizer=null", f"model.release={release}", *overrides])
+        check_release(cfg, spec)
+
+    check(plain)
+    check(plain, *cmg_on)
+    check(with_cmg, *cmg_on)
+    for release, overrides, message in [
+        (tmp_path, [], "is not a release directory: config.json is missing"),
+        (plain, ["model.pooling=mean"], "model.pooling is mean but release"),
+        (with_cmg, [], "has CMG's modules: set cmg.enabled=true"),
+        (with_cmg, [*cmg_on, "cmg.num_codes=32"], "has a codebook of 16 codes of width 8; cmg.num_codes and cmg.code_dim are 32 and 8"),
+        (other_features, [], f"feature_dim {FEATURE_DIM} vs model {FEATURE_DIM + 1}"),
+    ]:
+        with pytest.raises((ValueError, FileNotFoundError), match=re.escape(message)):
+            check(release, *overrides)

@@ -66,6 +66,14 @@ def test_quickstart_and_tiny_configs_load():
         (["cmg.dead_after=0"], "cmg.dead_after must be >= 1"),
         (["cmg.club=-1"], "cmg.club is a loss weight and must be >= 0"),
         (["cmg.enabled=true", "deepspeed.zero_stage=3"], "cmg.enabled needs deepspeed.zero_stage 0, 1, 2 or auto"),
+        (["model.release=/some/release"], "set exactly one of model.bert"),
+        (["stages=[{name: a, shards: x.tar, eval_shards: y.tar, steps: 2, objectives: mlm}]"],
+         "stages[a].objectives must be one of ['all', 'masked', 'cmg']"),
+        (["stages=[{name: a, shards: x.tar, eval_shards: y.tar, steps: 2, objectives: cmg}]"],
+         "stages[a].objectives is cmg: set cmg.enabled=true"),
+        (["cmg.enabled=true", "stages=[{name: a, shards: x.tar, eval_shards: y.tar, steps: 2}, "
+          "{name: b, shards: x.tar, eval_shards: y.tar, steps: 2, objectives: cmg, reset_optimizer: false}]"],
+         "stages[b]: reset_optimizer false needs the previous stage's objectives (all), got cmg"),
     ],
 )
 def test_config_errors_name_the_key(overrides, message):
