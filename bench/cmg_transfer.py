@@ -28,7 +28,8 @@ modality's representation carries the label at all). ``--retrieval`` adds ``conf
 by the cosine of their pooled codes) for the ``cmg`` and ``no cmg`` releases.
 
 Results are cached by the settings, the release and the code version (``project_runs.code_version``),
-and every run resumes when killed.
+and every run resumes when killed. ``--cmg-seed N`` trains the CMG releases again with another
+seed on the same base release (reused when ``WORK/releases`` holds it).
 
     .venv/bin/python bench/cmg_transfer.py --work /tmp/cmg-transfer --jobs 2
 """
@@ -86,6 +87,8 @@ def parse_args(argv=None):
     parser.add_argument("--pretrain-steps", type=int, default=0,
                         help="steps of bench-small.yaml's stage (0: the config's)")
     parser.add_argument("--cmg-steps", type=int, default=0, help="steps of the CMG stage on the release (0: the config's)")
+    parser.add_argument("--cmg-seed", type=int, default=0,
+                        help="seed of the CMG stage (its modules' initialisation and data order); the base release keeps 0")
     parser.add_argument("--train-samples", type=int, default=1000)
     parser.add_argument("--test-samples", type=int, default=300)
     parser.add_argument("--steps", type=int, default=300, help="fine-tuning steps of each head")
@@ -108,7 +111,8 @@ def release_of(name: str, args, features: Path, code: str, base: Path | None) ->
     version); the CMG_CONFIG releases on ``base`` (the ``no cmg`` release)."""
     config, overrides = RELEASES[name]
     if config == CMG_CONFIG:
-        overrides = [*overrides, *with_steps(config, args.cmg_steps), f"model.release={base}"]
+        overrides = [*overrides, *with_steps(config, args.cmg_steps), f"model.release={base}",
+                     *([f"seed={args.cmg_seed}"] if args.cmg_seed else [])]
     else:
         overrides = [*overrides, *with_steps(config, args.pretrain_steps)]
     key = hashlib.sha256(json.dumps([config.name, overrides, code]).encode()).hexdigest()[:12]
