@@ -45,7 +45,8 @@ class DeepSpeedConfig:
 
     # auto: ZeRO-0 on one rank (partitioning saves nothing there and ZeRO's per-parameter work
     # costs time: docs/benchmarks.md), ZeRO-2 on several or with ZeRO-Offload; a resumed run keeps
-    # the stage its checkpoint was written with (pretrain.engine.choose_zero_stage).
+    # the stage its checkpoint was written with (pretrain.engine.choose_zero_stage). A pretraining
+    # stage with objectives "cmg" takes ZeRO-0 (pretrain.trainer.stage_deepspeed).
     zero_stage: int | Literal["auto"] = "auto"
     # auto: bf16 where the hardware computes it natively (a GPU with bf16, a CPU with AVX-512 BF16
     # or AMX), else fp32; decided at start by every rank together (pretrain.engine.choose_precision).

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -23,10 +24,11 @@ from transformers import AutoTokenizer
 from preprocess.feature_format import FeatureSpec
 from preprocess.launch_env import read_launch_env
 from pretrain import checkpoint
-from pretrain.config import PretrainConfig, resolve_model_path
+from pretrain.config import PretrainConfig, StageConfig, resolve_model_path
 from pretrain.data import build_train_loader, check_spec_matches_model, feature_spec_of
 from pretrain.distributed import init_distributed
-from pretrain.engine import Phase, RunPaths, Trainer, build_engine, setup_logging
+from pretrain.engine import Phase, RunPaths, Trainer, build_engine, offloads, setup_logging
+from pretrain.engine_config import DeepSpeedConfig
 from pretrain.evaluation import evaluate, metrics_table
 from pretrain.model import ImageBertConfig, ImageBertForPretraining
 from pretrain.model_config import CMGConfig, ObjectiveWeights, complete_module_fields
@@ -230,7 +232,7 @@ def start_stage(
         )
     model = ready_for_training(model, cfg, stage.objectives)
     engine = build_engine(
-        model, cfg.deepspeed, stage, cfg.data.batch_size, paths.checkpoints,
+        model, stage_deepspeed(cfg, stage), stage, cfg.data.batch_size, paths.checkpoints,
         resume=source if keep_optimizer else None, load_schedule=mid_stage,
     )
     done = source.step_in_stage if mid_stage else 0
@@ -245,6 +247,18 @@ def start_stage(
         first_global_step=first_global_step, record={"stage": index, "stage_name": stage.name}, log_keys=LOG_KEYS,
     )
     return engine, phase
+
+
+def stage_deepspeed(cfg: PretrainConfig, stage: StageConfig) -> DeepSpeedConfig:
+    """The ``deepspeed:`` section ``stage`` trains with: the config's, except that ``zero_stage:
+    auto`` is ZeRO-0 for a ``cmg`` stage (without offloading). It trains CMG's modules alone, a
+    small part of the model, so partitioning saves little; and under ZeRO 1-2 a 16-bit run holds
+    the frozen encoder in 16 bits only (DeepSpeed keeps fp32 copies of trained parameters), so
+    the release would come out rounded. At ZeRO-0, bf16 is an autocast over fp32 weights."""
+    ds = cfg.deepspeed
+    if stage.objectives == "cmg" and ds.zero_stage == "auto" and not offloads(ds):
+        return replace(ds, zero_stage=0)
+    return ds
 
 
 # ---------------------------------------------------------------- reporting
