@@ -4,8 +4,11 @@ Off by default and then nothing moves: the default model has no CMG parameter an
 losses main's code gave before the wiring (values stored from that code). On: the losses and
 codebook statistics come out of the forward, the weights apply, a release round-trips the
 codebook, a BERT initialisation leaves the modules at their initial state, the codebook stays
-float32 under bf16 casts and autocast, and a real ``python -m pretrain`` run (two ranks, ZeRO-2,
-bf16) resumed from a mid-run checkpoint ends with exactly the codebook of the uninterrupted run.
+float32 under bf16 casts and autocast. A stage's ``objectives`` decide what is computed and
+trained; a release that does not fit ``model.release`` is refused before any rank starts; and a
+real ``python -m pretrain`` run from a release (two ranks, bf16, a stage with every objective at
+ZeRO-2, then a ``cmg`` stage on the frozen encoder) resumed from its stage boundary ends with
+exactly the weights and codebook of the uninterrupted run.
 """
 
 from __future__ import annotations
